@@ -1,0 +1,42 @@
+using System.CommandLine;
+using System.CommandLine.Invocation;
+
+namespace Eplb.Cli;
+
+/// <summary>
+/// The <c>eplb</c> command-line tool. Every command reports bad input as one line on stderr
+/// ("eplb: ...") and exit code 2; nothing is written on error.
+/// </summary>
+public static class Program
+{
+    /// <summary>Exit code for bad arguments or input.</summary>
+    public const int BadInput = 2;
+
+    public static int Main(string[] args)
+    {
+        var root = new RootCommand("eplb: expert-parallel load balancing for Mixture-of-Experts inference");
+        root.Subcommands.Add(SimulateCommand.Create());
+        root.Subcommands.Add(InfoCommand.Create());
+
+        var parse = root.Parse(args);
+        if (parse.Errors.Count > 0)
+        {
+            Console.Error.WriteLine($"eplb: {parse.Errors[0].Message}");
+            return BadInput;
+        }
+        try
+        {
+            return parse.Invoke(new InvocationConfiguration { EnableDefaultExceptionHandler = false });
+        }
+        catch (Exception e) when (IsUserError(e))
+        {
+            Console.Error.WriteLine($"eplb: {e.Message}");
+            return BadInput;
+        }
+    }
+
+    /// <summary>Failures caused by the user's input or machine rather than by a bug.</summary>
+    internal static bool IsUserError(Exception e) =>
+        e is ArgumentException or FileNotFoundException or DirectoryNotFoundException or System.Text.Json.JsonException
+            or FormatException or InvalidDataException or EplbException or EplbNativeLibraryException or UnauthorizedAccessException;
+}

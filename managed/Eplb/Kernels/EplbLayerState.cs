@@ -1,0 +1,129 @@
+using Eplb.Interop;
+
+namespace Eplb;
+
+/// <summary>How a token picks one of an expert's replicas (SPEC 4.3).</summary>
+public enum ReplicaSelection
+{
+    /// <summary>
+    /// <c>((row * 2654435769) mod 2^32) mod logcnt</c>: a function of the token row only, so every
+    /// rank picks the same replica for a token (SGLang #32962). The default.
+    /// </summary>
+    TokenHash = 0,
+    /// <summary><c>(row * topK + k) mod logcnt</c>: spreads the k-slots of a row over replicas.</summary>
+    RoundRobin = 1,
+}
+
+/// <summary>
+/// The EPLB views of one MoE layer (SPEC 3.3): its <c>log2phy</c> table <c>[N][Kmax]</c>, replica
+/// counts <c>[N]</c>, load counters <c>[R]</c> and a one-element record flag, all on one backend.
+/// A router holds an <c>EplbLayerState?</c>: null means EPLB is off for the layer. The views are
+/// slices of the model-wide tables, updated in place on rebalance so their addresses never change.
+/// </summary>
+public sealed class EplbLayerState
+{
+    /// <summary>Creates the state; every view is required and sized to the layer.</summary>
+    /// <exception cref="ArgumentException">A view is missing ("EPLB requires ..."), mis-sized, or on another backend.</exception>
+    public EplbLayerState(DeviceSlice<int> log2Phy, DeviceSlice<int> logCnt, DeviceSlice<int> counters, DeviceSlice<int> recordFlag,
+        int numLogical, int maxReplicas, int numPhysical, ReplicaSelection replicaSelection = ReplicaSelection.TokenHash)
+    {
+        Require(log2Phy, nameof(log2Phy));
+        Require(logCnt, nameof(logCnt));
+        Require(counters, nameof(counters));
+        Require(recordFlag, nameof(recordFlag));
+        ArgumentOutOfRangeException.ThrowIfLessThan(numLogical, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(maxReplicas, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(numPhysical, numLogical);
+        ExpectLength(log2Phy, (long)numLogical * maxReplicas, nameof(log2Phy));
+        ExpectLength(logCnt, numLogical, nameof(logCnt));
+        ExpectLength(counters, numPhysical, nameof(counters));
+        ExpectLength(recordFlag, 1, nameof(recordFlag));
+        Backend = log2Phy.Backend;
+        foreach (var (slice, name) in new[] { (logCnt, nameof(logCnt)), (counters, nameof(counters)), (recordFlag, nameof(recordFlag)) })
+            if (slice.Backend != Backend)
+                throw new ArgumentException($"EPLB views must share one backend: {name} is on {slice.Backend}, log2Phy on {Backend}", name);
+        if (!Enum.IsDefined(replicaSelection))
+            throw new ArgumentOutOfRangeException(nameof(replicaSelection), replicaSelection, "unknown replica selection");
+        Log2Phy = log2Phy;
+        LogCnt = logCnt;
+        Counters = counters;
+        RecordFlag = recordFlag;
+        NumLogical = numLogical;
+        MaxReplicas = maxReplicas;
+        NumPhysical = numPhysical;
+        ReplicaSelection = replicaSelection;
+    }
+
+    /// <summary><c>[N][Kmax]</c> slots of each logical expert, ascending, -1 padded.</summary>
+    public DeviceSlice<int> Log2Phy { get; }
+
+    /// <summary><c>[N]</c> replicas of each logical expert.</summary>
+    public DeviceSlice<int> LogCnt { get; }
+
+    /// <summary><c>[R]</c> per-slot load counters the routing kernels increment.</summary>
+    public DeviceSlice<int> Counters { get; }
+
+    /// <summary>One element: record when non-zero.</summary>
+    public DeviceSlice<int> RecordFlag { get; }
+
+    /// <summary>N, logical experts.</summary>
+    public int NumLogical { get; }
+
+    /// <summary>Kmax, the fixed capacity of a log2phy row.</summary>
+    public int MaxReplicas { get; }
+
+    /// <summary>R, physical slots.</summary>
+    public int NumPhysical { get; }
+
+    /// <summary>The replica choice the kernels use.</summary>
+    public ReplicaSelection ReplicaSelection { get; }
+
+    /// <summary>The backend all views live on.</summary>
+    public Backend Backend { get; }
+
+    /// <summary>Leases every view and fills the native struct; dispose the returned leases after the call.</summary>
+    internal unsafe Leases Acquire(out eplb_expert_map_t map)
+    {
+        var leases = new Leases();
+        leases.Log2Phy = Log2Phy.Lease(out var log2Phy);
+        leases.LogCnt = LogCnt.Lease(out var logCnt);
+        leases.Counters = Counters.Lease(out var counters);
+        leases.RecordFlag = RecordFlag.Lease(out var recordFlag);
+        map = new eplb_expert_map_t
+        {
+            log2phy = log2Phy,
+            logcnt = logCnt,
+            counters = counters,
+            record_flag = recordFlag,
+            num_logical = NumLogical,
+            max_replicas = MaxReplicas,
+            num_physical = NumPhysical,
+            replica_selection = (int)ReplicaSelection,
+        };
+        return leases;
+    }
+
+    internal ref struct Leases
+    {
+        public HandleLease Log2Phy, LogCnt, Counters, RecordFlag;
+
+        public void Dispose()
+        {
+            Log2Phy.Dispose();
+            LogCnt.Dispose();
+            Counters.Dispose();
+            RecordFlag.Dispose();
+        }
+    }
+
+    private static void Require(DeviceSlice<int> view, string name)
+    {
+        if (view.IsNull) throw new ArgumentException($"EPLB requires {name} != null", name);
+    }
+
+    private static void ExpectLength(DeviceSlice<int> view, long expected, string name)
+    {
+        if (view.Length != expected)
+            throw new ArgumentException($"{name} has {view.Length} elements; the layer needs {expected}", name);
+    }
+}

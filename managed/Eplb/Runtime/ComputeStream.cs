@@ -1,0 +1,68 @@
+using Eplb.Interop;
+
+namespace Eplb;
+
+/// <summary>
+/// An ordered queue of work on one backend (<c>eplb_stream_t</c>). CPU streams run work at once on
+/// the calling thread; CUDA streams are asynchronous until <see cref="Synchronize"/>. A CUDA stream
+/// also carries a device error word that kernels set on bad input (<see cref="CheckDeviceErrors"/>).
+/// </summary>
+public sealed unsafe class ComputeStream : IDisposable
+{
+    private static readonly Lazy<ComputeStream> SharedCpu = new(() => new ComputeStream(Backend.Cpu));
+    private readonly StreamHandle _handle;
+
+    /// <summary>Creates a stream on the backend (CUDA: a non-blocking stream on the current device).</summary>
+    public ComputeStream(Backend backend)
+    {
+        _handle = StreamHandle.Create(backend);
+        Backend = backend;
+    }
+
+    private ComputeStream(StreamHandle handle, Backend backend)
+    {
+        _handle = handle;
+        Backend = backend;
+    }
+
+    /// <summary>
+    /// Wraps a CUDA stream owned elsewhere (a framework's current stream, for CUDA graph capture)
+    /// without taking ownership; disposing the wrapper leaves the CUDA stream alive.
+    /// </summary>
+    public static ComputeStream FromCudaStream(nint cudaStream) => new(StreamHandle.WrapCuda(cudaStream), Backend.Cuda);
+
+    /// <summary>A process-wide CPU stream for host-span convenience calls (CPU streams hold no state).</summary>
+    public static ComputeStream Cpu => SharedCpu.Value;
+
+    /// <summary>The backend the stream runs on.</summary>
+    public Backend Backend { get; }
+
+    /// <summary>Waits until all queued work has finished; reports asynchronous CUDA errors.</summary>
+    public void Synchronize()
+    {
+        using var lease = new HandleLease(_handle);
+        EplbException.ThrowIfFailed(NativeMethods.eplb_stream_synchronize(_handle.Pointer));
+    }
+
+    /// <summary>
+    /// Waits for the stream, then reads and clears its device error word. Throws
+    /// <see cref="EplbException"/> with <see cref="EplbStatus.DeviceInputError"/> naming the bad input
+    /// when a kernel flagged any (always clean on CPU streams, which report bad input at the call).
+    /// </summary>
+    public void CheckDeviceErrors()
+    {
+        using var lease = new HandleLease(_handle);
+        uint flags;
+        EplbException.ThrowIfFailed(NativeMethods.eplb_stream_check_device_errors(_handle.Pointer, &flags));
+    }
+
+    internal HandleLease Lease(out eplb_stream_t* pointer)
+    {
+        var lease = new HandleLease(_handle);
+        pointer = _handle.Pointer;
+        return lease;
+    }
+
+    /// <summary>Waits for the stream's work and releases it.</summary>
+    public void Dispose() => _handle.Dispose();
+}

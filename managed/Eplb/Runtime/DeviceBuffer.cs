@@ -1,0 +1,244 @@
+using System.Runtime.CompilerServices;
+using Eplb.Interop;
+
+namespace Eplb;
+
+/// <summary>
+/// A typed array in memory owned by libeplb: host memory on <see cref="Backend.Cpu"/>, device memory
+/// on <see cref="Backend.Cuda"/>. Its address never changes, so tables handed to kernels (and
+/// captured in CUDA graphs) stay valid while their contents are updated in place.
+/// </summary>
+/// <typeparam name="T">An unmanaged element type.</typeparam>
+public sealed unsafe class DeviceBuffer<T> : IDisposable where T : unmanaged
+{
+    private readonly BufferHandle _handle;
+    private readonly nint _data;
+
+    /// <summary>Allocates <paramref name="length"/> uninitialised elements on the backend.</summary>
+    public DeviceBuffer(Backend backend, long length)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(length);
+        Backend = backend;
+        Length = length;
+        _handle = BufferHandle.Create(backend, checked((ulong)length * (ulong)sizeof(T)));
+        eplb_buffer_info_t info;
+        EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_get_info(_handle.Pointer, &info));
+        _data = (nint)info.data;
+    }
+
+    /// <summary>Allocates a buffer on the backend holding a copy of <paramref name="values"/>.</summary>
+    public DeviceBuffer(Backend backend, ReadOnlySpan<T> values) : this(backend, values.Length) => CopyFrom(values);
+
+    /// <summary>The backend whose memory holds the elements.</summary>
+    public Backend Backend { get; }
+
+    /// <summary>Number of elements.</summary>
+    public long Length { get; }
+
+    /// <summary>Size in bytes.</summary>
+    public long SizeInBytes => Length * sizeof(T);
+
+    /// <summary>A view of <paramref name="length"/> elements starting at <paramref name="offset"/>.</summary>
+    public DeviceSlice<T> Slice(long offset, long length) => new DeviceSlice<T>(this).Slice(offset, length);
+
+    /// <summary>A view of the whole buffer.</summary>
+    public DeviceSlice<T> AsSlice() => new(this);
+
+    /// <summary>Copies host values into the buffer at <paramref name="offset"/> (complete on return).</summary>
+    public void CopyFrom(ReadOnlySpan<T> source, long offset = 0, ComputeStream? stream = null)
+    {
+        CheckRange(offset, source.Length, nameof(source));
+        if (source.IsEmpty) return;
+        using var bufferLease = new HandleLease(_handle);
+        var streamLease = LeaseStream(stream, out var streamPointer);
+        try
+        {
+            fixed (T* pointer = source)
+                EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_write(_handle.Pointer, (ulong)(offset * sizeof(T)), pointer,
+                    (ulong)((long)source.Length * sizeof(T)), streamPointer));
+        }
+        finally
+        {
+            streamLease.Dispose();
+        }
+    }
+
+    /// <summary>Copies elements starting at <paramref name="offset"/> into host memory, after the stream's queued work.</summary>
+    public void CopyTo(Span<T> destination, long offset = 0, ComputeStream? stream = null)
+    {
+        CheckRange(offset, destination.Length, nameof(destination));
+        if (destination.IsEmpty) return;
+        using var bufferLease = new HandleLease(_handle);
+        var streamLease = LeaseStream(stream, out var streamPointer);
+        try
+        {
+            fixed (T* pointer = destination)
+                EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_read(_handle.Pointer, (ulong)(offset * sizeof(T)), pointer,
+                    (ulong)((long)destination.Length * sizeof(T)), streamPointer));
+        }
+        finally
+        {
+            streamLease.Dispose();
+        }
+    }
+
+    /// <summary>Copies the whole buffer into a new array.</summary>
+    public T[] ToArray(ComputeStream? stream = null)
+    {
+        var values = new T[Length];
+        CopyTo(values, 0, stream);
+        return values;
+    }
+
+    /// <summary>
+    /// Copies <paramref name="count"/> elements from another buffer (any backend) into this one,
+    /// queued on <paramref name="stream"/> (asynchronous on CUDA streams).
+    /// </summary>
+    public void CopyFrom(DeviceBuffer<T> source, long sourceOffset, long offset, long count, ComputeStream? stream = null)
+    {
+        ArgumentNullException.ThrowIfNull(source);
+        source.CheckRange(sourceOffset, count, nameof(sourceOffset));
+        CheckRange(offset, count, nameof(offset));
+        using var destinationLease = new HandleLease(_handle);
+        using var sourceLease = new HandleLease(source._handle);
+        var streamLease = LeaseStream(stream, out var streamPointer);
+        try
+        {
+            EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_copy(_handle.Pointer, (ulong)(offset * sizeof(T)), source._handle.Pointer,
+                (ulong)(sourceOffset * sizeof(T)), (ulong)(count * sizeof(T)), streamPointer));
+        }
+        finally
+        {
+            streamLease.Dispose();
+        }
+    }
+
+    /// <summary>Sets <paramref name="count"/> elements from <paramref name="offset"/> (all when count is -1) to <paramref name="value"/>.</summary>
+    public void Fill(T value, long offset = 0, long count = -1, ComputeStream? stream = null)
+    {
+        if (count < 0) count = Length - offset;
+        CheckRange(offset, count, nameof(offset));
+        if (sizeof(T) is not (1 or 2 or 4 or 8))
+            throw new NotSupportedException($"Fill supports elements of 1, 2, 4 or 8 bytes, not {typeof(T).Name} ({sizeof(T)} bytes)");
+        using var bufferLease = new HandleLease(_handle);
+        var streamLease = LeaseStream(stream, out var streamPointer);
+        try
+        {
+            EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_fill(_handle.Pointer, (ulong)(offset * sizeof(T)), (ulong)count, &value,
+                (uint)sizeof(T), streamPointer));
+        }
+        finally
+        {
+            streamLease.Dispose();
+        }
+    }
+
+    /// <summary>The element address for kernels (valid while leased; see <see cref="DeviceSlice{T}"/>).</summary>
+    internal HandleLease Lease(long offset, out T* pointer)
+    {
+        var lease = new HandleLease(_handle);
+        pointer = (T*)_data + offset;
+        return lease;
+    }
+
+    internal void CheckRange(long offset, long count, string name)
+    {
+        if (offset < 0 || count < 0 || offset > Length || count > Length - offset)
+            throw new ArgumentOutOfRangeException(name,
+                $"range [{offset}, {offset} + {count}) lies outside the buffer of {Length} {typeof(T).Name} elements");
+    }
+
+    private static HandleLease LeaseStream(ComputeStream? stream, out eplb_stream_t* pointer)
+    {
+        if (stream is null)
+        {
+            pointer = null;
+            return default;
+        }
+        return stream.Lease(out pointer);
+    }
+
+    /// <summary>Releases the memory. Queued work that still uses it must have finished.</summary>
+    public void Dispose() => _handle.Dispose();
+
+    /// <inheritdoc/>
+    public override string ToString() => $"DeviceBuffer<{typeof(T).Name}>[{Length}] on {Backend}";
+}
+
+/// <summary>A view of a contiguous range of a <see cref="DeviceBuffer{T}"/>: what kernels take.</summary>
+/// <typeparam name="T">An unmanaged element type.</typeparam>
+public readonly struct DeviceSlice<T> where T : unmanaged
+{
+    /// <summary>A view of the whole buffer.</summary>
+    public DeviceSlice(DeviceBuffer<T> buffer)
+    {
+        Buffer = buffer ?? throw new ArgumentNullException(nameof(buffer));
+        Offset = 0;
+        Length = buffer.Length;
+    }
+
+    private DeviceSlice(DeviceBuffer<T> buffer, long offset, long length)
+    {
+        Buffer = buffer;
+        Offset = offset;
+        Length = length;
+    }
+
+    /// <summary>The underlying buffer (null for a default slice).</summary>
+    public DeviceBuffer<T>? Buffer { get; }
+
+    /// <summary>First element, in elements from the start of the buffer.</summary>
+    public long Offset { get; }
+
+    /// <summary>Number of elements.</summary>
+    public long Length { get; }
+
+    /// <summary>Whether the slice refers to a buffer.</summary>
+    public bool IsNull => Buffer is null;
+
+    /// <summary>The backend of the underlying buffer.</summary>
+    public Backend Backend => (Buffer ?? throw new InvalidOperationException("default DeviceSlice has no buffer")).Backend;
+
+    /// <summary>A sub-range of this view.</summary>
+    public DeviceSlice<T> Slice(long offset, long length)
+    {
+        var buffer = Buffer ?? throw new InvalidOperationException("default DeviceSlice has no buffer");
+        if (offset < 0 || length < 0 || offset > Length || length > Length - offset)
+            throw new ArgumentOutOfRangeException(nameof(offset), $"range [{offset}, {offset} + {length}) lies outside a slice of {Length} elements");
+        return new DeviceSlice<T>(buffer, Offset + offset, length);
+    }
+
+    /// <summary>Copies the viewed elements to a new array.</summary>
+    public T[] ToArray(ComputeStream? stream = null)
+    {
+        var buffer = Buffer ?? throw new InvalidOperationException("default DeviceSlice has no buffer");
+        var values = new T[Length];
+        buffer.CopyTo(values, Offset, stream);
+        return values;
+    }
+
+    /// <summary>Copies host values into the viewed range (lengths must match).</summary>
+    public void CopyFrom(ReadOnlySpan<T> source, ComputeStream? stream = null)
+    {
+        var buffer = Buffer ?? throw new InvalidOperationException("default DeviceSlice has no buffer");
+        if (source.Length != Length)
+            throw new ArgumentException($"source has {source.Length} elements, the slice {Length}", nameof(source));
+        buffer.CopyFrom(source, Offset, stream);
+    }
+
+    /// <summary>Sets every viewed element to <paramref name="value"/>.</summary>
+    public void Fill(T value, ComputeStream? stream = null) =>
+        (Buffer ?? throw new InvalidOperationException("default DeviceSlice has no buffer")).Fill(value, Offset, Length, stream);
+
+    /// <summary>A view of the whole buffer.</summary>
+    public static implicit operator DeviceSlice<T>(DeviceBuffer<T> buffer) => new(buffer);
+
+    internal unsafe HandleLease Lease(out T* pointer)
+    {
+        var buffer = Buffer ?? throw new InvalidOperationException("default DeviceSlice has no buffer");
+        return buffer.Lease(Offset, out pointer);
+    }
+
+    /// <inheritdoc/>
+    public override string ToString() => Buffer is null ? "DeviceSlice<null>" : $"{Buffer}[{Offset}..{Offset + Length})";
+}

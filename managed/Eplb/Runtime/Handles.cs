@@ -1,0 +1,81 @@
+using System.Runtime.InteropServices;
+using Eplb.Interop;
+
+namespace Eplb;
+
+/// <summary>Owns one <c>eplb_buffer_t</c>; releasing calls <c>eplb_buffer_destroy</c> exactly once.</summary>
+internal sealed unsafe class BufferHandle : SafeHandle
+{
+    public BufferHandle() : base(0, ownsHandle: true)
+    {
+    }
+
+    public override bool IsInvalid => handle == 0;
+
+    internal eplb_buffer_t* Pointer => (eplb_buffer_t*)handle;
+
+    internal static BufferHandle Create(Backend backend, ulong bytes)
+    {
+        eplb_buffer_t* buffer = null;
+        EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_create((eplb_backend_t)backend, bytes, &buffer));
+        var result = new BufferHandle();
+        result.SetHandle((nint)buffer);
+        return result;
+    }
+
+    protected override bool ReleaseHandle() => NativeMethods.eplb_buffer_destroy((eplb_buffer_t*)handle) == eplb_status_t.EPLB_STATUS_OK;
+}
+
+/// <summary>Owns one <c>eplb_stream_t</c>; releasing calls <c>eplb_stream_destroy</c> exactly once.</summary>
+internal sealed unsafe class StreamHandle : SafeHandle
+{
+    public StreamHandle() : base(0, ownsHandle: true)
+    {
+    }
+
+    public override bool IsInvalid => handle == 0;
+
+    internal eplb_stream_t* Pointer => (eplb_stream_t*)handle;
+
+    internal static StreamHandle Create(Backend backend)
+    {
+        eplb_stream_t* stream = null;
+        EplbException.ThrowIfFailed(NativeMethods.eplb_stream_create((eplb_backend_t)backend, &stream));
+        var result = new StreamHandle();
+        result.SetHandle((nint)stream);
+        return result;
+    }
+
+    internal static StreamHandle WrapCuda(nint cudaStream)
+    {
+        eplb_stream_t* stream = null;
+        EplbException.ThrowIfFailed(NativeMethods.eplb_stream_wrap_cuda((void*)cudaStream, &stream));
+        var result = new StreamHandle();
+        result.SetHandle((nint)stream);
+        return result;
+    }
+
+    protected override bool ReleaseHandle() => NativeMethods.eplb_stream_destroy((eplb_stream_t*)handle) == eplb_status_t.EPLB_STATUS_OK;
+}
+
+/// <summary>
+/// Keeps a SafeHandle alive across a native call (AddRef on entry, Release on dispose), so a
+/// concurrent Dispose cannot free the object mid-call. The one place handles become pointers.
+/// </summary>
+internal ref struct HandleLease
+{
+    private SafeHandle? _handle;
+
+    public HandleLease(SafeHandle handle)
+    {
+        var added = false;
+        handle.DangerousAddRef(ref added);
+        _handle = added ? handle : throw new ObjectDisposedException(handle.GetType().Name);
+    }
+
+    public void Dispose()
+    {
+        _handle?.DangerousRelease();
+        _handle = null;
+    }
+}

@@ -1,0 +1,84 @@
+// The objects behind the opaque handles of eplb.h, and the checks the ABI layer shares.
+// Only src/capi includes this file: kernels see raw pointers and streams only.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "common/error.hpp"
+#include "eplb/eplb.h"
+#include "eplb_build_config.h"
+
+#if EPLB_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+struct eplb_buffer {
+    eplb_backend_t backend = EPLB_BACKEND_CPU;
+    int32_t device = -1;
+    void* data = nullptr;
+    uint64_t size_bytes = 0;
+};
+
+struct eplb_stream {
+    eplb_backend_t backend = EPLB_BACKEND_CPU;
+    int32_t device = -1;
+    // cudaStream_t of a CUDA stream (nullptr is the legacy default stream).
+    void* cuda_stream = nullptr;
+    bool owns_cuda_stream = false;
+    // CUDA: one device word of EPLB_DEVICE_ERROR_* bits, zeroed at creation.
+    uint32_t* device_error_flags = nullptr;
+    int32_t sm_count = 0;
+};
+
+namespace eplb::capi {
+
+// Human-readable backend name for messages.
+const char* backend_name(eplb_backend_t backend) noexcept;
+
+// Throws EPLB_STATUS_INVALID_ARGUMENT unless backend is a known value.
+void check_backend_value(int backend);
+
+// Throws NOT_COMPILED / NO_DEVICE when the backend cannot run here.
+void require_backend(eplb_backend_t backend);
+
+// Stream checks: non-null and usable. Returns the stream.
+eplb_stream_t& checked_stream(eplb_stream_t* stream);
+
+// Checks that ptr is usable by work on the stream's backend: non-null, and resident where the
+// backend can read it (a device or mapped pointer for CUDA; not device memory for CPU).
+void check_pointer(const eplb_stream_t& stream, const void* ptr, const char* name);
+
+#if EPLB_WITH_CUDA
+// Throws an Error for a failed CUDA call (OUT_OF_MEMORY, NO_DEVICE or CUDA_ERROR), recording it.
+void throw_cuda(cudaError_t error, const char* what);
+
+// Sets the current device for the scope and restores the previous one.
+class DeviceGuard {
+public:
+    explicit DeviceGuard(int32_t device);
+    ~DeviceGuard();
+    DeviceGuard(const DeviceGuard&) = delete;
+    DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+private:
+    int previous_ = -1;
+    bool changed_ = false;
+};
+
+inline cudaStream_t cuda_stream_of(const eplb_stream_t& stream) { return static_cast<cudaStream_t>(stream.cuda_stream); }
+
+// Marks that this library has initialised CUDA in this process (enables host-pointer checks).
+void note_cuda_initialised() noexcept;
+#endif
+
+}  // namespace eplb::capi
+
+#if EPLB_WITH_CUDA
+// Checks a CUDA runtime call made by the ABI layer; throws an eplb::Error on failure.
+#define EPLB_CUDA_CHECK(expr)                                                      \
+    do {                                                                           \
+        const cudaError_t eplb_status_ = (expr);                                   \
+        if (eplb_status_ != cudaSuccess) ::eplb::capi::throw_cuda(eplb_status_, #expr); \
+    } while (0)
+#endif

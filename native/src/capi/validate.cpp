@@ -1,0 +1,42 @@
+#include "capi/validate.hpp"
+
+namespace eplb::capi {
+
+void check_in_range(int64_t value, int64_t lo, int64_t hi, const char* name) {
+    if (value < lo || value > hi) invalid(name, " must be in [", lo, ", ", hi, "] (got ", value, ")");
+}
+
+void check_expert_map(const eplb_stream_t& stream, const eplb_expert_map_t* map) {
+    if (map == nullptr) invalid("map must not be NULL (EPLB off means: do not call the mapping)");
+    check_in_range(map->num_logical, 1, INT32_MAX, "map->num_logical");
+    check_in_range(map->max_replicas, 1, INT32_MAX, "map->max_replicas");
+    check_in_range(map->num_physical, 1, INT32_MAX, "map->num_physical");
+    if (int64_t(map->num_logical) * map->max_replicas > (int64_t(1) << 31))
+        invalid("map->num_logical * map->max_replicas overflows (", map->num_logical, " x ", map->max_replicas, ")");
+    if (map->replica_selection != EPLB_REPLICA_SELECTION_TOKEN_HASH &&
+        map->replica_selection != EPLB_REPLICA_SELECTION_ROUND_ROBIN)
+        invalid("map->replica_selection must be TOKEN_HASH (0) or ROUND_ROBIN (1) (got ", map->replica_selection, ")");
+    check_pointer(stream, map->log2phy, "map->log2phy");
+    check_pointer(stream, map->logcnt, "map->logcnt");
+    if (map->record_flag != nullptr) {
+        check_pointer(stream, map->record_flag, "map->record_flag");
+        if (map->counters == nullptr) invalid("map->counters must not be NULL when map->record_flag is set");
+    }
+    if (map->counters != nullptr) check_pointer(stream, map->counters, "map->counters");
+
+    if (stream.backend != EPLB_BACKEND_CPU) return;
+    for (int32_t expert = 0; expert < map->num_logical; ++expert) {
+        const int32_t count = map->logcnt[expert];
+        if (count < 1 || count > map->max_replicas)
+            invalid("map->logcnt[", expert, "] = ", count, " is outside [1, max_replicas = ", map->max_replicas,
+                    "] (Kmax must be at least the largest replica count)");
+        const int32_t* row = map->log2phy + int64_t(expert) * map->max_replicas;
+        for (int32_t replica = 0; replica < count; ++replica) {
+            if (row[replica] < 0 || row[replica] >= map->num_physical)
+                invalid("map->log2phy[", expert, "][", replica, "] = ", row[replica], " is outside [0, num_physical = ",
+                        map->num_physical, ")");
+        }
+    }
+}
+
+}  // namespace eplb::capi
