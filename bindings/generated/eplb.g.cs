@@ -268,7 +268,8 @@ internal static unsafe partial class NativeMethods
 
     /// <summary>
     /// Copies bytes between two buffers of any backends (device to device, host to device, ...),
-    /// queued on stream; the ranges may not overlap. Asynchronous on CUDA streams.
+    /// queued on stream; the ranges may not overlap. Asynchronous on CUDA streams; with stream NULL the
+    /// copy is complete when the call returns.
     /// </summary>
     /// <remarks><c>eplb_status_t eplb_buffer_copy(eplb_buffer_t * dst, uint64_t dst_offset, const eplb_buffer_t * src, uint64_t src_offset, uint64_t bytes, eplb_stream_t * stream)</c></remarks>
     [LibraryImport(LibraryName, EntryPoint = "eplb_buffer_copy")]
@@ -310,6 +311,15 @@ internal static unsafe partial class NativeMethods
     [LibraryImport(LibraryName, EntryPoint = "eplb_stream_destroy")]
     [UnmanagedCallConv(CallConvs = [typeof(CallConvCdecl)])]
     internal static partial eplb_status_t eplb_stream_destroy(eplb_stream_t* stream);
+
+    /// <summary>
+    /// Returns the cudaStream_t behind a CUDA stream in *out_cuda_stream (for libraries such as NCCL that
+    /// take the stream itself); NULL for CPU streams. The stream keeps ownership.
+    /// </summary>
+    /// <remarks><c>eplb_status_t eplb_stream_get_cuda_stream(const eplb_stream_t * stream, void ** out_cuda_stream)</c></remarks>
+    [LibraryImport(LibraryName, EntryPoint = "eplb_stream_get_cuda_stream")]
+    [UnmanagedCallConv(CallConvs = [typeof(CallConvCdecl)])]
+    internal static partial eplb_status_t eplb_stream_get_cuda_stream(eplb_stream_t* stream, void** out_cuda_stream);
 
     /// <summary>
     /// Returns the stream's backend in *out_backend.

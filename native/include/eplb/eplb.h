@@ -157,7 +157,8 @@ EPLB_API eplb_status_t eplb_buffer_read(const eplb_buffer_t *src, uint64_t src_o
                                         uint64_t bytes, eplb_stream_t *stream);
 
 /* Copies bytes between two buffers of any backends (device to device, host to device, ...),
- * queued on stream; the ranges may not overlap. Asynchronous on CUDA streams. */
+ * queued on stream; the ranges may not overlap. Asynchronous on CUDA streams; with stream NULL the
+ * copy is complete when the call returns. */
 EPLB_API eplb_status_t eplb_buffer_copy(eplb_buffer_t *dst, uint64_t dst_offset, const eplb_buffer_t *src,
                                         uint64_t src_offset, uint64_t bytes, eplb_stream_t *stream);
 
@@ -178,6 +179,10 @@ EPLB_API eplb_status_t eplb_stream_wrap_cuda(void *cuda_stream, eplb_stream_t **
 /* Releases a stream (waiting for its work first). NULL is accepted and does nothing. */
 EPLB_API eplb_status_t eplb_stream_destroy(eplb_stream_t *stream);
 
+/* Returns the cudaStream_t behind a CUDA stream in *out_cuda_stream (for libraries such as NCCL that
+ * take the stream itself); NULL for CPU streams. The stream keeps ownership. */
+EPLB_API eplb_status_t eplb_stream_get_cuda_stream(const eplb_stream_t *stream, void **out_cuda_stream);
+
 /* Returns the stream's backend in *out_backend. */
 EPLB_API eplb_status_t eplb_stream_get_backend(const eplb_stream_t *stream, eplb_backend_t *out_backend);
 
@@ -195,5 +200,6 @@ EPLB_API eplb_status_t eplb_stream_check_device_errors(eplb_stream_t *stream, ui
 #endif
 
 #include "eplb/eplb_mapping.h"
+#include "eplb/eplb_window.h"
 
 #endif /* EPLB_EPLB_H */
