@@ -1,0 +1,763 @@
+// Mega MoE on CUDA (SPEC 7): one cooperative, persistent kernel runs the whole expert layer,
+//
+//   route   every block counts the (token, k) pairs of each local expert (the same histogram in every
+//           block, so nothing global needs zeroing) and places its own slice of pairs stably;
+//   -- grid barrier --
+//   GEMM1   tiles (expert, 32 or 128 rows, 64 intermediate columns): gate and up in one 128-row B
+//           tile, SwiGLU in the epilogue, bf16 rows into the workspace; each tile bumps its m-tile's
+//           ready counter;
+//   GEMM2   tiles (expert, rows, 128 hidden columns) start as soon as their m-tile's GEMM1 tiles are
+//           all done (no barrier: a block finishes all its GEMM1 tiles before it waits, so waits end);
+//   -- grid barrier --
+//   combine each token's K rows in ascending k, fp32 FMAs, one bf16 rounding.
+//
+// Tiles are taken round-robin (tile = block, block + grid, ...): deterministic, no work queue.
+// Experts without tokens have no tiles. The tensor-core path is mma.sync m16n8k16 bf16 fed by
+// ldmatrix from XOR-swizzled shared memory, with a cp.async multi-stage pipeline (the Ampere
+// recipe of CUTLASS's sm80 GEMMs), so one source compiles for sm_80 and sm_90 with CUDA 11.8.
+// A wgmma/TMA path for sm_90a is left for when it can be measured against this one.
+//
+// The same device functions, split into five launches, are the unfused path.
+#include "cuda/moe.cuh"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "cuda/launch.cuh"
+#include "eplb/eplb.h"
+
+namespace eplb::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// B tile rows: GEMM1 64 gate + 64 up rows of W1 (64 intermediate columns), GEMM2 128 rows of W2.
+constexpr int kBlockN = 128;
+constexpr int kGateColumns = kBlockN / 2;
+constexpr int kBlockK = 64;
+constexpr int kChunksPerRow = kBlockK / 8;  // 16-byte chunks of a 64-element smem row
+constexpr int kLoadRowsPerPass = kThreads / kChunksPerRow;
+constexpr int kMaxExperts = EPLB_MOE_MAX_LOCAL_EXPERTS;
+constexpr int kExpertsPerThread = kMaxExperts / kThreads;
+constexpr int kRouteChunk = 4096;  // pairs placed by one block of the unfused route kernel
+
+// Long enough for any legitimate wait (a phase of a huge prefill), short enough to call a hang a hang.
+constexpr unsigned long long kBarrierTimeoutNs = 10ull * 1000 * 1000 * 1000;
+constexpr int kControlArrivals = 0;
+constexpr int kControlAbort = 1;
+
+static_assert(kThreads % kChunksPerRow == 0 && kMaxExperts % kThreads == 0, "thread layout");
+
+// A block tile of kBlockM x kBlockN outputs computed by kWarpsM x kWarpsN warps.
+template <int kBlockM_, int kWarpsM_, int kStages_, int kMinBlocks_>
+struct TileConfig {
+    static constexpr int kBlockM = kBlockM_;
+    static constexpr int kWarpsM = kWarpsM_;
+    static constexpr int kWarpsN = kWarps / kWarpsM;
+    static constexpr int kWarpM = kBlockM / kWarpsM;
+    static constexpr int kWarpN = kBlockN / kWarpsN;
+    static constexpr int kFragsM = kWarpM / 16;
+    static constexpr int kFragsN = kWarpN / 8;
+    static constexpr int kStages = kStages_;
+    static constexpr int kMinBlocks = kMinBlocks_;
+    static constexpr int kATileElems = kBlockM * kBlockK;
+    static constexpr int kBTileElems = kBlockN * kBlockK;
+    static constexpr int kStageElems = kATileElems + kBTileElems;
+    static constexpr size_t kPipelineBytes = size_t(kStages) * kStageElems * sizeof(uint16_t);
+    static_assert(kBlockM % kLoadRowsPerPass == 0 && kBlockN % kLoadRowsPerPass == 0, "loader rows");
+    static_assert(kFragsN % 2 == 0, "B fragments are loaded in pairs");
+    static_assert(kPipelineBytes >= 2 * kMaxExperts * sizeof(int32_t), "route scratch lives in the pipeline");
+};
+
+// Decode: 32 x 128 tiles, 8 warps side by side (warp tile 32 x 16), 4 stages = 80 KiB, two blocks
+// per SM on H100 so 6 B tiles (96 KiB) of weights are in flight per SM.
+using SmallTile = TileConfig<kMoeSmallBlockM, 1, 4, 2>;
+// Prefill: 128 x 128 tiles, 2 x 4 warps (warp tile 64 x 32), 3 stages = 96 KiB (two blocks per
+// SM on H100, one on A100).
+using LargeTile = TileConfig<kMoeLargeBlockM, 2, 3, 2>;
+
+enum GemmKind : int { kGemm1Gathered = 0, kGemm1Contiguous = 1, kGemm2 = 2 };
+
+struct KernelArgs {
+    MoeProblem p;
+    uint32_t* error_flags;
+};
+
+// --- PTX helpers --------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+}
+
+// 16-byte global -> shared copy through L2 only (.cg: data written by other SMs in this kernel is
+// never served from a stale L1 line); src_bytes = 0 writes zeros.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+    const int src_bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+}
+
+// D += A (16x16, row) * B (16x8, col), bf16 inputs, fp32 accumulators.
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned long long global_timer_ns() {
+    unsigned long long now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    return now;
+}
+
+__device__ __forceinline__ uint32_t load_acquire(const uint32_t* address) {
+    uint32_t value;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
+    return value;
+}
+
+// Element offset of 16-byte chunk `chunk` of smem row `row` (64 bf16 per row): XOR swizzle so the 8
+// rows an ldmatrix phase reads hit 8 different bank groups.
+__device__ __forceinline__ int swizzle(int row, int chunk) { return row * kBlockK + ((chunk ^ (row & 7)) << 3); }
+
+__device__ __forceinline__ uint32_t pack_bf16(float low, float high) {
+    return uint32_t(float_to_bf16(low)) | (uint32_t(float_to_bf16(high)) << 16);
+}
+
+// --- Cross-block waits (thread 0 of a block) ----------------------------------------------------
+
+// Spins until *word >= target. Gives up, flags the stream and tells every block to stop when the
+// wait outlasts the timeout or another block has already given up: never an endless spin.
+__device__ bool wait_at_least(const uint32_t* word, uint32_t target, const KernelArgs& args) {
+    if (load_acquire(word) >= target) return true;
+    const unsigned long long start = global_timer_ns();
+    while (load_acquire(word) < target) {
+        if (load_acquire(&args.p.control[kControlAbort]) != 0) return false;
+        if (global_timer_ns() - start > kBarrierTimeoutNs) {
+            atomicExch(&args.p.control[kControlAbort], 1u);
+            atomicOr(args.error_flags, uint32_t(EPLB_DEVICE_ERROR_GRID_BARRIER_TIMEOUT));
+            return false;
+        }
+        __nanosleep(64);
+    }
+    return true;
+}
+
+// The whole block waits for *word >= target; false when the kernel is being abandoned.
+__device__ bool block_wait(const uint32_t* word, uint32_t target, const KernelArgs& args, int* s_flag) {
+    __syncthreads();  // everyone has read the previous *s_flag
+    if (threadIdx.x == 0) {
+        *s_flag = wait_at_least(word, target, args) ? 1 : 0;
+        __threadfence();
+    }
+    __syncthreads();
+    return *s_flag != 0;
+}
+
+// Grid barrier number `generation` (1, 2, ...) on the zeroed arrivals word.
+__device__ bool grid_barrier(uint32_t generation, const KernelArgs& args, int* s_flag) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) atomicAdd(&args.p.control[kControlArrivals], 1u);
+    return block_wait(&args.p.control[kControlArrivals], generation * gridDim.x, args, s_flag);
+}
+
+// --- Route --------------------------------------------------------------------------------------
+
+// s_expert[e] = first permuted row of local expert e, s_tiles[e] = its first m-tile (both exclusive
+// scans of the counts, with the totals at [E]). E <= 1024: four experts per thread.
+template <int kBlockM>
+__device__ void scan_experts(const int32_t* s_count, int32_t experts, int32_t* s_expert, int32_t* s_tiles,
+                             int32_t* s_warp) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int rows[kExpertsPerThread], tiles[kExpertsPerThread];
+    int row_sum = 0, tile_sum = 0;
+#pragma unroll
+    for (int j = 0; j < kExpertsPerThread; ++j) {
+        const int e = threadIdx.x * kExpertsPerThread + j;
+        const int count = e < experts ? s_count[e] : 0;
+        rows[j] = row_sum;
+        tiles[j] = tile_sum;
+        row_sum += count;
+        tile_sum += (count + kBlockM - 1) / kBlockM;
+    }
+    int row_scan = row_sum, tile_scan = tile_sum;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) {
+        const int r = __shfl_up_sync(0xffffffffu, row_scan, offset);
+        const int t = __shfl_up_sync(0xffffffffu, tile_scan, offset);
+        if (lane >= offset) {
+            row_scan += r;
+            tile_scan += t;
+        }
+    }
+    if (lane == 31) {
+        s_warp[warp] = row_scan;
+        s_warp[kWarps + warp] = tile_scan;
+    }
+    __syncthreads();
+    int row_base = row_scan - row_sum, tile_base = tile_scan - tile_sum;
+    for (int w = 0; w < warp; ++w) {
+        row_base += s_warp[w];
+        tile_base += s_warp[kWarps + w];
+    }
+#pragma unroll
+    for (int j = 0; j < kExpertsPerThread; ++j) {
+        const int e = threadIdx.x * kExpertsPerThread + j;
+        if (e < experts) {
+            s_expert[e] = row_base + rows[j];
+            s_tiles[e] = tile_base + tiles[j];
+        }
+    }
+    if (threadIdx.x == kThreads - 1) {
+        s_expert[experts] = row_base + row_sum;
+        s_tiles[experts] = tile_base + tile_sum;
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ int32_t local_expert(const MoeProblem& p, int32_t id) {
+    const int64_t local = int64_t(id) - p.first_local_expert;
+    return (local >= 0 && local < p.num_local_experts) ? int32_t(local) : -1;
+}
+
+// One block: histogram of every pair's local expert (and of those before `begin`), the scans, then
+// (warp 0) the stable placement of pairs [begin, end): a pair's row is its expert's first row plus
+// the number of earlier pairs of the same expert, so rows ascend in (token, k) inside an expert.
+template <int kBlockM>
+__device__ void route_block(const MoeProblem& p, int64_t begin, int64_t end, int32_t* s_expert, int32_t* s_tiles,
+                            int32_t* scratch) {
+    int32_t* s_count = scratch;
+    int32_t* s_cursor = scratch + kMaxExperts;
+    __shared__ int32_t s_warp[2 * kWarps];
+    const int32_t experts = p.num_local_experts;
+    const int64_t pairs = p.num_tokens * p.top_k;
+    for (int e = threadIdx.x; e < experts; e += kThreads) {
+        s_count[e] = 0;
+        s_cursor[e] = 0;
+    }
+    __syncthreads();
+    // Count.
+    for (int64_t i = threadIdx.x; i < pairs; i += kThreads) {
+        const int32_t e = local_expert(p, __ldg(p.topk_ids + i));
+        if (e >= 0) {
+            atomicAdd(&s_count[e], 1);
+            if (i < begin) atomicAdd(&s_cursor[e], 1);
+        }
+    }
+    __syncthreads();
+    scan_experts<kBlockM>(s_count, experts, s_expert, s_tiles, s_warp);
+    // Place.
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x;
+        for (int64_t base = begin; base < end; base += 32) {
+            const int64_t i = base + lane;
+            const int32_t e = i < end ? local_expert(p, __ldg(p.topk_ids + i)) : -1;
+            const unsigned peers = __match_any_sync(0xffffffffu, e);
+            const int rank = __popc(peers & ((1u << lane) - 1u));
+            if (e >= 0) {
+                const int32_t row = s_expert[e] + s_cursor[e] + rank;
+                p.positions[i] = row;
+                p.sorted[row] = int32_t(i);
+            } else if (i < end) {
+                p.positions[i] = -1;
+            }
+            __syncwarp();
+            if (e >= 0 && rank == 0) s_cursor[e] += __popc(peers);
+            __syncwarp();
+        }
+    }
+}
+
+// Copies the scans to the workspace (block 0) so the unfused kernels and the host can read them.
+__device__ void publish_offsets(const MoeProblem& p, const int32_t* s_expert, const int32_t* s_tiles) {
+    for (int e = threadIdx.x; e <= p.num_local_experts; e += kThreads) {
+        p.expert_offsets[e] = s_expert[e];
+        p.tile_offsets[e] = s_tiles[e];
+    }
+}
+
+__device__ void load_offsets(const MoeProblem& p, int32_t* s_expert, int32_t* s_tiles) {
+    for (int e = threadIdx.x; e <= p.num_local_experts; e += kThreads) {
+        s_expert[e] = __ldcg(p.expert_offsets + e);
+        s_tiles[e] = __ldcg(p.tile_offsets + e);
+    }
+    __syncthreads();
+}
+
+// --- Grouped GEMM tile --------------------------------------------------------------------------
+
+// The local expert owning m-tile `m_tile`: the last e with s_tiles[e] <= m_tile (empty experts
+// share their successor's start and are skipped by taking the last).
+__device__ __forceinline__ int find_expert(const int32_t* s_tiles, int32_t experts, int m_tile) {
+    int lo = 0, hi = experts - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (s_tiles[mid] <= m_tile) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+// One output tile: rows [row0, row0 + rows) of expert `expert`, column tile n_tile.
+//   GEMM1: A = x rows (gathered through sorted, or the permuted copy), B = W1 gate rows
+//          n_tile*64 .. +64 then the matching up rows; epilogue SwiGLU -> intermediate (bf16).
+//   GEMM2: A = intermediate rows, B = W2 rows n_tile*128 .. +128; epilogue -> expert_out (bf16).
+template <class Cfg, int kKind>
+__device__ void gemm_tile(const MoeProblem& p, uint16_t* pipe, int expert, int row0, int rows, int n_tile) {
+    constexpr bool kGemm1 = kKind != kGemm2;
+    constexpr int kARows = Cfg::kBlockM / kLoadRowsPerPass;
+    constexpr int kBRows = kBlockN / kLoadRowsPerPass;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int warp_m = warp / Cfg::kWarpsN;
+    const int warp_n = warp % Cfg::kWarpsN;
+    const int64_t hidden = p.hidden;
+    const int64_t inter = p.intermediate;
+    const int64_t depth = kGemm1 ? hidden : inter;
+    const int k_tiles = int(depth / kBlockK);
+
+    // Loader: each thread copies one 16-byte column chunk of rows load_row + 32 j, for A and B.
+    const int load_chunk = threadIdx.x % kChunksPerRow;
+    const int load_row = threadIdx.x / kChunksPerRow;
+    const int load_offset = swizzle(load_row, load_chunk);  // + 32 j rows keeps the same swizzle
+    const uint16_t* a_src[kARows];
+    bool a_valid[kARows];
+#pragma unroll
+    for (int j = 0; j < kARows; ++j) {
+        const int r = load_row + j * kLoadRowsPerPass;
+        a_valid[j] = r < rows;
+        const int64_t row = row0 + (a_valid[j] ? r : 0);  // zero-filled rows still need a mapped address
+        if (kKind == kGemm1Gathered) {
+            const int64_t token = __ldcg(p.sorted + row) / p.top_k;
+            a_src[j] = p.x + token * hidden + load_chunk * 8;
+        } else if (kKind == kGemm1Contiguous) {
+            a_src[j] = p.expert_out + row * hidden + load_chunk * 8;
+        } else {
+            a_src[j] = p.intermediate_rows + row * inter + load_chunk * 8;
+        }
+    }
+    const uint16_t* b_src[kBRows];
+    bool b_valid[kBRows];
+#pragma unroll
+    for (int j = 0; j < kBRows; ++j) {
+        const int r = load_row + j * kLoadRowsPerPass;
+        if (kGemm1) {
+            const int64_t w_row = r < kGateColumns ? int64_t(n_tile) * kGateColumns + r
+                                                   : inter + int64_t(n_tile) * kGateColumns + (r - kGateColumns);
+            b_valid[j] = true;
+            b_src[j] = p.w1 + (int64_t(expert) * 2 * inter + w_row) * hidden + load_chunk * 8;
+        } else {
+            const int64_t w_row = int64_t(n_tile) * kBlockN + r;
+            b_valid[j] = w_row < hidden;
+            b_src[j] = p.w2 + (int64_t(expert) * hidden + (b_valid[j] ? w_row : 0)) * inter + load_chunk * 8;
+        }
+    }
+    auto load_stage = [&](int stage, int k_tile) {
+        uint16_t* a_tile = pipe + stage * Cfg::kStageElems;
+        uint16_t* b_tile = a_tile + Cfg::kATileElems;
+        const int64_t k_offset = int64_t(k_tile) * kBlockK;
+#pragma unroll
+        for (int j = 0; j < kARows; ++j)
+            cp_async_16(shared_address(a_tile + load_offset + j * kLoadRowsPerPass * kBlockK), a_src[j] + k_offset,
+                        a_valid[j]);
+#pragma unroll
+        for (int j = 0; j < kBRows; ++j)
+            cp_async_16(shared_address(b_tile + load_offset + j * kLoadRowsPerPass * kBlockK), b_src[j] + k_offset,
+                        b_valid[j]);
+    };
+
+    // Fragment rows of this lane. ldmatrix.x4 takes 4 8x8 matrices whose row addresses come from
+    // lanes 0-7, 8-15, 16-23, 24-31. A (m16 x k16): rows lane % 16, k-chunk lane / 16 gives a0..a3
+    // in mma order. B pair (two n8 x k16 fragments): fragment lane / 16, row lane % 8, k-chunk
+    // (lane / 8) % 2. Every fragment starts at a multiple of 8 rows, so the swizzle key is lane % 8.
+    const int swizzle_key = lane & 7;
+    const int a_chunk = lane >> 4;
+    const int b_chunk = (lane >> 3) & 1;
+    int a_row_offset[Cfg::kFragsM];
+#pragma unroll
+    for (int i = 0; i < Cfg::kFragsM; ++i) a_row_offset[i] = (warp_m * Cfg::kWarpM + i * 16 + (lane & 15)) * kBlockK;
+    int b_row_offset[Cfg::kFragsN / 2];
+#pragma unroll
+    for (int j = 0; j < Cfg::kFragsN / 2; ++j) {
+        const int f = 2 * j + (lane >> 4);
+        int row;
+        if (kGemm1) {
+            // Gate fragments first, then the up fragments of the same columns, so one thread holds
+            // gate and up of each output element for the SwiGLU epilogue.
+            constexpr int kHalf = Cfg::kFragsN / 2;
+            const int column = warp_n * (Cfg::kWarpN / 2) + 8 * (f % kHalf);
+            row = f < kHalf ? column : kGateColumns + column;
+        } else {
+            row = warp_n * Cfg::kWarpN + 8 * f;
+        }
+        b_row_offset[j] = (row + (lane & 7)) * kBlockK;
+    }
+
+    float acc[Cfg::kFragsM][Cfg::kFragsN][4];
+#pragma unroll
+    for (int i = 0; i < Cfg::kFragsM; ++i)
+#pragma unroll
+        for (int f = 0; f < Cfg::kFragsN; ++f)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[i][f][c] = 0.0f;
+
+    // Prologue: kStages - 1 tiles in flight.
+#pragma unroll
+    for (int s = 0; s < Cfg::kStages - 1; ++s) {
+        if (s < k_tiles) load_stage(s, s);
+        cp_async_commit();
+    }
+    for (int k_tile = 0; k_tile < k_tiles; ++k_tile) {
+        cp_async_wait<Cfg::kStages - 2>();
+        __syncthreads();  // tile k_tile landed for every thread; stage (k_tile - 1) is free again
+        const int next = k_tile + Cfg::kStages - 1;
+        if (next < k_tiles) load_stage(next % Cfg::kStages, next);
+        cp_async_commit();
+
+        const uint16_t* a_tile = pipe + (k_tile % Cfg::kStages) * Cfg::kStageElems;
+        const uint32_t a_base = shared_address(a_tile);
+        const uint32_t b_base = shared_address(a_tile + Cfg::kATileElems);
+#pragma unroll
+        for (int kk = 0; kk < kBlockK / 16; ++kk) {
+            uint32_t a_frag[Cfg::kFragsM][4];
+            uint32_t b_frag[Cfg::kFragsN][2];
+#pragma unroll
+            for (int i = 0; i < Cfg::kFragsM; ++i)
+                ldmatrix_x4(a_frag[i], a_base + 2 * (a_row_offset[i] + (((2 * kk + a_chunk) ^ swizzle_key) << 3)));
+#pragma unroll
+            for (int j = 0; j < Cfg::kFragsN / 2; ++j) {
+                uint32_t r[4];
+                ldmatrix_x4(r, b_base + 2 * (b_row_offset[j] + (((2 * kk + b_chunk) ^ swizzle_key) << 3)));
+                b_frag[2 * j][0] = r[0];
+                b_frag[2 * j][1] = r[1];
+                b_frag[2 * j + 1][0] = r[2];
+                b_frag[2 * j + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int i = 0; i < Cfg::kFragsM; ++i)
+#pragma unroll
+                for (int f = 0; f < Cfg::kFragsN; ++f) mma_bf16_16816(acc[i][f], a_frag[i], b_frag[f][0], b_frag[f][1]);
+        }
+    }
+    cp_async_wait<0>();
+
+    // Epilogue. Accumulator c0, c1: row lane / 4, columns 2 (lane % 4) + {0, 1}; c2, c3: row + 8.
+#pragma unroll
+    for (int i = 0; i < Cfg::kFragsM; ++i) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int r = warp_m * Cfg::kWarpM + i * 16 + (lane >> 2) + half * 8;
+            if (r >= rows) continue;
+            const int64_t row = row0 + r;
+            if (kGemm1) {
+                constexpr int kHalf = Cfg::kFragsN / 2;
+#pragma unroll
+                for (int f = 0; f < kHalf; ++f) {
+                    const int64_t column =
+                        int64_t(n_tile) * kGateColumns + warp_n * (Cfg::kWarpN / 2) + 8 * f + 2 * (lane & 3);
+                    const float h0 = swiglu(acc[i][f][2 * half], acc[i][f + kHalf][2 * half], p.swiglu_limit);
+                    const float h1 = swiglu(acc[i][f][2 * half + 1], acc[i][f + kHalf][2 * half + 1], p.swiglu_limit);
+                    *reinterpret_cast<uint32_t*>(p.intermediate_rows + row * inter + column) = pack_bf16(h0, h1);
+                }
+            } else {
+#pragma unroll
+                for (int f = 0; f < Cfg::kFragsN; ++f) {
+                    const int64_t column = int64_t(n_tile) * kBlockN + warp_n * Cfg::kWarpN + 8 * f + 2 * (lane & 3);
+                    if (column < hidden)
+                        *reinterpret_cast<uint32_t*>(p.expert_out + row * hidden + column) =
+                            pack_bf16(acc[i][f][2 * half], acc[i][f][2 * half + 1]);
+                }
+            }
+        }
+    }
+    __syncthreads();  // the next tile's prologue overwrites stages this tile's last steps read
+}
+
+// --- Phases -------------------------------------------------------------------------------------
+
+// GEMM1 + SwiGLU over every (m-tile, n-tile) of the local experts, round-robin over the grid.
+// With `signal`, each finished tile publishes its rows and bumps ready[m-tile].
+template <class Cfg, int kKind>
+__device__ void gemm1_phase(const MoeProblem& p, uint16_t* pipe, const int32_t* s_expert, const int32_t* s_tiles,
+                            bool signal) {
+    const int n_tiles = p.intermediate / kGateColumns;
+    const int64_t total = int64_t(s_tiles[p.num_local_experts]) * n_tiles;
+    for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
+        const int m_tile = int(tile / n_tiles);
+        const int n_tile = int(tile % n_tiles);
+        const int e = find_expert(s_tiles, p.num_local_experts, m_tile);
+        const int row0 = s_expert[e] + (m_tile - s_tiles[e]) * Cfg::kBlockM;
+        const int rows = min(Cfg::kBlockM, s_expert[e + 1] - row0);
+        gemm_tile<Cfg, kKind>(p, pipe, e, row0, rows, n_tile);
+        if (signal) {
+            __threadfence();
+            __syncthreads();
+            if (threadIdx.x == 0) atomicAdd(reinterpret_cast<uint32_t*>(p.ready) + m_tile, 1u);
+        }
+    }
+}
+
+// GEMM2 over every (m-tile, n-tile); with args, each m-tile first waits for its GEMM1 tiles.
+// Returns false when the kernel is being abandoned.
+template <class Cfg>
+__device__ bool gemm2_phase(const MoeProblem& p, uint16_t* pipe, const int32_t* s_expert, const int32_t* s_tiles,
+                            const KernelArgs* args, int* s_flag) {
+    const int n_tiles = (p.hidden + kBlockN - 1) / kBlockN;
+    const uint32_t gemm1_tiles = uint32_t(p.intermediate / kGateColumns);
+    const int64_t total = int64_t(s_tiles[p.num_local_experts]) * n_tiles;
+    int ready_m_tile = -1;
+    for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
+        const int m_tile = int(tile / n_tiles);
+        const int n_tile = int(tile % n_tiles);
+        if (args != nullptr && m_tile != ready_m_tile) {
+            if (!block_wait(reinterpret_cast<const uint32_t*>(p.ready) + m_tile, gemm1_tiles, *args, s_flag)) return false;
+            ready_m_tile = m_tile;
+        }
+        const int e = find_expert(s_tiles, p.num_local_experts, m_tile);
+        const int row0 = s_expert[e] + (m_tile - s_tiles[e]) * Cfg::kBlockM;
+        const int rows = min(Cfg::kBlockM, s_expert[e + 1] - row0);
+        gemm_tile<Cfg, kGemm2>(p, pipe, e, row0, rows, n_tile);
+    }
+    return true;
+}
+
+// output[t] = bf16(sum over ascending k of w[t,k] * expert_out[positions[t,k]]), 8 columns per step.
+__device__ void combine_phase(const MoeProblem& p, int64_t first, int64_t stride) {
+    const int vectors = p.hidden / 8;
+    const int64_t total = p.num_tokens * vectors;
+    for (int64_t v = first; v < total; v += stride) {
+        const int64_t token = v / vectors;
+        const int64_t column = (v % vectors) * 8;
+        float sum[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        for (int k = 0; k < p.top_k; ++k) {
+            const int32_t row = __ldcg(p.positions + token * p.top_k + k);
+            if (row < 0) continue;
+            const float w = __ldg(p.topk_weights + token * p.top_k + k);
+            const uint4 packed = __ldcg(reinterpret_cast<const uint4*>(p.expert_out + int64_t(row) * p.hidden + column));
+            const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                sum[2 * j] = fused_multiply_add(w, bf16_to_float(uint16_t(words[j] & 0xffffu)), sum[2 * j]);
+                sum[2 * j + 1] = fused_multiply_add(w, bf16_to_float(uint16_t(words[j] >> 16)), sum[2 * j + 1]);
+            }
+        }
+        uint4 out;
+        out.x = pack_bf16(sum[0], sum[1]);
+        out.y = pack_bf16(sum[2], sum[3]);
+        out.z = pack_bf16(sum[4], sum[5]);
+        out.w = pack_bf16(sum[6], sum[7]);
+        *reinterpret_cast<uint4*>(p.output + token * p.hidden + column) = out;
+    }
+}
+
+// --- Kernels ------------------------------------------------------------------------------------
+
+template <class Cfg>
+__device__ __forceinline__ int32_t* persistent_offsets(unsigned char* smem) {
+    return reinterpret_cast<int32_t*>(smem + Cfg::kPipelineBytes);
+}
+
+template <class Cfg>
+size_t dynamic_shared_bytes(int32_t num_local_experts) {
+    return Cfg::kPipelineBytes + size_t(2 * (num_local_experts + 1)) * sizeof(int32_t);
+}
+
+// The fused layer: route -> barrier -> GEMM1 (+ready) -> GEMM2 (waits per m-tile) -> barrier -> combine.
+template <class Cfg>
+__global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks) mega_moe_kernel(KernelArgs args) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    __shared__ int s_flag;
+    const MoeProblem& p = args.p;
+    uint16_t* pipe = reinterpret_cast<uint16_t*>(smem);
+    int32_t* s_expert = persistent_offsets<Cfg>(smem);
+    int32_t* s_tiles = s_expert + p.num_local_experts + 1;
+
+    // Route: every block builds the same scans; block b places pairs [b * chunk, (b + 1) * chunk).
+    const int64_t pairs = p.num_tokens * p.top_k;
+    const int64_t chunk = (pairs + gridDim.x - 1) / gridDim.x;
+    const int64_t begin = min(pairs, int64_t(blockIdx.x) * chunk);
+    route_block<Cfg::kBlockM>(p, begin, min(pairs, begin + chunk), s_expert, s_tiles, reinterpret_cast<int32_t*>(smem));
+    const int m_tiles = s_tiles[p.num_local_experts];
+    for (int i = blockIdx.x * kThreads + threadIdx.x; i < m_tiles; i += gridDim.x * kThreads) p.ready[i] = 0;
+    if (blockIdx.x == 0) publish_offsets(p, s_expert, s_tiles);
+    if (!grid_barrier(1, args, &s_flag)) return;
+
+    gemm1_phase<Cfg, kGemm1Gathered>(p, pipe, s_expert, s_tiles, /*signal=*/true);
+    if (!gemm2_phase<Cfg>(p, pipe, s_expert, s_tiles, &args, &s_flag)) return;
+    if (!grid_barrier(2, args, &s_flag)) return;
+
+    combine_phase(p, int64_t(blockIdx.x) * kThreads + threadIdx.x, int64_t(gridDim.x) * kThreads);
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(kThreads) moe_route_kernel(MoeProblem p) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    int32_t* scratch = reinterpret_cast<int32_t*>(smem);
+    int32_t* s_expert = scratch + 2 * kMaxExperts;
+    int32_t* s_tiles = s_expert + p.num_local_experts + 1;
+    const int64_t pairs = p.num_tokens * p.top_k;
+    const int64_t begin = min(pairs, int64_t(blockIdx.x) * kRouteChunk);
+    route_block<Cfg::kBlockM>(p, begin, min(pairs, begin + kRouteChunk), s_expert, s_tiles, scratch);
+    if (blockIdx.x == 0) publish_offsets(p, s_expert, s_tiles);
+}
+
+// One block per permuted row: copies the token's x row into expert_out (16 bytes per thread).
+__global__ void __launch_bounds__(kThreads) moe_permute_kernel(MoeProblem p) {
+    const int32_t rows = __ldcg(p.expert_offsets + p.num_local_experts);
+    const int vectors = p.hidden / 8;
+    for (int32_t row = blockIdx.x; row < rows; row += gridDim.x) {
+        const int64_t token = __ldcg(p.sorted + row) / p.top_k;
+        const uint4* source = reinterpret_cast<const uint4*>(p.x + token * p.hidden);
+        uint4* target = reinterpret_cast<uint4*>(p.expert_out + int64_t(row) * p.hidden);
+        for (int v = threadIdx.x; v < vectors; v += kThreads) target[v] = __ldg(source + v);
+    }
+}
+
+template <class Cfg, int kKind>
+__global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks) moe_gemm_kernel(MoeProblem p) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    uint16_t* pipe = reinterpret_cast<uint16_t*>(smem);
+    int32_t* s_expert = persistent_offsets<Cfg>(smem);
+    int32_t* s_tiles = s_expert + p.num_local_experts + 1;
+    load_offsets(p, s_expert, s_tiles);
+    if (kKind == kGemm2) gemm2_phase<Cfg>(p, pipe, s_expert, s_tiles, nullptr, nullptr);
+    else gemm1_phase<Cfg, kKind>(p, pipe, s_expert, s_tiles, /*signal=*/false);
+}
+
+__global__ void __launch_bounds__(kThreads) moe_combine_kernel(MoeProblem p) {
+    combine_phase(p, int64_t(blockIdx.x) * kThreads + threadIdx.x, int64_t(gridDim.x) * kThreads);
+}
+
+// --- Host side ----------------------------------------------------------------------------------
+
+int current_device() {
+    int device = 0;
+    return cudaGetDevice(&device) == cudaSuccess ? device : -1;
+}
+
+// Blocks per SM of a kernel at a dynamic shared memory size, cached per (device, kernel, bytes):
+// the occupancy calculator is not free and the answer never changes within a process.
+cudaError_t blocks_per_sm(const void* kernel, size_t shared_bytes, int* out) {
+    static std::mutex mutex;
+    static std::map<std::tuple<int, const void*, size_t>, int> cache;
+    const auto key = std::make_tuple(current_device(), kernel, shared_bytes);
+    {
+        std::lock_guard<std::mutex> lock(mutex);
+        const auto found = cache.find(key);
+        if (found != cache.end()) {
+            *out = found->second;
+            return cudaSuccess;
+        }
+    }
+    EPLB_CUDA_RETURN_IF_ERROR(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)));
+    int blocks = 0;
+    EPLB_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, shared_bytes));
+    std::lock_guard<std::mutex> lock(mutex);
+    cache[key] = blocks;
+    *out = blocks;
+    return cudaSuccess;
+}
+
+template <class Cfg>
+cudaError_t occupancy_of(int32_t num_local_experts, MegaMoeOccupancy* out) {
+    const int device = current_device();
+    int cooperative = 0, sms = 0, max_optin = 0;
+    EPLB_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+    EPLB_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    EPLB_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    out->cooperative_launch = cooperative != 0;
+    out->sm_count = sms;
+    out->shared_bytes = dynamic_shared_bytes<Cfg>(num_local_experts);
+    out->max_shared_bytes = size_t(max_optin);
+    out->blocks_per_sm = 0;
+    // A block that needs more shared memory than the device grants cannot run at all: report 0
+    // instead of failing the attribute call.
+    if (out->shared_bytes <= out->max_shared_bytes)
+        EPLB_CUDA_RETURN_IF_ERROR(
+            blocks_per_sm(reinterpret_cast<const void*>(&mega_moe_kernel<Cfg>), out->shared_bytes, &out->blocks_per_sm));
+    out->max_blocks = out->blocks_per_sm * sms;
+    return cudaSuccess;
+}
+
+template <class Cfg>
+cudaError_t launch_fused(const MoeProblem& problem, int grid_blocks, uint32_t* error_flags, cudaStream_t stream) {
+    MegaMoeOccupancy occupancy;
+    EPLB_CUDA_RETURN_IF_ERROR(occupancy_of<Cfg>(problem.num_local_experts, &occupancy));
+    if (!occupancy.cooperative_launch) return cudaErrorNotSupported;
+    if (grid_blocks < 1 || grid_blocks > occupancy.max_blocks) return cudaErrorCooperativeLaunchTooLarge;
+    EPLB_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(problem.control, 0, 2 * sizeof(uint32_t), stream));
+    KernelArgs args{problem, error_flags};
+    void* params[] = {&args};
+    return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(&mega_moe_kernel<Cfg>), dim3(grid_blocks),
+                                       dim3(kThreads), params, occupancy.shared_bytes, stream);
+}
+
+template <class Cfg, int kKind>
+cudaError_t launch_gemm(const MoeProblem& problem, int sm_count, cudaStream_t stream) {
+    const void* kernel = reinterpret_cast<const void*>(&moe_gemm_kernel<Cfg, kKind>);
+    const size_t shared = dynamic_shared_bytes<Cfg>(problem.num_local_experts);
+    int per_sm = 0;
+    EPLB_CUDA_RETURN_IF_ERROR(blocks_per_sm(kernel, shared, &per_sm));
+    // Persistent grid: the tile count is only known on the device.
+    const int grid = std::max(1, per_sm) * std::max(1, sm_count);
+    moe_gemm_kernel<Cfg, kKind><<<grid, kThreads, shared, stream>>>(problem);
+    return cudaGetLastError();
+}
+
+template <class Cfg>
+cudaError_t launch_unfused(const MoeProblem& problem, int sm_count, cudaStream_t stream) {
+    const int64_t pairs = problem.num_tokens * problem.top_k;
+    const int route_blocks = int(std::max<int64_t>(1, (pairs + kRouteChunk - 1) / kRouteChunk));
+    const size_t route_shared = size_t(2 * kMaxExperts + 2 * (problem.num_local_experts + 1)) * sizeof(int32_t);
+    moe_route_kernel<Cfg><<<route_blocks, kThreads, route_shared, stream>>>(problem);
+    EPLB_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    const int64_t most_rows = std::min<int64_t>(pairs, int64_t(std::max(1, sm_count)) * 64);
+    moe_permute_kernel<<<int(std::max<int64_t>(1, most_rows)), kThreads, 0, stream>>>(problem);
+    EPLB_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    EPLB_CUDA_RETURN_IF_ERROR((launch_gemm<Cfg, kGemm1Contiguous>(problem, sm_count, stream)));
+    EPLB_CUDA_RETURN_IF_ERROR((launch_gemm<Cfg, kGemm2>(problem, sm_count, stream)));
+    const int64_t vectors = problem.num_tokens * (problem.hidden / 8);
+    const int combine_blocks = int(std::min<int64_t>((vectors + kThreads - 1) / kThreads, int64_t(std::max(1, sm_count)) * 8));
+    moe_combine_kernel<<<std::max(1, combine_blocks), kThreads, 0, stream>>>(problem);
+    return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t mega_moe_occupancy(int block_m, int32_t num_local_experts, MegaMoeOccupancy* out) {
+    return block_m == kMoeSmallBlockM ? occupancy_of<SmallTile>(num_local_experts, out)
+                                      : occupancy_of<LargeTile>(num_local_experts, out);
+}
+
+cudaError_t mega_moe(const MoeProblem& problem, int block_m, int grid_blocks, uint32_t* error_flags, cudaStream_t stream) {
+    return block_m == kMoeSmallBlockM ? launch_fused<SmallTile>(problem, grid_blocks, error_flags, stream)
+                                      : launch_fused<LargeTile>(problem, grid_blocks, error_flags, stream);
+}
+
+cudaError_t moe_unfused(const MoeProblem& problem, int block_m, int sm_count, cudaStream_t stream) {
+    return block_m == kMoeSmallBlockM ? launch_unfused<SmallTile>(problem, sm_count, stream)
+                                      : launch_unfused<LargeTile>(problem, sm_count, stream);
+}
+
+}  // namespace eplb::cuda
