@@ -113,10 +113,22 @@ int block_m_of(const eplb_moe_shape_t& shape, int64_t num_tokens) {
 }
 
 #if EPLB_WITH_CUDA
-// The fused kernel's occupancy, or COOPERATIVE_LAUNCH_UNAVAILABLE saying why it cannot launch.
-cuda::MegaMoeOccupancy checked_occupancy(const eplb_stream_t& stream, int block_m, int32_t num_local_experts) {
-    cuda::MegaMoeOccupancy occupancy;
-    EPLB_CUDA_CHECK(cuda::mega_moe_occupancy(block_m, num_local_experts, &occupancy));
+// The CUDA tile height and the fused kernel's occupancy with it. An automatic 128 falls back to 32
+// on devices whose blocks cannot hold the larger tile's shared memory (sm_86 and sm_89 grant
+// 99 KiB per block, the 128-row tile needs about 104 KiB).
+int cuda_block_m(const eplb_moe_shape_t& shape, int64_t num_tokens, cuda::MegaMoeOccupancy* occupancy) {
+    int block_m = block_m_of(shape, num_tokens);
+    EPLB_CUDA_CHECK(cuda::mega_moe_occupancy(block_m, shape.num_local_experts, occupancy));
+    if (shape.block_m == 0 && block_m == kMoeLargeBlockM && occupancy->blocks_per_sm == 0) {
+        block_m = kMoeSmallBlockM;
+        EPLB_CUDA_CHECK(cuda::mega_moe_occupancy(block_m, shape.num_local_experts, occupancy));
+    }
+    return block_m;
+}
+
+// Throws COOPERATIVE_LAUNCH_UNAVAILABLE saying why the fused kernel cannot launch, if it cannot.
+void check_cooperative(const eplb_stream_t& stream, int block_m, int32_t num_local_experts,
+                       const cuda::MegaMoeOccupancy& occupancy) {
     if (!occupancy.cooperative_launch)
         fail(EPLB_STATUS_COOPERATIVE_LAUNCH_UNAVAILABLE, "CUDA device ", stream.device,
              " does not support cooperative launches; run eplb_moe_unfused instead");
@@ -124,8 +136,7 @@ cuda::MegaMoeOccupancy checked_occupancy(const eplb_stream_t& stream, int block_
         fail(EPLB_STATUS_COOPERATIVE_LAUNCH_UNAVAILABLE, "one block of the fused kernel (tile height ", block_m, ", ",
              num_local_experts, " local experts) needs ", occupancy.shared_bytes,
              " bytes of shared memory and cannot fit on an SM of CUDA device ", stream.device, " (at most ",
-             occupancy.max_shared_bytes, " per block); run eplb_moe_unfused instead");
-    return occupancy;
+             occupancy.max_shared_bytes, " per block)");
 }
 #endif
 
@@ -150,12 +161,15 @@ EPLB_API eplb_status_t eplb_mega_moe_max_grid(eplb_stream_t* stream, const eplb_
     check_shape(shape);
     check_tokens(num_tokens, *shape, "num_tokens");
     EPLB_CHECK_NOT_NULL(out_blocks);
-    const int block_m = block_m_of(*shape, num_tokens);
+    int block_m = block_m_of(*shape, num_tokens);
     int32_t blocks = 1;
 #if EPLB_WITH_CUDA
     if (s.backend == EPLB_BACKEND_CUDA) {
         DeviceGuard guard(s.device);
-        blocks = checked_occupancy(s, block_m, shape->num_local_experts).max_blocks;
+        cuda::MegaMoeOccupancy occupancy;
+        block_m = cuda_block_m(*shape, num_tokens, &occupancy);
+        check_cooperative(s, block_m, shape->num_local_experts, occupancy);
+        blocks = occupancy.max_blocks;
     }
 #else
     (void)s;
@@ -178,8 +192,9 @@ EPLB_API eplb_status_t eplb_mega_moe(eplb_stream_t* stream, const eplb_moe_shape
     }
 #if EPLB_WITH_CUDA
     DeviceGuard guard(s.device);
-    const int block_m = block_m_of(*shape, num_tokens);
-    const cuda::MegaMoeOccupancy occupancy = checked_occupancy(s, block_m, shape->num_local_experts);
+    cuda::MegaMoeOccupancy occupancy;
+    const int block_m = cuda_block_m(*shape, num_tokens, &occupancy);
+    check_cooperative(s, block_m, shape->num_local_experts, occupancy);
     const int grid = grid_blocks > 0 ? grid_blocks : occupancy.max_blocks;
     if (grid > occupancy.max_blocks)
         fail(EPLB_STATUS_COOPERATIVE_LAUNCH_UNAVAILABLE, "a grid of ", grid, " blocks cannot co-reside on CUDA device ",
@@ -210,7 +225,13 @@ EPLB_API eplb_status_t eplb_moe_unfused(eplb_stream_t* stream, const eplb_moe_sh
     }
 #if EPLB_WITH_CUDA
     DeviceGuard guard(s.device);
-    EPLB_CUDA_CHECK(cuda::moe_unfused(problem, block_m_of(*shape, num_tokens), s.sm_count, cuda_stream_of(s)));
+    cuda::MegaMoeOccupancy occupancy;
+    const int block_m = cuda_block_m(*shape, num_tokens, &occupancy);
+    if (occupancy.blocks_per_sm == 0)
+        fail(EPLB_STATUS_UNSUPPORTED, "the tile height ", block_m, " needs ", occupancy.shared_bytes,
+             " bytes of shared memory per block; CUDA device ", s.device, " grants ", occupancy.max_shared_bytes,
+             " (use block_m = 0 or ", kMoeSmallBlockM, ")");
+    EPLB_CUDA_CHECK(cuda::moe_unfused(problem, block_m, s.sm_count, cuda_stream_of(s)));
 #endif
     return EPLB_STATUS_OK;
     EPLB_API_END

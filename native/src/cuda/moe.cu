@@ -27,6 +27,7 @@
 #include <mutex>
 #include <tuple>
 
+#include "common/moe_tile.hpp"
 #include "cuda/launch.cuh"
 #include "eplb/eplb.h"
 
@@ -34,14 +35,8 @@ namespace eplb::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-// B tile rows: GEMM1 64 gate + 64 up rows of W1 (64 intermediate columns), GEMM2 128 rows of W2.
-constexpr int kBlockN = 128;
-constexpr int kGateColumns = kBlockN / 2;
-constexpr int kBlockK = 64;
-constexpr int kChunksPerRow = kBlockK / 8;  // 16-byte chunks of a 64-element smem row
-constexpr int kLoadRowsPerPass = kThreads / kChunksPerRow;
+using namespace moe_tile;
+
 constexpr int kMaxExperts = EPLB_MOE_MAX_LOCAL_EXPERTS;
 constexpr int kExpertsPerThread = kMaxExperts / kThreads;
 constexpr int kRouteChunk = 4096;  // pairs placed by one block of the unfused route kernel
@@ -51,35 +46,11 @@ constexpr unsigned long long kBarrierTimeoutNs = 10ull * 1000 * 1000 * 1000;
 constexpr int kControlArrivals = 0;
 constexpr int kControlAbort = 1;
 
-static_assert(kThreads % kChunksPerRow == 0 && kMaxExperts % kThreads == 0, "thread layout");
-
-// A block tile of kBlockM x kBlockN outputs computed by kWarpsM x kWarpsN warps.
-template <int kBlockM_, int kWarpsM_, int kStages_, int kMinBlocks_>
-struct TileConfig {
-    static constexpr int kBlockM = kBlockM_;
-    static constexpr int kWarpsM = kWarpsM_;
-    static constexpr int kWarpsN = kWarps / kWarpsM;
-    static constexpr int kWarpM = kBlockM / kWarpsM;
-    static constexpr int kWarpN = kBlockN / kWarpsN;
-    static constexpr int kFragsM = kWarpM / 16;
-    static constexpr int kFragsN = kWarpN / 8;
-    static constexpr int kStages = kStages_;
-    static constexpr int kMinBlocks = kMinBlocks_;
-    static constexpr int kATileElems = kBlockM * kBlockK;
-    static constexpr int kBTileElems = kBlockN * kBlockK;
-    static constexpr int kStageElems = kATileElems + kBTileElems;
-    static constexpr size_t kPipelineBytes = size_t(kStages) * kStageElems * sizeof(uint16_t);
-    static_assert(kBlockM % kLoadRowsPerPass == 0 && kBlockN % kLoadRowsPerPass == 0, "loader rows");
-    static_assert(kFragsN % 2 == 0, "B fragments are loaded in pairs");
-    static_assert(kPipelineBytes >= 2 * kMaxExperts * sizeof(int32_t), "route scratch lives in the pipeline");
-};
-
-// Decode: 32 x 128 tiles, 8 warps side by side (warp tile 32 x 16), 4 stages = 80 KiB, two blocks
-// per SM on H100 so 6 B tiles (96 KiB) of weights are in flight per SM.
-using SmallTile = TileConfig<kMoeSmallBlockM, 1, 4, 2>;
-// Prefill: 128 x 128 tiles, 2 x 4 warps (warp tile 64 x 32), 3 stages = 96 KiB (two blocks per
-// SM on H100, one on A100).
-using LargeTile = TileConfig<kMoeLargeBlockM, 2, 3, 2>;
+static_assert(kMaxExperts % kThreads == 0, "route layout");
+static_assert(SmallTile::kBlockM == kMoeSmallBlockM && LargeTile::kBlockM == kMoeLargeBlockM, "tile heights");
+static_assert(SmallTile::kPipelineBytes >= 2 * kMaxExperts * sizeof(int32_t) &&
+                  LargeTile::kPipelineBytes >= 2 * kMaxExperts * sizeof(int32_t),
+              "the route scratch lives in the pipeline buffers");
 
 enum GemmKind : int { kGemm1Gathered = 0, kGemm1Contiguous = 1, kGemm2 = 2 };
 
@@ -134,10 +105,6 @@ __device__ __forceinline__ uint32_t load_acquire(const uint32_t* address) {
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
     return value;
 }
-
-// Element offset of 16-byte chunk `chunk` of smem row `row` (64 bf16 per row): XOR swizzle so the 8
-// rows an ldmatrix phase reads hit 8 different bank groups.
-__device__ __forceinline__ int swizzle(int row, int chunk) { return row * kBlockK + ((chunk ^ (row & 7)) << 3); }
 
 __device__ __forceinline__ uint32_t pack_bf16(float low, float high) {
     return uint32_t(float_to_bf16(low)) | (uint32_t(float_to_bf16(high)) << 16);
@@ -329,89 +296,61 @@ __device__ void gemm_tile(const MoeProblem& p, uint16_t* pipe, int expert, int r
     constexpr int kBRows = kBlockN / kLoadRowsPerPass;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const int warp_m = warp / Cfg::kWarpsN;
-    const int warp_n = warp % Cfg::kWarpsN;
     const int64_t hidden = p.hidden;
     const int64_t inter = p.intermediate;
-    const int64_t depth = kGemm1 ? hidden : inter;
-    const int k_tiles = int(depth / kBlockK);
+    const int k_tiles = int((kGemm1 ? hidden : inter) / kBlockK);
 
-    // Loader: each thread copies one 16-byte column chunk of rows load_row + 32 j, for A and B.
-    const int load_chunk = threadIdx.x % kChunksPerRow;
-    const int load_row = threadIdx.x / kChunksPerRow;
-    const int load_offset = swizzle(load_row, load_chunk);  // + 32 j rows keeps the same swizzle
-    const uint16_t* a_src[kARows];
-    bool a_valid[kARows];
+    // Loader: one 16-byte chunk of rows load_row(t, j) = r + 32 j of each operand per thread and
+    // stage; those rows share one swizzled offset. Rows past the tile's end are zero-filled from a
+    // mapped address (the tile's first row). Only the gathered A keeps a pointer per row.
+    const int chunk = load_chunk(threadIdx.x);
+    const int r = load_row(threadIdx.x, 0);
+    const int load_offset = swizzle(r, chunk);
+    const int64_t a_stride = kKind == kGemm2 ? inter : hidden;
+    const uint16_t* a_base = (kKind == kGemm1Contiguous ? p.expert_out : p.intermediate_rows) + row0 * a_stride + chunk * 8;
+    const uint16_t* a_gathered[kKind == kGemm1Gathered ? kARows : 1];
+    if (kKind == kGemm1Gathered) {
 #pragma unroll
-    for (int j = 0; j < kARows; ++j) {
-        const int r = load_row + j * kLoadRowsPerPass;
-        a_valid[j] = r < rows;
-        const int64_t row = row0 + (a_valid[j] ? r : 0);  // zero-filled rows still need a mapped address
-        if (kKind == kGemm1Gathered) {
-            const int64_t token = __ldcg(p.sorted + row) / p.top_k;
-            a_src[j] = p.x + token * hidden + load_chunk * 8;
-        } else if (kKind == kGemm1Contiguous) {
-            a_src[j] = p.expert_out + row * hidden + load_chunk * 8;
-        } else {
-            a_src[j] = p.intermediate_rows + row * inter + load_chunk * 8;
+        for (int j = 0; j < kARows; ++j) {
+            const int row = r + j * kLoadRowsPerPass;
+            const int64_t token = __ldcg(p.sorted + row0 + (row < rows ? row : 0)) / p.top_k;
+            a_gathered[j] = p.x + token * hidden + chunk * 8;
         }
     }
-    const uint16_t* b_src[kBRows];
-    bool b_valid[kBRows];
-#pragma unroll
-    for (int j = 0; j < kBRows; ++j) {
-        const int r = load_row + j * kLoadRowsPerPass;
-        if (kGemm1) {
-            const int64_t w_row = r < kGateColumns ? int64_t(n_tile) * kGateColumns + r
-                                                   : inter + int64_t(n_tile) * kGateColumns + (r - kGateColumns);
-            b_valid[j] = true;
-            b_src[j] = p.w1 + (int64_t(expert) * 2 * inter + w_row) * hidden + load_chunk * 8;
-        } else {
-            const int64_t w_row = int64_t(n_tile) * kBlockN + r;
-            b_valid[j] = w_row < hidden;
-            b_src[j] = p.w2 + (int64_t(expert) * hidden + (b_valid[j] ? w_row : 0)) * inter + load_chunk * 8;
-        }
-    }
+    // B: GEMM1 rows r + 32 j < 64 are gate rows of the tile's columns, the rest the up rows I - 64
+    // further on (gemm1_weight_row); GEMM2 rows past H (a half-empty last column tile) read zeros.
+    const int64_t b_stride = kGemm1 ? hidden : inter;
+    const uint16_t* b_base = kGemm1 ? p.w1 + (int64_t(expert) * 2 * inter + int64_t(n_tile) * kGateColumns) * hidden + chunk * 8
+                                    : p.w2 + (int64_t(expert) * hidden + int64_t(n_tile) * kBlockN) * inter + chunk * 8;
+    const int b_rows = kGemm1 ? kBlockN : int(min(int64_t(kBlockN), hidden - int64_t(n_tile) * kBlockN));
     auto load_stage = [&](int stage, int k_tile) {
         uint16_t* a_tile = pipe + stage * Cfg::kStageElems;
         uint16_t* b_tile = a_tile + Cfg::kATileElems;
         const int64_t k_offset = int64_t(k_tile) * kBlockK;
 #pragma unroll
-        for (int j = 0; j < kARows; ++j)
-            cp_async_16(shared_address(a_tile + load_offset + j * kLoadRowsPerPass * kBlockK), a_src[j] + k_offset,
-                        a_valid[j]);
+        for (int j = 0; j < kARows; ++j) {
+            const int row = r + j * kLoadRowsPerPass;
+            const bool valid = row < rows;
+            const uint16_t* src = kKind == kGemm1Gathered ? a_gathered[j] : a_base + (valid ? row : 0) * a_stride;
+            cp_async_16(shared_address(a_tile + load_offset + j * kLoadRowsPerPass * kBlockK), src + k_offset, valid);
+        }
 #pragma unroll
-        for (int j = 0; j < kBRows; ++j)
-            cp_async_16(shared_address(b_tile + load_offset + j * kLoadRowsPerPass * kBlockK), b_src[j] + k_offset,
-                        b_valid[j]);
+        for (int j = 0; j < kBRows; ++j) {
+            const int row = r + j * kLoadRowsPerPass;
+            const bool valid = row < b_rows;
+            const int64_t w_row = !valid ? 0 : (kGemm1 && row >= kGateColumns) ? inter - kGateColumns + row : row;
+            cp_async_16(shared_address(b_tile + load_offset + j * kLoadRowsPerPass * kBlockK),
+                        b_base + w_row * b_stride + k_offset, valid);
+        }
     };
 
-    // Fragment rows of this lane. ldmatrix.x4 takes 4 8x8 matrices whose row addresses come from
-    // lanes 0-7, 8-15, 16-23, 24-31. A (m16 x k16): rows lane % 16, k-chunk lane / 16 gives a0..a3
-    // in mma order. B pair (two n8 x k16 fragments): fragment lane / 16, row lane % 8, k-chunk
-    // (lane / 8) % 2. Every fragment starts at a multiple of 8 rows, so the swizzle key is lane % 8.
-    const int swizzle_key = lane & 7;
-    const int a_chunk = lane >> 4;
-    const int b_chunk = (lane >> 3) & 1;
-    int a_row_offset[Cfg::kFragsM];
+    // ldmatrix addresses of this lane (moe_tile.hpp); the k step only moves the chunk.
+    int a_row[Cfg::kFragsM];
 #pragma unroll
-    for (int i = 0; i < Cfg::kFragsM; ++i) a_row_offset[i] = (warp_m * Cfg::kWarpM + i * 16 + (lane & 15)) * kBlockK;
-    int b_row_offset[Cfg::kFragsN / 2];
+    for (int i = 0; i < Cfg::kFragsM; ++i) a_row[i] = a_fragment_row<Cfg>(warp, lane, i);
+    int b_row[Cfg::kFragsN / 2];
 #pragma unroll
-    for (int j = 0; j < Cfg::kFragsN / 2; ++j) {
-        const int f = 2 * j + (lane >> 4);
-        int row;
-        if (kGemm1) {
-            // Gate fragments first, then the up fragments of the same columns, so one thread holds
-            // gate and up of each output element for the SwiGLU epilogue.
-            constexpr int kHalf = Cfg::kFragsN / 2;
-            const int column = warp_n * (Cfg::kWarpN / 2) + 8 * (f % kHalf);
-            row = f < kHalf ? column : kGateColumns + column;
-        } else {
-            row = warp_n * Cfg::kWarpN + 8 * f;
-        }
-        b_row_offset[j] = (row + (lane & 7)) * kBlockK;
-    }
+    for (int j = 0; j < Cfg::kFragsN / 2; ++j) b_row[j] = b_fragment_row<Cfg, kGemm1>(warp, lane, j);
 
     float acc[Cfg::kFragsM][Cfg::kFragsN][4];
 #pragma unroll
@@ -443,11 +382,11 @@ __device__ void gemm_tile(const MoeProblem& p, uint16_t* pipe, int expert, int r
             uint32_t b_frag[Cfg::kFragsN][2];
 #pragma unroll
             for (int i = 0; i < Cfg::kFragsM; ++i)
-                ldmatrix_x4(a_frag[i], a_base + 2 * (a_row_offset[i] + (((2 * kk + a_chunk) ^ swizzle_key) << 3)));
+                ldmatrix_x4(a_frag[i], a_base + 2 * swizzle(a_row[i], a_fragment_chunk(lane, kk)));
 #pragma unroll
             for (int j = 0; j < Cfg::kFragsN / 2; ++j) {
                 uint32_t r[4];
-                ldmatrix_x4(r, b_base + 2 * (b_row_offset[j] + (((2 * kk + b_chunk) ^ swizzle_key) << 3)));
+                ldmatrix_x4(r, b_base + 2 * swizzle(b_row[j], b_fragment_chunk(lane, kk)));
                 b_frag[2 * j][0] = r[0];
                 b_frag[2 * j][1] = r[1];
                 b_frag[2 * j + 1][0] = r[2];
@@ -461,20 +400,19 @@ __device__ void gemm_tile(const MoeProblem& p, uint16_t* pipe, int expert, int r
     }
     cp_async_wait<0>();
 
-    // Epilogue. Accumulator c0, c1: row lane / 4, columns 2 (lane % 4) + {0, 1}; c2, c3: row + 8.
+    // Epilogue: registers {0, 1} and {2, 3} of a fragment are two adjacent columns of two rows.
 #pragma unroll
     for (int i = 0; i < Cfg::kFragsM; ++i) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            const int r = warp_m * Cfg::kWarpM + i * 16 + (lane >> 2) + half * 8;
+            const int r = accumulator_row<Cfg>(warp, lane, i, half);
             if (r >= rows) continue;
             const int64_t row = row0 + r;
             if (kGemm1) {
                 constexpr int kHalf = Cfg::kFragsN / 2;
 #pragma unroll
                 for (int f = 0; f < kHalf; ++f) {
-                    const int64_t column =
-                        int64_t(n_tile) * kGateColumns + warp_n * (Cfg::kWarpN / 2) + 8 * f + 2 * (lane & 3);
+                    const int64_t column = int64_t(n_tile) * kGateColumns + accumulator_column<Cfg, true>(warp, lane, f);
                     const float h0 = swiglu(acc[i][f][2 * half], acc[i][f + kHalf][2 * half], p.swiglu_limit);
                     const float h1 = swiglu(acc[i][f][2 * half + 1], acc[i][f + kHalf][2 * half + 1], p.swiglu_limit);
                     *reinterpret_cast<uint32_t*>(p.intermediate_rows + row * inter + column) = pack_bf16(h0, h1);
@@ -482,7 +420,7 @@ __device__ void gemm_tile(const MoeProblem& p, uint16_t* pipe, int expert, int r
             } else {
 #pragma unroll
                 for (int f = 0; f < Cfg::kFragsN; ++f) {
-                    const int64_t column = int64_t(n_tile) * kBlockN + warp_n * Cfg::kWarpN + 8 * f + 2 * (lane & 3);
+                    const int64_t column = int64_t(n_tile) * kBlockN + accumulator_column<Cfg, false>(warp, lane, f);
                     if (column < hidden)
                         *reinterpret_cast<uint32_t*>(p.expert_out + row * hidden + column) =
                             pack_bf16(acc[i][f][2 * half], acc[i][f][2 * half + 1]);
