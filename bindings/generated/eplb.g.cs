@@ -25,7 +25,7 @@ internal static partial class NativeConstants
     /// <summary>
     /// A cooperative kernel's blocks did not all meet at a grid barrier in time (eplb_mega_moe).
     /// </summary>
-    public const int EPLB_DEVICE_ERROR_GRID_BARRIER_TIMEOUT = 8;
+    public const int EPLB_DEVICE_ERROR_GRID_BARRIER_TIMEOUT = 16;
 }
 
 /// <summary>

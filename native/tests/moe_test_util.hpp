@@ -91,7 +91,7 @@ inline MoeLayer random_layer(const eplb_moe_shape_t& shape, int64_t tokens) {
 }
 
 // SPEC 7 written out per token: double dot products, the bf16 roundings where the spec puts them
-// (intermediate, each expert's output row, the sum), the combine in ascending k with fp32 FMAs.
+// (intermediate, each expert's output row, the sum), the combine in ascending k in fp32.
 inline std::vector<uint16_t> naive_moe(const MoeLayer& layer) {
     const auto& s = layer.shape;
     const int64_t H = s.hidden, I = s.intermediate;
@@ -122,7 +122,7 @@ inline std::vector<uint16_t> naive_moe(const MoeLayer& layer) {
             for (int64_t n = 0; n < H; ++n) {
                 double y = 0;
                 for (int64_t j = 0; j < I; ++j) y += double(h[size_t(j)]) * bf16_value(w2[n * I + j]);
-                sum[size_t(n)] = std::fma(w, round_bf16(y), sum[size_t(n)]);
+                sum[size_t(n)] += w * round_bf16(y);
             }
         }
         for (int64_t n = 0; n < H; ++n) out[size_t(t * H + n)] = to_bf16(sum[size_t(n)]);

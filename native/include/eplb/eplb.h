@@ -37,7 +37,7 @@ extern "C" {
 #define EPLB_DEVICE_ERROR_BAD_TOKEN_ID 2
 #define EPLB_DEVICE_ERROR_BAD_EXPERT_ID 4
 /* A cooperative kernel's blocks did not all meet at a grid barrier in time (eplb_mega_moe). */
-#define EPLB_DEVICE_ERROR_GRID_BARRIER_TIMEOUT 8
+#define EPLB_DEVICE_ERROR_GRID_BARRIER_TIMEOUT 16
 
 /* Result of every call. */
 typedef enum eplb_status {

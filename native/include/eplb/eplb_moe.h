@@ -9,8 +9,8 @@
  *   e = topk_ids[t,k], over the experts local to this rank (others contribute 0: EP partial sums).
  * bf16 inputs and weights (raw uint16_t bits), fp32 accumulation, bf16 output. The intermediate
  * (after SwiGLU) and every expert's output row are rounded to bf16 before the next step; the combine
- * adds the K rows in ascending k with fp32 fused multiply-adds and rounds once. Output is bitwise
- * equal run to run (no float atomics).
+ * adds the K rows in ascending k in fp32 (acc = acc + w * y, as eplb_dispatch_combine) and rounds
+ * once. Output is bitwise equal run to run (no float atomics).
  */
 #ifndef EPLB_EPLB_MOE_H
 #define EPLB_EPLB_MOE_H

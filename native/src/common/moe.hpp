@@ -11,8 +11,9 @@
 
 namespace eplb {
 
-// bf16 bits -> float (exact).
-EPLB_HD float bf16_to_float(uint16_t bits) {
+// bf16 bits -> float (exact). (Named apart from common/bf16.hpp of the dispatch ops, which it
+// matches bit for bit, until the two meet on one branch.)
+EPLB_HD float bf16_bits_to_float(uint16_t bits) {
 #if defined(__CUDA_ARCH__)
     return __uint_as_float(uint32_t(bits) << 16);
 #else
@@ -23,26 +24,28 @@ EPLB_HD float bf16_to_float(uint16_t bits) {
 #endif
 }
 
-// float -> bf16 bits, round to nearest even; NaN stays a (quiet) NaN. The same bits as CUDA's
-// __float2bfloat16_rn and PyTorch's .to(torch.bfloat16) for every non-NaN value.
-EPLB_HD uint16_t float_to_bf16(float value) {
+// float -> bf16 bits, round to nearest even (the bits of CUDA's __float2bfloat16_rn and torch's
+// .to(torch.bfloat16) for every non-NaN value); NaN becomes the quiet NaN 0x7FC0 with its sign.
+EPLB_HD uint16_t float_to_bf16_bits(float value) {
 #if defined(__CUDA_ARCH__)
     uint32_t bits = __float_as_uint(value);
 #else
     uint32_t bits;
     std::memcpy(&bits, &value, sizeof(bits));
 #endif
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x0040u);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t(((bits >> 16) & 0x8000u) | 0x7fc0u);
     bits += 0x7fffu + ((bits >> 16) & 1u);
     return uint16_t(bits >> 16);
 }
 
-// a * b + c rounded once (the combine's step), so the CPU and the GPU give the same bits.
-EPLB_HD float fused_multiply_add(float a, float b, float c) {
+// One step of the combine, acc + w * y with the product and the sum each rounded (no fused
+// multiply-add): the rule of eplb_dispatch_combine, so the fused kernel, the unfused path and the
+// CPU give the same bits. (The library's C++ is built without FP contraction.)
+EPLB_HD float combine_step(float acc, float w, float y) {
 #if defined(__CUDA_ARCH__)
-    return __fmaf_rn(a, b, c);
+    return __fadd_rn(acc, __fmul_rn(w, y));
 #else
-    return std::fma(a, b, c);
+    return acc + w * y;
 #endif
 }
 

@@ -20,7 +20,7 @@ float dot(const float* a, const float* b, int64_t n) {
 }
 
 void widen(const uint16_t* bits, int64_t n, float* out) {
-    for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(bits[i]);
+    for (int64_t i = 0; i < n; ++i) out[i] = bf16_bits_to_float(bits[i]);
 }
 
 }  // namespace
@@ -77,7 +77,7 @@ void moe_gemm1_swiglu(const MoeProblem& p, bool gathered) {
             for (int32_t r = 0; r < rows; ++r) {
                 const float* row = a.data() + size_t(r) * size_t(hidden);
                 const float value = swiglu(dot(row, gate.data(), hidden), dot(row, up.data(), hidden), p.swiglu_limit);
-                p.intermediate_rows[int64_t(first + r) * inter + j] = float_to_bf16(value);
+                p.intermediate_rows[int64_t(first + r) * inter + j] = float_to_bf16_bits(value);
             }
         }
     }
@@ -98,7 +98,7 @@ void moe_gemm2(const MoeProblem& p) {
             widen(w2 + n * inter, inter, weights.data());
             for (int32_t r = 0; r < rows; ++r)
                 p.expert_out[int64_t(first + r) * hidden + n] =
-                    float_to_bf16(dot(a.data() + size_t(r) * size_t(inter), weights.data(), inter));
+                    float_to_bf16_bits(dot(a.data() + size_t(r) * size_t(inter), weights.data(), inter));
         }
     }
 }
@@ -113,9 +113,9 @@ void moe_combine(const MoeProblem& p) {
             if (row < 0) continue;
             const float w = p.topk_weights[t * p.top_k + k];
             const uint16_t* y = p.expert_out + int64_t(row) * hidden;
-            for (int64_t n = 0; n < hidden; ++n) sum[size_t(n)] = fused_multiply_add(w, bf16_to_float(y[n]), sum[size_t(n)]);
+            for (int64_t n = 0; n < hidden; ++n) sum[size_t(n)] = combine_step(sum[size_t(n)], w, bf16_bits_to_float(y[n]));
         }
-        for (int64_t n = 0; n < hidden; ++n) p.output[t * hidden + n] = float_to_bf16(sum[size_t(n)]);
+        for (int64_t n = 0; n < hidden; ++n) p.output[t * hidden + n] = float_to_bf16_bits(sum[size_t(n)]);
     }
 }
 

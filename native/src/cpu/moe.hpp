@@ -20,8 +20,8 @@ void moe_gemm1_swiglu(const MoeProblem& p, bool gathered);
 // GEMM2: expert_out[row] = bf16(W2 . intermediate[row]).
 void moe_gemm2(const MoeProblem& p);
 
-// Combine: output[t] = bf16(sum over ascending k of w[t,k] * expert_out[positions[t,k]]) with fp32
-// fused multiply-adds; 0 for a token with no local pair.
+// Combine: output[t] = bf16(sum over ascending k of w[t,k] * expert_out[positions[t,k]]) in fp32,
+// product and sum each rounded (combine_step); 0 for a token with no local pair.
 void moe_combine(const MoeProblem& p);
 
 // The reference: route, GEMM1 on gathered rows, GEMM2, combine.

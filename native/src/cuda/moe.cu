@@ -9,7 +9,7 @@
 //   GEMM2   tiles (expert, rows, 128 hidden columns) start as soon as their m-tile's GEMM1 tiles are
 //           all done (no barrier: a block finishes all its GEMM1 tiles before it waits, so waits end);
 //   -- grid barrier --
-//   combine each token's K rows in ascending k, fp32 FMAs, one bf16 rounding.
+//   combine each token's K rows in ascending k in fp32 (eplb_dispatch_combine's rounding), one bf16 rounding.
 //
 // Tiles are taken round-robin (tile = block, block + grid, ...): deterministic, no work queue.
 // Experts without tokens have no tiles. The tensor-core path is mma.sync m16n8k16 bf16 fed by
@@ -107,7 +107,7 @@ __device__ __forceinline__ uint32_t load_acquire(const uint32_t* address) {
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float low, float high) {
-    return uint32_t(float_to_bf16(low)) | (uint32_t(float_to_bf16(high)) << 16);
+    return uint32_t(float_to_bf16_bits(low)) | (uint32_t(float_to_bf16_bits(high)) << 16);
 }
 
 // --- Cross-block waits (thread 0 of a block) ----------------------------------------------------
@@ -495,8 +495,8 @@ __device__ void combine_phase(const MoeProblem& p, int64_t first, int64_t stride
             const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                sum[2 * j] = fused_multiply_add(w, bf16_to_float(uint16_t(words[j] & 0xffffu)), sum[2 * j]);
-                sum[2 * j + 1] = fused_multiply_add(w, bf16_to_float(uint16_t(words[j] >> 16)), sum[2 * j + 1]);
+                sum[2 * j] = combine_step(sum[2 * j], w, bf16_bits_to_float(uint16_t(words[j] & 0xffffu)));
+                sum[2 * j + 1] = combine_step(sum[2 * j + 1], w, bf16_bits_to_float(uint16_t(words[j] >> 16)));
             }
         }
         uint4 out;
