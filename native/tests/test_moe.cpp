@@ -239,12 +239,13 @@ EPLB_TEST(moe_bad_input_writes_nothing) {
     eplb_moe_tensors_t small = good;
     small.workspace_bytes = bytes - 1;
     expect_rejected(layer.shape, 5, small, "workspace_bytes");
+    // The CPU reference needs natural alignment (CUDA: 16 bytes, see moe_cuda_rejects_misaligned).
     eplb_moe_tensors_t misaligned = good;
-    misaligned.output = out.data() + 1;
-    expect_rejected(layer.shape, 5, misaligned, "16-byte aligned");
+    misaligned.output = reinterpret_cast<uint16_t*>(reinterpret_cast<char*>(out.data()) + 1);
+    expect_rejected(layer.shape, 5, misaligned, "2-byte aligned");
     misaligned = good;
-    misaligned.workspace = static_cast<uint8_t*>(workspace.data()) + 16;
-    expect_rejected(layer.shape, 5, misaligned, "256-byte aligned");
+    misaligned.workspace = static_cast<uint8_t*>(workspace.data()) + 2;
+    expect_rejected(layer.shape, 5, misaligned, "4-byte aligned");
     EPLB_EXPECT_STATUS(eplb_mega_moe(stream.get(), &layer.shape, 5, nullptr, 0), EPLB_STATUS_INVALID_ARGUMENT);
     EPLB_EXPECT_STATUS(eplb_mega_moe(nullptr, &layer.shape, 5, &good, 0), EPLB_STATUS_INVALID_ARGUMENT);
     EPLB_EXPECT_STATUS(eplb_mega_moe(stream.get(), nullptr, 5, &good, 0), EPLB_STATUS_INVALID_ARGUMENT);
@@ -363,4 +364,26 @@ EPLB_TEST(moe_cuda_rejects_host_pointers) {
                                      out.data(), workspace.data(), bytes};
     EPLB_EXPECT_STATUS(eplb_mega_moe(stream.get(), &layer.shape, 3, &tensors, 0), EPLB_STATUS_INVALID_ARGUMENT);
     EPLB_EXPECT(std::string(eplb_last_error_message()).find("tensors->x") != std::string::npos);
+}
+
+EPLB_TEST(moe_cuda_rejects_misaligned) {
+    require_cuda();
+    const MoeLayer layer = random_layer(moe_shape(64, 64, 2, 4, 4, 0), 3);
+    Stream stream(EPLB_BACKEND_CUDA);
+    Buffer<uint16_t> x(EPLB_BACKEND_CUDA, layer.x.size() + 8);
+    Buffer<int32_t> ids(EPLB_BACKEND_CUDA, layer.ids);
+    Buffer<float> weights(EPLB_BACKEND_CUDA, layer.weights);
+    Buffer<uint16_t> w1(EPLB_BACKEND_CUDA, layer.w1);
+    Buffer<uint16_t> w2(EPLB_BACKEND_CUDA, layer.w2);
+    Buffer<uint16_t> out(EPLB_BACKEND_CUDA, size_t(3 * 64));
+    const uint64_t bytes = moe_workspace_bytes(layer.shape, 3);
+    Buffer<uint8_t> workspace(EPLB_BACKEND_CUDA, bytes + 256);
+    eplb_moe_tensors_t tensors{x.data() + 1, ids.data(), weights.data(), w1.data(), w2.data(), out.data(),
+                               workspace.data(), bytes};
+    EPLB_EXPECT_STATUS(eplb_mega_moe(stream.get(), &layer.shape, 3, &tensors, 0), EPLB_STATUS_INVALID_ARGUMENT);
+    EPLB_EXPECT(std::string(eplb_last_error_message()).find("16-byte aligned") != std::string::npos);
+    tensors.x = x.data();
+    tensors.workspace = static_cast<uint8_t*>(workspace.data()) + 16;
+    EPLB_EXPECT_STATUS(eplb_moe_unfused(stream.get(), &layer.shape, 3, &tensors), EPLB_STATUS_INVALID_ARGUMENT);
+    EPLB_EXPECT(std::string(eplb_last_error_message()).find("256-byte aligned") != std::string::npos);
 }

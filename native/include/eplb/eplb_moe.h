@@ -49,7 +49,8 @@ typedef struct eplb_moe_shape {
 
 /* The tensors of one call, as raw pointers of the stream's backend (device pointers on CUDA).
  * The struct is caller-owned host memory read during the call; the memory it points to is used by
- * the queued work and must stay alive until it finishes. bf16 tensors are 16-byte aligned. */
+ * the queued work and must stay alive until it finishes. On CUDA the bf16 tensors are 16-byte
+ * aligned and the workspace 256-byte aligned; on the CPU natural alignment suffices. */
 typedef struct eplb_moe_tensors {
     /* [T][H] bf16 activations. */
     const uint16_t *x;
@@ -64,8 +65,8 @@ typedef struct eplb_moe_tensors {
     const uint16_t *w2;
     /* [T][H] bf16 output, every element written (0 for tokens with no local expert). */
     uint16_t *output;
-    /* Scratch of at least eplb_moe_workspace_size bytes, 256-byte aligned, owned by the caller; its
-     * contents need no initialisation and are undefined afterwards. One call at a time per workspace. */
+    /* Scratch of at least eplb_moe_workspace_size bytes, owned by the caller; its contents need no
+     * initialisation and are undefined afterwards. One call at a time per workspace. */
     void *workspace;
     uint64_t workspace_bytes;
 } eplb_moe_tensors_t;
