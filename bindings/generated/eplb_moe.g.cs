@@ -61,7 +61,8 @@ internal unsafe partial struct eplb_moe_shape_t
 /// <summary>
 /// The tensors of one call, as raw pointers of the stream's backend (device pointers on CUDA).
 /// The struct is caller-owned host memory read during the call; the memory it points to is used by
-/// the queued work and must stay alive until it finishes. bf16 tensors are 16-byte aligned.
+/// the queued work and must stay alive until it finishes. On CUDA the bf16 tensors are 16-byte
+/// aligned and the workspace 256-byte aligned; on the CPU natural alignment suffices.
 /// </summary>
 [StructLayout(LayoutKind.Sequential)]
 internal unsafe partial struct eplb_moe_tensors_t
@@ -92,8 +93,8 @@ internal unsafe partial struct eplb_moe_tensors_t
     /// </summary>
     public ushort* output;
     /// <summary>
-    /// Scratch of at least eplb_moe_workspace_size bytes, 256-byte aligned, owned by the caller; its
-    /// contents need no initialisation and are undefined afterwards. One call at a time per workspace.
+    /// Scratch of at least eplb_moe_workspace_size bytes, owned by the caller; its contents need no
+    /// initialisation and are undefined afterwards. One call at a time per workspace.
     /// </summary>
     public void* workspace;
     public ulong workspace_bytes;
