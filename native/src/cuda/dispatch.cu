@@ -23,12 +23,15 @@ __device__ __forceinline__ void flag_bad_index(uint32_t* error_flags) {
 //
 // Warp w owns the contiguous pair range [w*P, (w+1)*P), so (warp, tile of 32 pairs, lane) is
 // ascending pair order and a stable placement only needs each warp's first row in each bucket:
-//   1. Count  each warp counts its range into its own shared row, one add per distinct bucket
-//             of a tile (__match_any_sync groups the lanes of a bucket).
+//   1. Count  each warp counts its range into its own shared row (shared atomics, no contention
+//             between warps).
 //   2. Scan   per bucket, the warps' counts in warp order give each warp's start inside the
 //             bucket; the padded bucket sizes, scanned over the block, give the offsets.
 //   3. Place  each warp walks its range again; a pair's row is the warp's cursor of its bucket
-//             plus its rank among the tile's lanes of that bucket.
+//             plus its rank among the tile's lanes of that bucket. The lanes of a bucket find each
+//             other by OR-ing their lane bits into a per-warp shared mask (CUB's onesweep radix
+//             sort ranks digits the same way, WARP_MATCH_ATOMIC_OR): a few shared accesses per
+//             lane whatever the number of buckets.
 //   4. Pad    padding rows, the tail [total, capacity) and the bucket of every row block.
 // One block and shared-memory counts with a prefix sum, as vLLM's moe_align_block_size (which
 // places pairs with atomics, so its order inside an expert varies from run to run); no workspace
@@ -94,13 +97,15 @@ __global__ void __launch_bounds__(kBucketMaxWarps* kWarpSize, 1)
                          int32_t* __restrict__ positions, uint32_t* error_flags) {
     extern __shared__ int32_t bucket_shared[];
     const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, warps = blockDim.x / kWarpSize;
-    int32_t* cursors = bucket_shared;                  // [warps][num_buckets]
-    int32_t* starts = cursors + warps * num_buckets;   // [num_buckets + 1]
-    int32_t* warp_sums = starts + num_buckets + 1;     // [kBucketMaxWarps]
+    int32_t* cursors = bucket_shared;                                          // [warps][num_buckets]
+    uint32_t* peer_masks = reinterpret_cast<uint32_t*>(cursors + warps * num_buckets);  // [warps][num_buckets]
+    int32_t* starts = reinterpret_cast<int32_t*>(peer_masks + warps * num_buckets);    // [num_buckets + 1]
+    int32_t* warp_sums = starts + num_buckets + 1;                             // [kBucketMaxWarps]
     int32_t* cursor = cursors + warp * num_buckets;
+    uint32_t* peers = peer_masks + warp * num_buckets;
     const uint32_t lanes_below = (1u << lane) - 1u;
 
-    for (int32_t i = threadIdx.x; i < warps * num_buckets; i += blockDim.x) cursors[i] = 0;
+    for (int32_t i = threadIdx.x; i < 2 * warps * num_buckets; i += blockDim.x) bucket_shared[i] = 0;
     __syncthreads();
 
     const int64_t per_warp = (num_pairs + warps - 1) / warps;
@@ -113,11 +118,8 @@ __global__ void __launch_bounds__(kBucketMaxWarps* kWarpSize, 1)
         int32_t bucket[kBucketTiles];
         load_tiles(ids, base, end, lane, bucket_of, &bad, bucket);
 #pragma unroll
-        for (int j = 0; j < kBucketTiles; ++j) {
-            const uint32_t same = __match_any_sync(kFullMask, bucket[j]);
-            if (bucket[j] != kNoBucket && (same & lanes_below) == 0) cursor[bucket[j]] += __popc(same);
-            __syncwarp();
-        }
+        for (int j = 0; j < kBucketTiles; ++j)
+            if (bucket[j] != kNoBucket) atomicAdd(&cursor[bucket[j]], 1);
     }
     if (bad) flag_bad_index(error_flags);
     __syncthreads();
@@ -146,16 +148,24 @@ __global__ void __launch_bounds__(kBucketMaxWarps* kWarpSize, 1)
 #pragma unroll
         for (int j = 0; j < kBucketTiles; ++j) {
             const int64_t pair = base + j * kWarpSize + lane;
-            const uint32_t same = __match_any_sync(kFullMask, bucket[j]);
-            if (bucket[j] != kNoBucket) {
-                const int32_t row = cursor[bucket[j]] + __popc(same & lanes_below);
+            const int32_t b = bucket[j];
+            if (b != kNoBucket) atomicOr(&peers[b], 1u << lane);
+            __syncwarp();
+            uint32_t same = 0;
+            if (b != kNoBucket) {
+                same = peers[b];
+                const int32_t row = cursor[b] + __popc(same & lanes_below);
                 sorted[row] = int32_t(pair);
                 positions[pair] = row;
             } else if (pair < end) {
                 positions[pair] = EPLB_DISPATCH_PADDING;
             }
             __syncwarp();
-            if (bucket[j] != kNoBucket && (same & lanes_below) == 0) cursor[bucket[j]] += __popc(same);
+            // The lowest lane of each bucket advances the cursor and clears the mask for the next tile.
+            if (b != kNoBucket && (same & lanes_below) == 0) {
+                cursor[b] += __popc(same);
+                peers[b] = 0;
+            }
             __syncwarp();
         }
     }
@@ -198,9 +208,9 @@ cudaError_t launch_stable_bucket(const int32_t* ids, int64_t num_pairs, BucketOf
     int max_shared = 0;
     EPLB_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
     EPLB_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    // As many warps as have room for their private counters, at most 32 (1024 threads).
+    // As many warps as have room for their private cursors and peer masks, at most 32 (1024 threads).
     const size_t fixed_bytes = size_t(num_buckets + 1 + kBucketMaxWarps) * sizeof(int32_t);
-    const size_t warp_bytes = size_t(num_buckets) * sizeof(int32_t);
+    const size_t warp_bytes = 2 * size_t(num_buckets) * sizeof(int32_t);
     if (size_t(max_shared) < fixed_bytes + warp_bytes) return cudaErrorInvalidConfiguration;
     const int warps = int(std::min<size_t>(kBucketMaxWarps, (size_t(max_shared) - fixed_bytes) / warp_bytes));
     const size_t shared_bytes = fixed_bytes + warp_bytes * size_t(warps);
