@@ -29,15 +29,18 @@ struct Timing {
     double graph_us;  // NaN when the op could not be captured
 };
 
-// Per-op time inside a CUDA graph of kGraphOps calls; NaN (and a note) when capture fails.
-double graph_us(const std::function<void()>& fn, cudaStream_t stream) {
+using Op = std::function<eplb_status_t()>;
+
+// Per-op time inside a CUDA graph of kGraphOps calls; NaN (and a note) when the op cannot be captured.
+double graph_us(const Op& op, cudaStream_t stream) {
     cudaGraph_t graph = nullptr;
     cudaGraphExec_t exec = nullptr;
-    if (cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) != cudaSuccess) return NAN;
-    for (int i = 0; i < kGraphOps; ++i) fn();
+    if (cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed) != cudaSuccess) return NAN;
+    eplb_status_t status = EPLB_STATUS_OK;
+    for (int i = 0; i < kGraphOps && status == EPLB_STATUS_OK; ++i) status = op();
     const cudaError_t captured = cudaStreamEndCapture(stream, &graph);
-    if (captured != cudaSuccess || cudaGraphInstantiateWithFlags(&exec, graph, 0) != cudaSuccess) {
-        std::fprintf(stderr, "note: graph capture failed: %s\n", cudaGetErrorString(captured));
+    if (status != EPLB_STATUS_OK || captured != cudaSuccess || cudaGraphInstantiateWithFlags(&exec, graph, 0) != cudaSuccess) {
+        std::fprintf(stderr, "note: graph capture failed: %s / %s\n", eplb_last_error_message(), cudaGetErrorString(captured));
         cudaGetLastError();
         if (graph) cudaGraphDestroy(graph);
         return NAN;
@@ -48,7 +51,9 @@ double graph_us(const std::function<void()>& fn, cudaStream_t stream) {
     return us;
 }
 
-Timing time_op(const std::function<void()>& fn, cudaStream_t stream) { return {median_us(fn, stream), graph_us(fn, stream)}; }
+Timing time_op(const Op& op, cudaStream_t stream) {
+    return {median_us([&] { BENCH_EPLB(op()); }, stream), graph_us(op, stream)};
+}
 
 template <typename T>
 T* device_alloc(size_t count) {
@@ -71,7 +76,8 @@ int32_t read_scalar(const int32_t* device) {
 }
 
 void print_row(const char* op, int64_t tokens, int ranks, int64_t rows, const Timing& t, double bytes, double copy) {
-    const double rate = bytes / (t.graph_us * 1e-6);
+    // Rates over the graph time (kernels only), or over the call time when the op could not be captured.
+    const double rate = bytes / ((std::isnan(t.graph_us) ? t.call_us : t.graph_us) * 1e-6);
     std::printf("| %s | %lld | %d | %lld | %.2f | %.2f | %.0f | %.0f%% |\n", op, (long long)tokens, ranks, (long long)rows,
                 t.call_us, t.graph_us, rate / 1e9, 100.0 * rate / copy);
 }
@@ -126,8 +132,8 @@ int main() {
 
             // Align
             const Timing align = time_op([&] {
-                BENCH_EPLB(eplb_dispatch_align(stream, d_ids, tokens, kTopK, 0, local, kBlock, capacity, counts, offsets,
-                                               sorted, blocks, positions));
+                return eplb_dispatch_align(stream, d_ids, tokens, kTopK, 0, local, kBlock, capacity, counts, offsets, sorted,
+                                           blocks, positions);
             }, cuda);
             BENCH_CUDA(cudaStreamSynchronize(cuda));
             const int32_t total_rows = read_scalar(offsets + local);
@@ -140,16 +146,16 @@ int main() {
 
             // Permute: every local pair's row read and written; padding rows are not written.
             const Timing permute = time_op([&] {
-                BENCH_EPLB(eplb_dispatch_permute(stream, EPLB_DTYPE_BF16, d_x, tokens, kHidden, kTopK, sorted,
-                                                 offsets + local, capacity, rows));
+                return eplb_dispatch_permute(stream, EPLB_DTYPE_BF16, d_x, tokens, kHidden, kTopK, sorted, offsets + local,
+                                             capacity, rows);
             }, cuda);
             print_row("permute", tokens, ranks, local_pairs, permute, double(local_pairs) * 2 * row_bytes + total_rows * 4.0,
                       copy);
 
             // Combine: every local pair's row read, every token's row written.
             const Timing combine = time_op([&] {
-                BENCH_EPLB(eplb_dispatch_combine(stream, EPLB_DTYPE_BF16, rows, capacity, kHidden, positions, d_weights,
-                                                 tokens, kTopK, EPLB_DTYPE_BF16, d_out));
+                return eplb_dispatch_combine(stream, EPLB_DTYPE_BF16, rows, capacity, kHidden, positions, d_weights, tokens,
+                                             kTopK, EPLB_DTYPE_BF16, d_out);
             }, cuda);
             print_row("combine", tokens, ranks, tokens, combine,
                       double(local_pairs + tokens) * row_bytes + double(pairs) * 8, copy);
@@ -165,13 +171,13 @@ int main() {
         int32_t* send_positions = device_alloc<int32_t>(size_t(pairs));
         uint16_t* send = device_alloc<uint16_t>(size_t(pairs) * kHidden);
         const Timing bucket = time_op([&] {
-            BENCH_EPLB(eplb_dispatch_bucket_by_rank(stream, d_ids, tokens, kTopK, kExperts, 8, rank_counts, rank_offsets,
-                                                    send_ids, send_positions));
+            return eplb_dispatch_bucket_by_rank(stream, d_ids, tokens, kTopK, kExperts, 8, rank_counts, rank_offsets,
+                                                send_ids, send_positions);
         }, cuda);
         print_row("bucket", tokens, 8, pairs, bucket, double(pairs) * 12, copy);
         const Timing gather = time_op([&] {
-            BENCH_EPLB(eplb_dispatch_permute(stream, EPLB_DTYPE_BF16, d_x, tokens, kHidden, kTopK, send_ids,
-                                             rank_offsets + 8, pairs, send));
+            return eplb_dispatch_permute(stream, EPLB_DTYPE_BF16, d_x, tokens, kHidden, kTopK, send_ids, rank_offsets + 8,
+                                         pairs, send);
         }, cuda);
         print_row("permute (send)", tokens, 8, pairs, gather, double(pairs) * 2 * row_bytes + pairs * 4.0, copy);
         BENCH_EPLB(eplb_stream_check_device_errors(stream, nullptr));

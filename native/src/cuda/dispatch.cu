@@ -39,7 +39,7 @@ __device__ __forceinline__ void flag_bad_index(uint32_t* error_flags) {
 
 constexpr int kBucketMaxWarps = 32;
 // Tiles of 32 pairs a lane loads before using any of them: that many loads in flight per warp.
-constexpr int kBucketTiles = 8;
+constexpr int kBucketTiles = 16;
 
 // Exclusive scan of values[0, count) in place by the whole block; writes the total to values[count].
 // warp_sums is kBucketMaxWarps ints of shared scratch.
