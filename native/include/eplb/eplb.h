@@ -36,6 +36,7 @@ extern "C" {
 #define EPLB_DEVICE_ERROR_BAD_TABLE 1
 #define EPLB_DEVICE_ERROR_BAD_TOKEN_ID 2
 #define EPLB_DEVICE_ERROR_BAD_EXPERT_ID 4
+#define EPLB_DEVICE_ERROR_BAD_DISPATCH_INDEX 8
 
 /* Result of every call. */
 typedef enum eplb_status {
@@ -195,5 +196,6 @@ EPLB_API eplb_status_t eplb_stream_check_device_errors(eplb_stream_t *stream, ui
 #endif
 
 #include "eplb/eplb_mapping.h"
+#include "eplb/eplb_dispatch.h"
 
 #endif /* EPLB_EPLB_H */
