@@ -7,7 +7,7 @@ namespace Eplb.Tests;
 public class MegaMoeTests
 {
     /// <summary>One layer with host inputs (bf16 as raw bits).</summary>
-    private sealed record Layer(MoeLayerShape Shape, int Tokens, ushort[] X, int[] Ids, float[] Weights, ushort[] W1, ushort[] W2);
+    private sealed record Layer(MoeLayerShape Shape, int Tokens, BFloat16[] X, int[] Ids, float[] Weights, BFloat16[] W1, BFloat16[] W2);
 
     // bf16 written out independently of the library: round to nearest even on the raw bits.
     private static ushort ToBf16(float value)
@@ -20,10 +20,14 @@ public class MegaMoeTests
 
     private static float FromBf16(ushort bits) => BitConverter.UInt32BitsToSingle((uint)bits << 16);
 
+    private static float FromBf16(BFloat16 value) => FromBf16(value.Bits);
+
+    private static BFloat16 Bf16(float value) => BFloat16.FromBits(ToBf16(value));
+
     private static float RoundBf16(double value) => FromBf16(ToBf16((float)value));
 
-    private static ushort[] RandomBf16(Random random, long count, double scale) =>
-        Enumerable.Range(0, checked((int)count)).Select(_ => ToBf16((float)((random.NextDouble() * 2 - 1) * scale))).ToArray();
+    private static BFloat16[] RandomBf16(Random random, long count, double scale) =>
+        Enumerable.Range(0, checked((int)count)).Select(_ => Bf16((float)((random.NextDouble() * 2 - 1) * scale))).ToArray();
 
     private static Layer RandomLayer(Random random, MoeLayerShape shape, int tokens, int[]? ids = null)
     {
@@ -113,30 +117,32 @@ public class MegaMoeTests
 
     private static ushort[] RunHost(Layer l, Backend backend = Backend.Cpu, MoePath path = MoePath.Fused)
     {
-        var output = Enumerable.Repeat((ushort)0xFFFF, l.Tokens * l.Shape.Hidden).ToArray();
+        var output = Enumerable.Repeat(BFloat16.FromBits(0xFFFF), l.Tokens * l.Shape.Hidden).ToArray();
         var ran = MegaMoe.Run(l.Shape, l.X, l.Ids, l.Weights, l.W1, l.W2, output, backend, path);
         Assert.That(ran, Is.EqualTo(path));
-        return output;
+        return Bits(output);
     }
+
+    private static ushort[] Bits(BFloat16[] values) => values.Select(v => v.Bits).ToArray();
 
     [Test]
     public void HandComputedLayer()
     {
         // H = I = 64, two local experts, one token x = e0, routed to both with weights 0.5 and 0.25.
         var shape = new MoeLayerShape(64, 64, 2, 2, 2, 0);
-        var w1 = new ushort[shape.W1Length];
-        var w2 = new ushort[shape.W2Length];
+        var w1 = new BFloat16[shape.W1Length];
+        var w2 = new BFloat16[shape.W2Length];
         // Expert 0: gate 20, up 0.5 -> h0 = silu(20) * 0.5 = 10 (silu(20) is 20 in fp32); y0 = y1 = 10 * 0.25.
-        w1[0] = ToBf16(20f);
-        w1[64 * 64] = ToBf16(0.5f);
-        w2[0 * 64] = ToBf16(0.25f);
-        w2[1 * 64] = ToBf16(0.25f);
+        w1[0] = Bf16(20f);
+        w1[64 * 64] = Bf16(0.5f);
+        w2[0 * 64] = Bf16(0.25f);
+        w2[1 * 64] = Bf16(0.25f);
         // Expert 1: gate 20, up -1 -> h0 = -20; y1 = h0.
-        w1[2 * 64 * 64] = ToBf16(20f);
-        w1[3 * 64 * 64] = ToBf16(-1f);
-        w2[64 * 64 + 1 * 64] = ToBf16(1f);
-        var x = new ushort[64];
-        x[0] = ToBf16(1f);
+        w1[2 * 64 * 64] = Bf16(20f);
+        w1[3 * 64 * 64] = Bf16(-1f);
+        w2[64 * 64 + 1 * 64] = Bf16(1f);
+        var x = new BFloat16[64];
+        x[0] = Bf16(1f);
         var layer = new Layer(shape, 1, x, [0, 1], [0.5f, 0.25f], w1, w2);
         var want = new float[64];
         want[0] = 1.25f;          // 0.5 * 2.5
@@ -189,17 +195,17 @@ public class MegaMoeTests
         var random = TestSupport.NewRandom();
         var layer = RandomLayer(random, new MoeLayerShape(128, 64, 4, 16, 8, 4, 0.5f), 21);
         var stream = ComputeStream.Cpu;
-        using var x = new DeviceBuffer<ushort>(Backend.Cpu, layer.X);
+        using var x = new DeviceBuffer<BFloat16>(Backend.Cpu, layer.X);
         using var ids = new DeviceBuffer<int>(Backend.Cpu, layer.Ids);
         using var weights = new DeviceBuffer<float>(Backend.Cpu, layer.Weights);
-        using var w1 = new DeviceBuffer<ushort>(Backend.Cpu, layer.W1);
-        using var w2 = new DeviceBuffer<ushort>(Backend.Cpu, layer.W2);
-        using var output = new DeviceBuffer<ushort>(Backend.Cpu, 21 * 128);
-        output.Fill(0xFFFF);
+        using var w1 = new DeviceBuffer<BFloat16>(Backend.Cpu, layer.W1);
+        using var w2 = new DeviceBuffer<BFloat16>(Backend.Cpu, layer.W2);
+        using var output = new DeviceBuffer<BFloat16>(Backend.Cpu, 21 * 128);
+        output.Fill(BFloat16.FromBits(0xFFFF));
         using var workspace = new DeviceBuffer<byte>(Backend.Cpu, MegaMoe.WorkspaceSize(layer.Shape, 21));
         Assert.That(MegaMoe.Run(stream, layer.Shape, x, ids, weights, w1, w2, output, workspace), Is.EqualTo(MoePath.Fused));
-        Assert.That(output.ToArray(), Is.EqualTo(RunHost(layer)));
-        AssertClose(output.ToArray(), Oracle(layer), 128, "device-slice form");
+        Assert.That(Bits(output.ToArray()), Is.EqualTo(RunHost(layer)));
+        AssertClose(Bits(output.ToArray()), Oracle(layer), 128, "device-slice form");
     }
 
     [Test]
@@ -229,8 +235,8 @@ public class MegaMoeTests
     {
         var random = TestSupport.NewRandom();
         var layer = RandomLayer(random, new MoeLayerShape(64, 64, 2, 8, 4, 2), 5);
-        var output = Enumerable.Repeat((ushort)0xABCD, 5 * 64).ToArray();
-        void Untouched() => Assert.That(output, Is.All.EqualTo((ushort)0xABCD));
+        var output = Enumerable.Repeat(BFloat16.FromBits(0xABCD), 5 * 64).ToArray();
+        void Untouched() => Assert.That(Bits(output), Is.All.EqualTo((ushort)0xABCD));
 
         // Sizes the managed layer checks.
         Assert.Throws<ArgumentException>(() => MegaMoe.Run(layer.Shape, layer.X.AsSpan(1), layer.Ids, layer.Weights, layer.W1, layer.W2, output));
@@ -251,19 +257,19 @@ public class MegaMoeTests
         Untouched();
 
         // Device-slice form: a small workspace and a view on the wrong backend.
-        using var x = new DeviceBuffer<ushort>(Backend.Cpu, layer.X);
+        using var x = new DeviceBuffer<BFloat16>(Backend.Cpu, layer.X);
         using var ids = new DeviceBuffer<int>(Backend.Cpu, layer.Ids);
         using var weights = new DeviceBuffer<float>(Backend.Cpu, layer.Weights);
-        using var w1 = new DeviceBuffer<ushort>(Backend.Cpu, layer.W1);
-        using var w2 = new DeviceBuffer<ushort>(Backend.Cpu, layer.W2);
-        using var outBuffer = new DeviceBuffer<ushort>(Backend.Cpu, output);
+        using var w1 = new DeviceBuffer<BFloat16>(Backend.Cpu, layer.W1);
+        using var w2 = new DeviceBuffer<BFloat16>(Backend.Cpu, layer.W2);
+        using var outBuffer = new DeviceBuffer<BFloat16>(Backend.Cpu, output);
         using var workspace = new DeviceBuffer<byte>(Backend.Cpu, MegaMoe.WorkspaceSize(layer.Shape, 5));
         e = Assert.Throws<ArgumentException>(() => MegaMoe.Run(ComputeStream.Cpu, layer.Shape, x, ids, weights, w1, w2, outBuffer,
             workspace.Slice(0, workspace.Length - 1)));
         Assert.That(e!.Message, Does.Contain("workspace"));
         Assert.Throws<ArgumentNullException>(() => MegaMoe.RunUnfused(ComputeStream.Cpu, layer.Shape, x, default, weights, w1, w2, outBuffer, workspace));
         Assert.Throws<ArgumentOutOfRangeException>(() => MegaMoe.RunFused(ComputeStream.Cpu, layer.Shape, x, ids, weights, w1, w2, outBuffer, workspace, -1));
-        Assert.That(outBuffer.ToArray(), Is.All.EqualTo((ushort)0xABCD));
+        Assert.That(Bits(outBuffer.ToArray()), Is.All.EqualTo((ushort)0xABCD));
         if (EplbRuntime.IsAvailable(Backend.Cuda))
         {
             using var cudaStream = new ComputeStream(Backend.Cuda);
@@ -276,13 +282,13 @@ public class MegaMoeTests
     private static ushort[] RunOnCuda(Layer l, MoePath path, int gridBlocks = 0, MoeFallback fallback = MoeFallback.Throw)
     {
         using var stream = new ComputeStream(Backend.Cuda);
-        using var x = new DeviceBuffer<ushort>(Backend.Cuda, l.X);
+        using var x = new DeviceBuffer<BFloat16>(Backend.Cuda, l.X);
         using var ids = new DeviceBuffer<int>(Backend.Cuda, l.Ids);
         using var weights = new DeviceBuffer<float>(Backend.Cuda, l.Weights);
-        using var w1 = new DeviceBuffer<ushort>(Backend.Cuda, l.W1);
-        using var w2 = new DeviceBuffer<ushort>(Backend.Cuda, l.W2);
-        using var output = new DeviceBuffer<ushort>(Backend.Cuda, (long)l.Tokens * l.Shape.Hidden);
-        output.Fill(0xFFFF);  // bf16 NaN: an unwritten element shows
+        using var w1 = new DeviceBuffer<BFloat16>(Backend.Cuda, l.W1);
+        using var w2 = new DeviceBuffer<BFloat16>(Backend.Cuda, l.W2);
+        using var output = new DeviceBuffer<BFloat16>(Backend.Cuda, (long)l.Tokens * l.Shape.Hidden);
+        output.Fill(BFloat16.FromBits(0xFFFF));  // bf16 NaN: an unwritten element shows
         using var workspace = new DeviceBuffer<byte>(Backend.Cuda, MegaMoe.WorkspaceSize(l.Shape, l.Tokens));
         if (path == MoePath.Unfused)
             MegaMoe.RunUnfused(stream, l.Shape, x, ids, weights, w1, w2, output, workspace);
@@ -290,7 +296,7 @@ public class MegaMoeTests
             Assert.That(MegaMoe.Run(stream, l.Shape, x, ids, weights, w1, w2, output, workspace, fallback, gridBlocks),
                 Is.EqualTo(fallback == MoeFallback.Throw ? MoePath.Fused : MoePath.Unfused));
         stream.CheckDeviceErrors();
-        return output.ToArray(stream);
+        return Bits(output.ToArray(stream));
     }
 
     [Test, Category("GPU")]

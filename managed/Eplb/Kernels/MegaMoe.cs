@@ -67,7 +67,7 @@ public enum MoePath
     Unfused = 1,
 }
 
-/// <summary>What <see cref="MegaMoe.Run(ComputeStream, MoeLayerShape, DeviceSlice{ushort}, DeviceSlice{int}, DeviceSlice{float}, DeviceSlice{ushort}, DeviceSlice{ushort}, DeviceSlice{ushort}, DeviceSlice{byte}, MoeFallback, int)"/> does when the fused kernel cannot launch.</summary>
+/// <summary>What <see cref="MegaMoe.Run(ComputeStream, MoeLayerShape, DeviceSlice{BFloat16}, DeviceSlice{int}, DeviceSlice{float}, DeviceSlice{BFloat16}, DeviceSlice{BFloat16}, DeviceSlice{BFloat16}, DeviceSlice{byte}, MoeFallback, int)"/> does when the fused kernel cannot launch.</summary>
 public enum MoeFallback
 {
     /// <summary>Run the unfused path instead (the default).</summary>
@@ -81,7 +81,7 @@ public enum MoeFallback
 /// <c>Y[t] = Σ_k w[t,k] · W2[e] · (silu(clampG(W1g[e] · x_t)) ⊙ clampU(W1u[e] · x_t))</c>, e = ids[t,k],
 /// over the experts local to this rank (others contribute 0, the expert-parallel partial sum), in
 /// one cooperative CUDA kernel: token counting and permutation, GEMM1 with the SwiGLU epilogue,
-/// GEMM2 and the top-k combine. bf16 tensors are passed as their raw bits (<see cref="ushort"/>);
+/// GEMM2 and the top-k combine. bf16 tensors are <see cref="BFloat16"/> (raw bits on the C ABI);
 /// accumulation is fp32, the intermediate and each expert's output row are rounded to bf16, and the
 /// combine adds the K rows in ascending k; the output is bitwise equal run to run.
 /// </summary>
@@ -90,7 +90,7 @@ public enum MoeFallback
 /// A cooperative kernel needs every one of its blocks resident at once. It never hangs: when the
 /// device has no cooperative launch or the grid cannot co-reside, the fused call throws
 /// <see cref="EplbException"/> with <see cref="EplbStatus.CooperativeLaunchUnavailable"/> before
-/// writing anything, and <see cref="Run(ComputeStream, MoeLayerShape, DeviceSlice{ushort}, DeviceSlice{int}, DeviceSlice{float}, DeviceSlice{ushort}, DeviceSlice{ushort}, DeviceSlice{ushort}, DeviceSlice{byte}, MoeFallback, int)"/>
+/// writing anything, and <see cref="Run(ComputeStream, MoeLayerShape, DeviceSlice{BFloat16}, DeviceSlice{int}, DeviceSlice{float}, DeviceSlice{BFloat16}, DeviceSlice{BFloat16}, DeviceSlice{BFloat16}, DeviceSlice{byte}, MoeFallback, int)"/>
 /// runs the unfused path instead. Should other kernels still hold SMs while it runs, its grid
 /// barriers give up after a few seconds and <see cref="ComputeStream.CheckDeviceErrors"/> reports
 /// the grid-barrier timeout (the output is then undefined).
@@ -152,8 +152,8 @@ public static unsafe class MegaMoe
     /// <param name="fallback">What to do when the fused kernel cannot launch.</param>
     /// <param name="gridBlocks">0 for the largest co-resident grid, or a forced grid size (tuning, tests).</param>
     /// <exception cref="ArgumentException">A size, backend or pointer is wrong; nothing is written.</exception>
-    public static MoePath Run(ComputeStream stream, MoeLayerShape shape, DeviceSlice<ushort> x, DeviceSlice<int> topkIds,
-        DeviceSlice<float> topkWeights, DeviceSlice<ushort> w1, DeviceSlice<ushort> w2, DeviceSlice<ushort> output,
+    public static MoePath Run(ComputeStream stream, MoeLayerShape shape, DeviceSlice<BFloat16> x, DeviceSlice<int> topkIds,
+        DeviceSlice<float> topkWeights, DeviceSlice<BFloat16> w1, DeviceSlice<BFloat16> w2, DeviceSlice<BFloat16> output,
         DeviceSlice<byte> workspace, MoeFallback fallback = MoeFallback.Unfused, int gridBlocks = 0)
     {
         try
@@ -170,11 +170,11 @@ public static unsafe class MegaMoe
 
     /// <summary>
     /// Computes the layer with the cooperative fused kernel (the reference implementation on a CPU
-    /// stream). See <see cref="Run(ComputeStream, MoeLayerShape, DeviceSlice{ushort}, DeviceSlice{int}, DeviceSlice{float}, DeviceSlice{ushort}, DeviceSlice{ushort}, DeviceSlice{ushort}, DeviceSlice{byte}, MoeFallback, int)"/> for the arguments.
+    /// stream). See <see cref="Run(ComputeStream, MoeLayerShape, DeviceSlice{BFloat16}, DeviceSlice{int}, DeviceSlice{float}, DeviceSlice{BFloat16}, DeviceSlice{BFloat16}, DeviceSlice{BFloat16}, DeviceSlice{byte}, MoeFallback, int)"/> for the arguments.
     /// </summary>
     /// <exception cref="EplbException"><see cref="EplbStatus.CooperativeLaunchUnavailable"/>: no cooperative launch, or <paramref name="gridBlocks"/> cannot co-reside; nothing was written.</exception>
-    public static void RunFused(ComputeStream stream, MoeLayerShape shape, DeviceSlice<ushort> x, DeviceSlice<int> topkIds,
-        DeviceSlice<float> topkWeights, DeviceSlice<ushort> w1, DeviceSlice<ushort> w2, DeviceSlice<ushort> output,
+    public static void RunFused(ComputeStream stream, MoeLayerShape shape, DeviceSlice<BFloat16> x, DeviceSlice<int> topkIds,
+        DeviceSlice<float> topkWeights, DeviceSlice<BFloat16> w1, DeviceSlice<BFloat16> w2, DeviceSlice<BFloat16> output,
         DeviceSlice<byte> workspace, int gridBlocks = 0)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(gridBlocks);
@@ -186,8 +186,8 @@ public static unsafe class MegaMoe
     /// GEMM2, combine): the baseline, and the path for devices or moments where the cooperative
     /// launch is not possible. Same arguments and result as the fused call.
     /// </summary>
-    public static void RunUnfused(ComputeStream stream, MoeLayerShape shape, DeviceSlice<ushort> x, DeviceSlice<int> topkIds,
-        DeviceSlice<float> topkWeights, DeviceSlice<ushort> w1, DeviceSlice<ushort> w2, DeviceSlice<ushort> output,
+    public static void RunUnfused(ComputeStream stream, MoeLayerShape shape, DeviceSlice<BFloat16> x, DeviceSlice<int> topkIds,
+        DeviceSlice<float> topkWeights, DeviceSlice<BFloat16> w1, DeviceSlice<BFloat16> w2, DeviceSlice<BFloat16> output,
         DeviceSlice<byte> workspace) =>
         Invoke(stream, shape, x, topkIds, topkWeights, w1, w2, output, workspace, 0, fused: false);
 
@@ -197,8 +197,8 @@ public static unsafe class MegaMoe
     /// copies the output back). Returns the path that ran.
     /// </summary>
     /// <exception cref="ArgumentException">A size is wrong; nothing is written.</exception>
-    public static MoePath Run(MoeLayerShape shape, ReadOnlySpan<ushort> x, ReadOnlySpan<int> topkIds, ReadOnlySpan<float> topkWeights,
-        ReadOnlySpan<ushort> w1, ReadOnlySpan<ushort> w2, Span<ushort> output, Backend backend = Backend.Cpu,
+    public static MoePath Run(MoeLayerShape shape, ReadOnlySpan<BFloat16> x, ReadOnlySpan<int> topkIds, ReadOnlySpan<float> topkWeights,
+        ReadOnlySpan<BFloat16> w1, ReadOnlySpan<BFloat16> w2, Span<BFloat16> output, Backend backend = Backend.Cpu,
         MoePath path = MoePath.Fused, MoeFallback fallback = MoeFallback.Unfused)
     {
         var tokens = CheckLengths(shape, x.Length, topkIds.Length, topkWeights.Length, w1.Length, w2.Length, output.Length);
@@ -208,18 +208,18 @@ public static unsafe class MegaMoe
         var native = shape.ToNative();
         using var streamLease = ComputeStream.Cpu.Lease(out var stream);
         using var workspaceLease = workspace.AsSlice().Lease(out var workspacePointer);
-        fixed (ushort* xPointer = x, w1Pointer = w1, w2Pointer = w2, outputPointer = output)
+        fixed (BFloat16* xPointer = x, w1Pointer = w1, w2Pointer = w2, outputPointer = output)
         fixed (int* idsPointer = topkIds)
         fixed (float* weightsPointer = topkWeights)
         {
             var tensors = new eplb_moe_tensors_t
             {
-                x = xPointer,
+                x = (ushort*)xPointer,
                 topk_ids = idsPointer,
                 topk_weights = weightsPointer,
-                w1 = w1Pointer,
-                w2 = w2Pointer,
-                output = outputPointer,
+                w1 = (ushort*)w1Pointer,
+                w2 = (ushort*)w2Pointer,
+                output = (ushort*)outputPointer,
                 workspace = workspacePointer,
                 workspace_bytes = (ulong)workspace.Length,
             };
@@ -231,17 +231,17 @@ public static unsafe class MegaMoe
         return path;
     }
 
-    private static MoePath RunOnDevice(MoeLayerShape shape, long tokens, ReadOnlySpan<ushort> x, ReadOnlySpan<int> topkIds,
-        ReadOnlySpan<float> topkWeights, ReadOnlySpan<ushort> w1, ReadOnlySpan<ushort> w2, Span<ushort> output, MoePath path,
+    private static MoePath RunOnDevice(MoeLayerShape shape, long tokens, ReadOnlySpan<BFloat16> x, ReadOnlySpan<int> topkIds,
+        ReadOnlySpan<float> topkWeights, ReadOnlySpan<BFloat16> w1, ReadOnlySpan<BFloat16> w2, Span<BFloat16> output, MoePath path,
         MoeFallback fallback)
     {
         using var stream = new ComputeStream(Backend.Cuda);
-        using var xBuffer = new DeviceBuffer<ushort>(Backend.Cuda, x);
+        using var xBuffer = new DeviceBuffer<BFloat16>(Backend.Cuda, x);
         using var ids = new DeviceBuffer<int>(Backend.Cuda, topkIds);
         using var weights = new DeviceBuffer<float>(Backend.Cuda, topkWeights);
-        using var w1Buffer = new DeviceBuffer<ushort>(Backend.Cuda, w1);
-        using var w2Buffer = new DeviceBuffer<ushort>(Backend.Cuda, w2);
-        using var outBuffer = new DeviceBuffer<ushort>(Backend.Cuda, output.Length);
+        using var w1Buffer = new DeviceBuffer<BFloat16>(Backend.Cuda, w1);
+        using var w2Buffer = new DeviceBuffer<BFloat16>(Backend.Cuda, w2);
+        using var outBuffer = new DeviceBuffer<BFloat16>(Backend.Cuda, output.Length);
         using var workspace = new DeviceBuffer<byte>(Backend.Cuda, WorkspaceSize(shape, tokens));
         var ran = MoePath.Unfused;
         if (path == MoePath.Unfused)
@@ -253,8 +253,8 @@ public static unsafe class MegaMoe
         return ran;
     }
 
-    private static void Invoke(ComputeStream stream, MoeLayerShape shape, DeviceSlice<ushort> x, DeviceSlice<int> topkIds,
-        DeviceSlice<float> topkWeights, DeviceSlice<ushort> w1, DeviceSlice<ushort> w2, DeviceSlice<ushort> output,
+    private static void Invoke(ComputeStream stream, MoeLayerShape shape, DeviceSlice<BFloat16> x, DeviceSlice<int> topkIds,
+        DeviceSlice<float> topkWeights, DeviceSlice<BFloat16> w1, DeviceSlice<BFloat16> w2, DeviceSlice<BFloat16> output,
         DeviceSlice<byte> workspace, int gridBlocks, bool fused)
     {
         ArgumentNullException.ThrowIfNull(stream);
@@ -288,12 +288,12 @@ public static unsafe class MegaMoe
         using var workspaceLease = workspace.Lease(out var workspacePointer);
         var tensors = new eplb_moe_tensors_t
         {
-            x = xPointer,
+            x = (ushort*)xPointer,
             topk_ids = idsPointer,
             topk_weights = weightsPointer,
-            w1 = w1Pointer,
-            w2 = w2Pointer,
-            output = outputPointer,
+            w1 = (ushort*)w1Pointer,
+            w2 = (ushort*)w2Pointer,
+            output = (ushort*)outputPointer,
             workspace = workspacePointer,
             workspace_bytes = (ulong)workspace.Length,
         };

@@ -101,7 +101,7 @@ MoeProblem checked_problem(const eplb_stream_t& stream, const eplb_moe_shape_t* 
         char* base = static_cast<char*>(t.workspace);
         p.control = reinterpret_cast<uint32_t*>(base + layout.control);
         p.expert_offsets = reinterpret_cast<int32_t*>(base + layout.expert_offsets);
-        p.tile_offsets = reinterpret_cast<int32_t*>(base + layout.tile_offsets);
+        p.expert_counts = reinterpret_cast<int32_t*>(base + layout.expert_counts);
         p.ready = reinterpret_cast<int32_t*>(base + layout.ready);
         p.positions = reinterpret_cast<int32_t*>(base + layout.positions);
         p.sorted = reinterpret_cast<int32_t*>(base + layout.sorted);
@@ -234,7 +234,7 @@ EPLB_API eplb_status_t eplb_moe_unfused(eplb_stream_t* stream, const eplb_moe_sh
         fail(EPLB_STATUS_UNSUPPORTED, "the tile height ", block_m, " needs ", occupancy.shared_bytes,
              " bytes of shared memory per block; CUDA device ", s.device, " grants ", occupancy.max_shared_bytes,
              " (use block_m = 0 or ", kMoeSmallBlockM, ")");
-    EPLB_CUDA_CHECK(cuda::moe_unfused(problem, block_m, s.sm_count, cuda_stream_of(s)));
+    EPLB_CUDA_CHECK(cuda::moe_unfused(problem, block_m, s.sm_count, s.device_error_flags, cuda_stream_of(s)));
 #endif
     return EPLB_STATUS_OK;
     EPLB_API_END

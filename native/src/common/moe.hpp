@@ -1,42 +1,16 @@
 // Mega MoE pieces shared by the CPU reference and the CUDA kernels (SPEC 7): the problem on raw
-// pointers, the workspace layout, and the element math (bf16 rounding, the clamped SwiGLU) as
-// EPLB_HD functions so both backends round at the same points with the same code.
+// pointers, the workspace layout, and the element math (the clamped SwiGLU, the combine step; bf16
+// rounding is common/bf16.hpp) as EPLB_HD functions so both backends round alike.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
+#include "common/bf16.hpp"
 #include "common/hostdevice.hpp"
 
 namespace eplb {
-
-// bf16 bits -> float (exact). (Named apart from common/bf16.hpp of the dispatch ops, which it
-// matches bit for bit, until the two meet on one branch.)
-EPLB_HD float bf16_bits_to_float(uint16_t bits) {
-#if defined(__CUDA_ARCH__)
-    return __uint_as_float(uint32_t(bits) << 16);
-#else
-    const uint32_t wide = uint32_t(bits) << 16;
-    float value;
-    std::memcpy(&value, &wide, sizeof(value));
-    return value;
-#endif
-}
-
-// float -> bf16 bits, round to nearest even (the bits of CUDA's __float2bfloat16_rn and torch's
-// .to(torch.bfloat16) for every non-NaN value); NaN becomes the quiet NaN 0x7FC0 with its sign.
-EPLB_HD uint16_t float_to_bf16_bits(float value) {
-#if defined(__CUDA_ARCH__)
-    uint32_t bits = __float_as_uint(value);
-#else
-    uint32_t bits;
-    std::memcpy(&bits, &value, sizeof(bits));
-#endif
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t(((bits >> 16) & 0x8000u) | 0x7fc0u);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return uint16_t(bits >> 16);
-}
 
 // One step of the combine, acc + w * y with the product and the sum each rounded (no fused
 // multiply-add): the rule of eplb_dispatch_combine, so the fused kernel, the unfused path and the
@@ -80,8 +54,8 @@ struct MoeWorkspaceLayout {
     uint64_t control = 0;
     // [E_local + 1] int32: first permuted row of each local expert; [E_local] = local pairs.
     uint64_t expert_offsets = 0;
-    // [E_local + 1] int32: first m-tile of each local expert; [E_local] = m-tiles.
-    uint64_t tile_offsets = 0;
+    // [E_local] int32: pairs of each local expert (the unfused path's align writes it).
+    uint64_t expert_counts = 0;
     // [max m-tiles] int32: GEMM1 n-tiles finished per m-tile (the GEMM1 -> GEMM2 handoff).
     uint64_t ready = 0;
     // [T][K] int32: permuted row of each (token, k), -1 when not local.
@@ -91,7 +65,7 @@ struct MoeWorkspaceLayout {
     // [T * K][I] bf16: SwiGLU output (GEMM2's A), in permuted row order.
     uint64_t intermediate = 0;
     // [T * K][H] bf16: each expert's output row, permuted order. The unfused path first keeps the
-    // permuted x rows here (GEMM1's A), which GEMM2 then overwrites.
+    // permuted x rows here (GEMM1's A, eplb_dispatch_permute's output), which GEMM2 then overwrites.
     uint64_t expert_out = 0;
     uint64_t total = 0;
     // The ready array holds this many entries.
@@ -111,7 +85,7 @@ struct MoeWorkspaceLayout {
         layout.max_m_tiles = (pairs + kMoeSmallBlockM - 1) / kMoeSmallBlockM + num_local_experts;
         layout.control = take(kAlignment);
         layout.expert_offsets = take(uint64_t(num_local_experts + 1) * 4);
-        layout.tile_offsets = take(uint64_t(num_local_experts + 1) * 4);
+        layout.expert_counts = take(uint64_t(num_local_experts) * 4);
         layout.ready = take(uint64_t(layout.max_m_tiles) * 4);
         layout.positions = take(uint64_t(pairs) * 4);
         layout.sorted = take(uint64_t(pairs) * 4);
@@ -140,7 +114,7 @@ struct MoeProblem {
     // Workspace pieces (see MoeWorkspaceLayout).
     uint32_t* control = nullptr;
     int32_t* expert_offsets = nullptr;
-    int32_t* tile_offsets = nullptr;
+    int32_t* expert_counts = nullptr;
     int32_t* ready = nullptr;
     int32_t* positions = nullptr;
     int32_t* sorted = nullptr;

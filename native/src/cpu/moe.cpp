@@ -1,5 +1,7 @@
 #include "cpu/moe.hpp"
 
+#include "cpu/dispatch.hpp"
+
 #include <algorithm>
 #include <vector>
 
@@ -20,7 +22,7 @@ float dot(const float* a, const float* b, int64_t n) {
 }
 
 void widen(const uint16_t* bits, int64_t n, float* out) {
-    for (int64_t i = 0; i < n; ++i) out[i] = bf16_bits_to_float(bits[i]);
+    for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(bits[i]);
 }
 
 }  // namespace
@@ -48,14 +50,6 @@ void moe_route(const MoeProblem& p) {
     }
 }
 
-void moe_permute(const MoeProblem& p) {
-    const int32_t rows = p.expert_offsets[p.num_local_experts];
-    for (int32_t row = 0; row < rows; ++row) {
-        const int64_t token = p.sorted[row] / p.top_k;
-        std::copy_n(p.x + token * p.hidden, p.hidden, p.expert_out + int64_t(row) * p.hidden);
-    }
-}
-
 void moe_gemm1_swiglu(const MoeProblem& p, bool gathered) {
     const int64_t hidden = p.hidden;
     const int64_t inter = p.intermediate;
@@ -77,7 +71,7 @@ void moe_gemm1_swiglu(const MoeProblem& p, bool gathered) {
             for (int32_t r = 0; r < rows; ++r) {
                 const float* row = a.data() + size_t(r) * size_t(hidden);
                 const float value = swiglu(dot(row, gate.data(), hidden), dot(row, up.data(), hidden), p.swiglu_limit);
-                p.intermediate_rows[int64_t(first + r) * inter + j] = float_to_bf16_bits(value);
+                p.intermediate_rows[int64_t(first + r) * inter + j] = float_to_bf16(value);
             }
         }
     }
@@ -98,7 +92,7 @@ void moe_gemm2(const MoeProblem& p) {
             widen(w2 + n * inter, inter, weights.data());
             for (int32_t r = 0; r < rows; ++r)
                 p.expert_out[int64_t(first + r) * hidden + n] =
-                    float_to_bf16_bits(dot(a.data() + size_t(r) * size_t(inter), weights.data(), inter));
+                    float_to_bf16(dot(a.data() + size_t(r) * size_t(inter), weights.data(), inter));
         }
     }
 }
@@ -113,9 +107,9 @@ void moe_combine(const MoeProblem& p) {
             if (row < 0) continue;
             const float w = p.topk_weights[t * p.top_k + k];
             const uint16_t* y = p.expert_out + int64_t(row) * hidden;
-            for (int64_t n = 0; n < hidden; ++n) sum[size_t(n)] = combine_step(sum[size_t(n)], w, bf16_bits_to_float(y[n]));
+            for (int64_t n = 0; n < hidden; ++n) sum[size_t(n)] = combine_step(sum[size_t(n)], w, bf16_to_float(y[n]));
         }
-        for (int64_t n = 0; n < hidden; ++n) p.output[t * hidden + n] = float_to_bf16_bits(sum[size_t(n)]);
+        for (int64_t n = 0; n < hidden; ++n) p.output[t * hidden + n] = float_to_bf16(sum[size_t(n)]);
     }
 }
 
@@ -127,11 +121,16 @@ void mega_moe(const MoeProblem& p) {
 }
 
 void moe_unfused(const MoeProblem& p) {
-    moe_route(p);
-    moe_permute(p);
+    // The dispatch ops around the grouped GEMMs. Block size 1: no padding rows, so the layout is
+    // exactly moe_route's (stable, ascending pair inside an expert).
+    const int64_t pairs = p.num_tokens * p.top_k;
+    align(p.topk_ids, p.num_tokens, p.top_k, p.first_local_expert, p.num_local_experts, 1, pairs, p.expert_counts,
+          p.expert_offsets, p.sorted, nullptr, p.positions);
+    permute(p.x, p.hidden, sizeof(uint16_t), p.top_k, p.sorted, p.expert_offsets[p.num_local_experts], p.expert_out);
     moe_gemm1_swiglu(p, /*gathered=*/false);
     moe_gemm2(p);
-    moe_combine(p);
+    combine(EPLB_DTYPE_BF16, p.expert_out, p.hidden, p.positions, p.topk_weights, p.num_tokens, p.top_k,
+            EPLB_DTYPE_BF16, p.output);
 }
 
 }  // namespace eplb::cpu

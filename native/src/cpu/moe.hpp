@@ -10,9 +10,6 @@ namespace eplb::cpu {
 // ascending (token, k) order, and fills expert_offsets, positions and sorted.
 void moe_route(const MoeProblem& p);
 
-// Permute: copies the x row of every permuted pair into expert_out (the unfused path's GEMM1 input).
-void moe_permute(const MoeProblem& p);
-
 // GEMM1 + SwiGLU: intermediate[row] = bf16(swiglu(W1g . a, W1u . a)) for every permuted row, with a
 // the token's x row (gathered = true) or the row expert_out holds (gathered = false).
 void moe_gemm1_swiglu(const MoeProblem& p, bool gathered);
@@ -27,7 +24,8 @@ void moe_combine(const MoeProblem& p);
 // The reference: route, GEMM1 on gathered rows, GEMM2, combine.
 void mega_moe(const MoeProblem& p);
 
-// The unfused composition: route, permute, GEMM1 on the permuted copy, GEMM2, combine.
+// The unfused composition: the dispatch ops (align with block size 1, permute into expert_out),
+// GEMM1 on the permuted copy, GEMM2, the dispatch combine. Same bits as mega_moe.
 void moe_unfused(const MoeProblem& p);
 
 }  // namespace eplb::cpu

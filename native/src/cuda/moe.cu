@@ -17,7 +17,7 @@
 // recipe of CUTLASS's sm80 GEMMs), so one source compiles for sm_80 and sm_90 with CUDA 11.8.
 // A wgmma/TMA path for sm_90a is left for when it can be measured against this one.
 //
-// The same device functions, split into five launches, are the unfused path.
+// The unfused path is the dispatch ops (align, permute, combine) around the same GEMM tiles.
 #include "cuda/moe.cuh"
 
 #include <cuda_runtime.h>
@@ -28,6 +28,7 @@
 #include <tuple>
 
 #include "common/moe_tile.hpp"
+#include "cuda/dispatch.cuh"
 #include "cuda/launch.cuh"
 #include "eplb/eplb.h"
 
@@ -39,7 +40,6 @@ using namespace moe_tile;
 
 constexpr int kMaxExperts = EPLB_MOE_MAX_LOCAL_EXPERTS;
 constexpr int kExpertsPerThread = kMaxExperts / kThreads;
-constexpr int kRouteChunk = 4096;  // pairs placed by one block of the unfused route kernel
 
 // Long enough for any legitimate wait (a phase of a huge prefill), short enough to call a hang a hang.
 constexpr unsigned long long kBarrierTimeoutNs = 10ull * 1000 * 1000 * 1000;
@@ -107,7 +107,7 @@ __device__ __forceinline__ uint32_t load_acquire(const uint32_t* address) {
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float low, float high) {
-    return uint32_t(float_to_bf16_bits(low)) | (uint32_t(float_to_bf16_bits(high)) << 16);
+    return uint32_t(float_to_bf16(low)) | (uint32_t(float_to_bf16(high)) << 16);
 }
 
 // --- Cross-block waits (thread 0 of a block) ----------------------------------------------------
@@ -255,20 +255,19 @@ __device__ void route_block(const MoeProblem& p, int64_t begin, int64_t end, int
     }
 }
 
-// Copies the scans to the workspace (block 0) so the unfused kernels and the host can read them.
-__device__ void publish_offsets(const MoeProblem& p, const int32_t* s_expert, const int32_t* s_tiles) {
-    for (int e = threadIdx.x; e <= p.num_local_experts; e += kThreads) {
-        p.expert_offsets[e] = s_expert[e];
-        p.tile_offsets[e] = s_tiles[e];
-    }
+// Copies the row offsets to the workspace (block 0), for the host and the tests to read.
+__device__ void publish_offsets(const MoeProblem& p, const int32_t* s_expert) {
+    for (int e = threadIdx.x; e <= p.num_local_experts; e += kThreads) p.expert_offsets[e] = s_expert[e];
 }
 
-__device__ void load_offsets(const MoeProblem& p, int32_t* s_expert, int32_t* s_tiles) {
-    for (int e = threadIdx.x; e <= p.num_local_experts; e += kThreads) {
-        s_expert[e] = __ldcg(p.expert_offsets + e);
-        s_tiles[e] = __ldcg(p.tile_offsets + e);
-    }
+// The unfused GEMM kernels: the row offsets eplb_dispatch_align wrote, and the m-tile scan from them.
+template <int kBlockM>
+__device__ void load_offsets(const MoeProblem& p, int32_t* s_expert, int32_t* s_tiles, int32_t* s_count) {
+    __shared__ int32_t s_warp[2 * kWarps];
+    for (int e = threadIdx.x; e < p.num_local_experts; e += kThreads)
+        s_count[e] = __ldcg(p.expert_offsets + e + 1) - __ldcg(p.expert_offsets + e);
     __syncthreads();
+    scan_experts<kBlockM>(s_count, p.num_local_experts, s_expert, s_tiles, s_warp);
 }
 
 // --- Grouped GEMM tile --------------------------------------------------------------------------
@@ -495,8 +494,8 @@ __device__ void combine_phase(const MoeProblem& p, int64_t first, int64_t stride
             const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                sum[2 * j] = combine_step(sum[2 * j], w, bf16_bits_to_float(uint16_t(words[j] & 0xffffu)));
-                sum[2 * j + 1] = combine_step(sum[2 * j + 1], w, bf16_bits_to_float(uint16_t(words[j] >> 16)));
+                sum[2 * j] = combine_step(sum[2 * j], w, bf16_to_float(uint16_t(words[j] & 0xffffu)));
+                sum[2 * j + 1] = combine_step(sum[2 * j + 1], w, bf16_to_float(uint16_t(words[j] >> 16)));
             }
         }
         uint4 out;
@@ -537,7 +536,7 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks) mega_moe_kernel(Ker
     route_block<Cfg::kBlockM>(p, begin, min(pairs, begin + chunk), s_expert, s_tiles, reinterpret_cast<int32_t*>(smem));
     const int m_tiles = s_tiles[p.num_local_experts];
     for (int i = blockIdx.x * kThreads + threadIdx.x; i < m_tiles; i += gridDim.x * kThreads) p.ready[i] = 0;
-    if (blockIdx.x == 0) publish_offsets(p, s_expert, s_tiles);
+    if (blockIdx.x == 0) publish_offsets(p, s_expert);
     if (!grid_barrier(1, args, &s_flag)) return;
 
     gemm1_phase<Cfg, kGemm1Gathered>(p, pipe, s_expert, s_tiles, /*signal=*/true);
@@ -547,43 +546,15 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks) mega_moe_kernel(Ker
     combine_phase(p, int64_t(blockIdx.x) * kThreads + threadIdx.x, int64_t(gridDim.x) * kThreads);
 }
 
-template <class Cfg>
-__global__ void __launch_bounds__(kThreads) moe_route_kernel(MoeProblem p) {
-    extern __shared__ __align__(128) unsigned char smem[];
-    int32_t* scratch = reinterpret_cast<int32_t*>(smem);
-    int32_t* s_expert = scratch + 2 * kMaxExperts;
-    int32_t* s_tiles = s_expert + p.num_local_experts + 1;
-    const int64_t pairs = p.num_tokens * p.top_k;
-    const int64_t begin = min(pairs, int64_t(blockIdx.x) * kRouteChunk);
-    route_block<Cfg::kBlockM>(p, begin, min(pairs, begin + kRouteChunk), s_expert, s_tiles, scratch);
-    if (blockIdx.x == 0) publish_offsets(p, s_expert, s_tiles);
-}
-
-// One block per permuted row: copies the token's x row into expert_out (16 bytes per thread).
-__global__ void __launch_bounds__(kThreads) moe_permute_kernel(MoeProblem p) {
-    const int32_t rows = __ldcg(p.expert_offsets + p.num_local_experts);
-    const int vectors = p.hidden / 8;
-    for (int32_t row = blockIdx.x; row < rows; row += gridDim.x) {
-        const int64_t token = __ldcg(p.sorted + row) / p.top_k;
-        const uint4* source = reinterpret_cast<const uint4*>(p.x + token * p.hidden);
-        uint4* target = reinterpret_cast<uint4*>(p.expert_out + int64_t(row) * p.hidden);
-        for (int v = threadIdx.x; v < vectors; v += kThreads) target[v] = __ldg(source + v);
-    }
-}
-
 template <class Cfg, int kKind>
 __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks) moe_gemm_kernel(MoeProblem p) {
     extern __shared__ __align__(128) unsigned char smem[];
     uint16_t* pipe = reinterpret_cast<uint16_t*>(smem);
     int32_t* s_expert = persistent_offsets<Cfg>(smem);
     int32_t* s_tiles = s_expert + p.num_local_experts + 1;
-    load_offsets(p, s_expert, s_tiles);
+    load_offsets<Cfg::kBlockM>(p, s_expert, s_tiles, reinterpret_cast<int32_t*>(smem));
     if (kKind == kGemm2) gemm2_phase<Cfg>(p, pipe, s_expert, s_tiles, nullptr, nullptr);
     else gemm1_phase<Cfg, kKind>(p, pipe, s_expert, s_tiles, /*signal=*/false);
-}
-
-__global__ void __launch_bounds__(kThreads) moe_combine_kernel(MoeProblem p) {
-    combine_phase(p, int64_t(blockIdx.x) * kThreads + threadIdx.x, int64_t(gridDim.x) * kThreads);
 }
 
 // --- Host side ----------------------------------------------------------------------------------
@@ -663,22 +634,22 @@ cudaError_t launch_gemm(const MoeProblem& problem, int sm_count, cudaStream_t st
     return cudaGetLastError();
 }
 
+// The unfused path: the dispatch ops around the grouped GEMMs. Block size 1 gives the fused
+// kernel's layout exactly (no padding rows, ascending pair inside an expert), so both paths run the
+// same tiles in the same order and agree bit for bit.
 template <class Cfg>
-cudaError_t launch_unfused(const MoeProblem& problem, int sm_count, cudaStream_t stream) {
-    const int64_t pairs = problem.num_tokens * problem.top_k;
-    const int route_blocks = int(std::max<int64_t>(1, (pairs + kRouteChunk - 1) / kRouteChunk));
-    const size_t route_shared = size_t(2 * kMaxExperts + 2 * (problem.num_local_experts + 1)) * sizeof(int32_t);
-    moe_route_kernel<Cfg><<<route_blocks, kThreads, route_shared, stream>>>(problem);
-    EPLB_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-    const int64_t most_rows = std::min<int64_t>(pairs, int64_t(std::max(1, sm_count)) * 64);
-    moe_permute_kernel<<<int(std::max<int64_t>(1, most_rows)), kThreads, 0, stream>>>(problem);
-    EPLB_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-    EPLB_CUDA_RETURN_IF_ERROR((launch_gemm<Cfg, kGemm1Contiguous>(problem, sm_count, stream)));
-    EPLB_CUDA_RETURN_IF_ERROR((launch_gemm<Cfg, kGemm2>(problem, sm_count, stream)));
-    const int64_t vectors = problem.num_tokens * (problem.hidden / 8);
-    const int combine_blocks = int(std::min<int64_t>((vectors + kThreads - 1) / kThreads, int64_t(std::max(1, sm_count)) * 8));
-    moe_combine_kernel<<<std::max(1, combine_blocks), kThreads, 0, stream>>>(problem);
-    return cudaGetLastError();
+cudaError_t launch_unfused(const MoeProblem& p, int sm_count, uint32_t* error_flags, cudaStream_t stream) {
+    const int64_t pairs = p.num_tokens * p.top_k;
+    EPLB_CUDA_RETURN_IF_ERROR(align(p.topk_ids, p.num_tokens, p.top_k, p.first_local_expert, p.num_local_experts, 1,
+                                    pairs, p.expert_counts, p.expert_offsets, p.sorted, nullptr, p.positions,
+                                    error_flags, stream));
+    EPLB_CUDA_RETURN_IF_ERROR(permute(EPLB_DTYPE_BF16, p.x, p.num_tokens, p.hidden, p.top_k, p.sorted,
+                                      p.expert_offsets + p.num_local_experts, pairs, p.expert_out, error_flags,
+                                      sm_count, stream));
+    EPLB_CUDA_RETURN_IF_ERROR((launch_gemm<Cfg, kGemm1Contiguous>(p, sm_count, stream)));
+    EPLB_CUDA_RETURN_IF_ERROR((launch_gemm<Cfg, kGemm2>(p, sm_count, stream)));
+    return combine(EPLB_DTYPE_BF16, p.expert_out, pairs, p.hidden, p.positions, p.topk_weights, p.num_tokens, p.top_k,
+                   EPLB_DTYPE_BF16, p.output, error_flags, sm_count, stream);
 }
 
 }  // namespace
@@ -693,9 +664,10 @@ cudaError_t mega_moe(const MoeProblem& problem, int block_m, int grid_blocks, ui
                                       : launch_fused<LargeTile>(problem, grid_blocks, error_flags, stream);
 }
 
-cudaError_t moe_unfused(const MoeProblem& problem, int block_m, int sm_count, cudaStream_t stream) {
-    return block_m == kMoeSmallBlockM ? launch_unfused<SmallTile>(problem, sm_count, stream)
-                                      : launch_unfused<LargeTile>(problem, sm_count, stream);
+cudaError_t moe_unfused(const MoeProblem& problem, int block_m, int sm_count, uint32_t* error_flags,
+                        cudaStream_t stream) {
+    return block_m == kMoeSmallBlockM ? launch_unfused<SmallTile>(problem, sm_count, error_flags, stream)
+                                      : launch_unfused<LargeTile>(problem, sm_count, error_flags, stream);
 }
 
 }  // namespace eplb::cuda

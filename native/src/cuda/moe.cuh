@@ -31,7 +31,10 @@ cudaError_t mega_moe_occupancy(int block_m, int32_t num_local_experts, MegaMoeOc
 // *error_flags (a device word) and exit.
 cudaError_t mega_moe(const MoeProblem& problem, int block_m, int grid_blocks, uint32_t* error_flags, cudaStream_t stream);
 
-// Queues the unfused path: route, permute, grouped GEMM1 + SwiGLU, grouped GEMM2, combine.
-cudaError_t moe_unfused(const MoeProblem& problem, int block_m, int sm_count, cudaStream_t stream);
+// Queues the unfused path: eplb_dispatch_align (block size 1) and permute, grouped GEMM1 + SwiGLU,
+// grouped GEMM2, eplb_dispatch_combine. Bad ids found by the dispatch kernels set
+// EPLB_DEVICE_ERROR_BAD_DISPATCH_INDEX in *error_flags.
+cudaError_t moe_unfused(const MoeProblem& problem, int block_m, int sm_count, uint32_t* error_flags,
+                        cudaStream_t stream);
 
 }  // namespace eplb::cuda
