@@ -141,9 +141,11 @@ internal static unsafe partial class NativeMethods
     internal static partial eplb_status_t eplb_mega_moe(eplb_stream_t* stream, eplb_moe_shape_t* shape, long num_tokens, eplb_moe_tensors_t* tensors, int grid_blocks);
 
     /// <summary>
-    /// Runs the same computation as separate kernels (route and permute, grouped GEMM1 + SwiGLU,
-    /// grouped GEMM2, combine), queued on stream: the in-project baseline and the fallback for
-    /// EPLB_STATUS_COOPERATIVE_LAUNCH_UNAVAILABLE. Same arguments and result as eplb_mega_moe.
+    /// Runs the same computation as separate kernels, queued on stream: eplb_dispatch_align (block size
+    /// 1) and eplb_dispatch_permute, grouped GEMM1 + SwiGLU, grouped GEMM2 (the fused kernel's tiles),
+    /// eplb_dispatch_combine. The in-project baseline and the fallback for
+    /// EPLB_STATUS_COOPERATIVE_LAUNCH_UNAVAILABLE. Same arguments as eplb_mega_moe and the same result,
+    /// bit for bit.
     /// </summary>
     /// <remarks><c>eplb_status_t eplb_moe_unfused(eplb_stream_t * stream, const eplb_moe_shape_t * shape, int64_t num_tokens, const eplb_moe_tensors_t * tensors)</c></remarks>
     [LibraryImport(LibraryName, EntryPoint = "eplb_moe_unfused")]

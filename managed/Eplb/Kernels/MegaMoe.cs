@@ -63,7 +63,7 @@ public enum MoePath
 {
     /// <summary>The cooperative fused kernel (one launch).</summary>
     Fused = 0,
-    /// <summary>Separate kernels: route and permute, grouped GEMM1 + SwiGLU, grouped GEMM2, combine.</summary>
+    /// <summary>Separate kernels: dispatch align and permute, grouped GEMM1 + SwiGLU, grouped GEMM2, dispatch combine.</summary>
     Unfused = 1,
 }
 
@@ -182,9 +182,10 @@ public static unsafe class MegaMoe
     }
 
     /// <summary>
-    /// Computes the layer with separate kernels (route and permute, grouped GEMM1 + SwiGLU, grouped
-    /// GEMM2, combine): the baseline, and the path for devices or moments where the cooperative
-    /// launch is not possible. Same arguments and result as the fused call.
+    /// Computes the layer with separate kernels (the <see cref="ExpertDispatch"/> align and permute,
+    /// grouped GEMM1 + SwiGLU, grouped GEMM2, the dispatch combine): the baseline, and the path for
+    /// devices or moments where the cooperative launch is not possible. Same arguments as the fused
+    /// call, and the same result bit for bit.
     /// </summary>
     public static void RunUnfused(ComputeStream stream, MoeLayerShape shape, DeviceSlice<BFloat16> x, DeviceSlice<int> topkIds,
         DeviceSlice<float> topkWeights, DeviceSlice<BFloat16> w1, DeviceSlice<BFloat16> w2, DeviceSlice<BFloat16> output,

@@ -1,8 +1,9 @@
 /*
  * eplb_moe.h - the expert computation of one MoE layer (SPEC 7): "Mega MoE", a cooperative fused
  * kernel doing token counting and permutation, GEMM1 + SwiGLU, GEMM2 and the top-k combine in one
- * launch, plus the unfused path built from the same pieces (separate kernels, the baseline and the
- * fallback when a cooperative launch is not possible). Included by eplb.h; see the conventions there.
+ * launch, plus the unfused path (the dispatch ops of eplb_dispatch.h around the same GEMM tiles: the
+ * baseline, and the fallback when a cooperative launch is not possible). Included by eplb.h; see the
+ * conventions there.
  *
  * For every token t:
  *   Y[t] = sum over k of w[t,k] * W2[e] . (silu(clampG(W1g[e] . x_t)) * clampU(W1u[e] . x_t)),
@@ -96,9 +97,11 @@ EPLB_API eplb_status_t eplb_mega_moe_max_grid(eplb_stream_t *stream, const eplb_
 EPLB_API eplb_status_t eplb_mega_moe(eplb_stream_t *stream, const eplb_moe_shape_t *shape, int64_t num_tokens,
                                      const eplb_moe_tensors_t *tensors, int32_t grid_blocks);
 
-/* Runs the same computation as separate kernels (route and permute, grouped GEMM1 + SwiGLU,
- * grouped GEMM2, combine), queued on stream: the in-project baseline and the fallback for
- * EPLB_STATUS_COOPERATIVE_LAUNCH_UNAVAILABLE. Same arguments and result as eplb_mega_moe. */
+/* Runs the same computation as separate kernels, queued on stream: eplb_dispatch_align (block size
+ * 1) and eplb_dispatch_permute, grouped GEMM1 + SwiGLU, grouped GEMM2 (the fused kernel's tiles),
+ * eplb_dispatch_combine. The in-project baseline and the fallback for
+ * EPLB_STATUS_COOPERATIVE_LAUNCH_UNAVAILABLE. Same arguments as eplb_mega_moe and the same result,
+ * bit for bit. */
 EPLB_API eplb_status_t eplb_moe_unfused(eplb_stream_t *stream, const eplb_moe_shape_t *shape, int64_t num_tokens,
                                         const eplb_moe_tensors_t *tensors);
 
