@@ -10,6 +10,7 @@ limit 10) and DeepSeek-V3-shaped (7168, 2048, 256, top-8) layers, all experts on
 1/8 that rank 0 of 8 holds, T in {1, 16, 128, 512, 4096}; ids are distinct uniform top-k picks.
 
     python3 native/bench/peers/moe_peer.py --lib build/gpu/lib/libeplb.so [--tokens 1,128] [--models V3]
+    python3 native/bench/peers/moe_peer.py --lib build/native/lib/libeplb.so --check-cpu   # no GPU needed
 """
 import argparse
 import ctypes
@@ -52,6 +53,7 @@ class Eplb:
         lib.eplb_status_string.argtypes = [c.c_int]
         lib.eplb_status_string.restype = c.c_char_p
         signatures = {
+            "eplb_stream_create": [c.c_int, c.POINTER(p)],
             "eplb_stream_wrap_cuda": [p, c.POINTER(p)],
             "eplb_stream_destroy": [p],
             "eplb_stream_check_device_errors": [p, c.POINTER(c.c_uint32)],
@@ -70,6 +72,11 @@ class Eplb:
         if status != 0:
             message = self.lib.eplb_last_error_message().decode()
             raise RuntimeError(f"{what}: {self.lib.eplb_status_string(status).decode()}: {message}")
+
+    def cpu_stream(self):
+        stream = ctypes.c_void_p()
+        self.check(self.lib.eplb_stream_create(0, ctypes.byref(stream)), "eplb_stream_create")
+        return stream
 
     def wrap_cuda(self, cuda_stream):
         stream = ctypes.c_void_p()
@@ -165,17 +172,56 @@ def torch_moe(torch, x, ids, weights, w13, w2, first, local, limit, grouped):
     return unsorted.view(tokens, top_k, -1).sum(1).to(torch.bfloat16)
 
 
+def check_on_cpu(torch, eplb):
+    """Small layers on the CPU: the PyTorch pipeline (per-expert matmuls) against libeplb's CPU
+    reference through ctypes, fused and unfused, so the peer's math is checked without a GPU."""
+    torch.manual_seed(3)
+    stream = eplb.cpu_stream()
+    worst = 0.0
+    # hidden, intermediate, top_k, experts, local, first, limit, tokens
+    for hidden, inter, top_k, experts, local, first, limit, tokens in [
+            (128, 64, 4, 16, 16, 0, 0.0, 9), (192, 128, 6, 32, 8, 8, 0.5, 17), (64, 64, 8, 12, 5, 7, 10.0, 1),
+            (256, 192, 2, 40, 13, 20, 0.05, 33)]:
+        shape = Shape(hidden, inter, top_k, experts, local, first, limit, 0)
+        x = (torch.rand(tokens, hidden) * 2 - 1).to(torch.bfloat16)
+        ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)]).to(torch.int32).contiguous()
+        ids[0, 0] = -1
+        weights = (torch.rand(tokens, top_k) * 0.95 + 0.05).contiguous()
+        w13 = ((torch.rand(local, 2 * inter, hidden) * 2 - 1) * 1.7 / hidden ** 0.5).to(torch.bfloat16)
+        w2 = ((torch.rand(local, hidden, inter) * 2 - 1) * 1.7 / inter ** 0.5).to(torch.bfloat16)
+        workspace = torch.empty(eplb.workspace_size(shape, tokens), dtype=torch.uint8)
+        reference = torch_moe(torch, x, ids, weights, w13, w2, first, local, limit, grouped=False).float()
+        for name in ("eplb_mega_moe", "eplb_moe_unfused"):
+            out = torch.full((tokens, hidden), float("nan"), dtype=torch.bfloat16)
+            tensors = Tensors(x.data_ptr(), ids.data_ptr(), weights.data_ptr(), w13.data_ptr(), w2.data_ptr(),
+                              out.data_ptr(), workspace.data_ptr(), workspace.numel())
+            arguments = [stream, ctypes.byref(shape), tokens, ctypes.byref(tensors)] + ([0] if name == "eplb_mega_moe" else [])
+            eplb.check(getattr(eplb.lib, name)(*arguments), name)
+            diff = ((out.float() - reference).abs().max() / reference.abs().max()).item()
+            worst = max(worst, diff)
+            print(f"{name} H={hidden} I={inter} K={top_k} local=[{first}+{local}) limit={limit} T={tokens}: "
+                  f"max diff {diff:.2e}")
+            if not diff <= 2e-2:
+                raise RuntimeError(f"{name} and the PyTorch pipeline disagree: {diff}")
+    eplb.check(eplb.lib.eplb_stream_destroy(stream), "eplb_stream_destroy")
+    print(f"ok: libeplb's CPU path and the PyTorch pipeline agree (worst {worst:.2e} of the output's max)")
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lib", required=True, help="path to libeplb.so")
     parser.add_argument("--tokens", default="1,16,128,512,4096")
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--check-cpu", action="store_true", help="check the PyTorch pipeline against libeplb on the CPU")
     args = parser.parse_args()
     try:
         import torch
     except ImportError:
         print("skipped: PyTorch is not installed")
         return 0
+    if args.check_cpu:
+        return check_on_cpu(torch, Eplb(args.lib))
     if not torch.cuda.is_available():
         print("skipped: no CUDA device")
         return 0
