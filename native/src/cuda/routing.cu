@@ -48,6 +48,7 @@ struct Shape {
     int32_t group_size;
     int32_t topk_groups;
     int32_t lanes_per_group;  // > 0: every lane lies in one group of this many lanes (a power of two)
+    bool candidate_filter;    // ungrouped sigmoid/sqrtsoftplus with E >= 4: try select_by_candidates first
     bool vector_loads;
     bool renormalize;
     bool scale;
@@ -196,11 +197,19 @@ __device__ __forceinline__ void keep_best_groups(uint32_t (&key)[kMaxPerLane], i
     }
 }
 
-// Routes one real row: score -> (groups) -> top-k -> weights -> epilogue. Lanes < K write slot k = lane.
+// The top-k of one row, as every lane sees it: lane r < K holds the r-th selected expert and its
+// value (s, or the softmax numerator); sum is the K values added in selection order.
+struct Selection {
+    int32_t expert = -1;
+    float value = 0.0f;
+    float sum = 0.0f;
+};
+
+// Exact selection: every expert's exact key, optional group limit, then K rounds of
+// (warp-wide largest key, lowest lane); the winner lane rescans its experts.
 template <int kScore, int kMaxPerLane>
-__device__ __forceinline__ void route_row(const float (&x)[kMaxPerLane], const float (&lane_bias)[kMaxPerLane],
-                                          int64_t row, int lane, int first, const Shape& shape, const Epilogue& ep,
-                                          int32_t* shared_counters, bool record, bool& bad_table) {
+__device__ __forceinline__ Selection select_exact(const float (&x)[kMaxPerLane], const float (&lane_bias)[kMaxPerLane],
+                                                  int lane, int first, const Shape& shape) {
     constexpr bool kSoftmax = kScore == EPLB_ROUTING_SCORE_SOFTMAX;
     // Score: the selection key and the value the weight comes from (s, or the clamped logit).
     uint32_t key[kMaxPerLane];
@@ -219,7 +228,6 @@ __device__ __forceinline__ void route_row(const float (&x)[kMaxPerLane], const f
     }
     if (!kSoftmax && shape.num_groups > 1) keep_best_groups(key, lane, first, shape);
 
-    // Select: K rounds of (warp-wide largest key, lowest lane), the winner lane rescans its experts.
     uint32_t best = kNoKey;
     int best_index = 0;
     float best_value = 0.0f;
@@ -235,9 +243,7 @@ __device__ __forceinline__ void route_row(const float (&x)[kMaxPerLane], const f
         }
     };
     rescan();
-    int32_t my_expert = -1;
-    float my_value = 0.0f;
-    float sum = 0.0f;  // the K values in selection order, as the CPU adds them
+    Selection selection;
     float top = 0.0f;  // softmax: the row's largest clamped logit
     for (int r = 0; r < shape.top_k; ++r) {
         const uint32_t round_key = warp_max(best);
@@ -248,10 +254,10 @@ __device__ __forceinline__ void route_row(const float (&x)[kMaxPerLane], const f
             if (r == 0) top = key_value(round_key);
             v = softmax_numerator(v, top);
         }
-        sum = fadd(sum, v);
+        selection.sum = fadd(selection.sum, v);
         if (lane == r) {
-            my_expert = winner * shape.per_lane + index;
-            my_value = v;
+            selection.expert = winner * shape.per_lane + index;
+            selection.value = v;
         }
         if (lane == winner) {
 #pragma unroll
@@ -267,14 +273,150 @@ __device__ __forceinline__ void route_row(const float (&x)[kMaxPerLane], const f
         for (int i = 0; i < kMaxPerLane; ++i)
             if (i < shape.per_lane && first + i < shape.num_experts) partial = fadd(partial, softmax_numerator(value[i], top));
         for (int offset = 16; offset > 0; offset /= 2) partial = fadd(partial, __shfl_xor_sync(kFullMask, partial, offset));
-        sum = partial;
+        selection.sum = partial;
     }
+    return selection;
+}
+
+// The candidate filter's error budget: the fast intrinsics below are within ~1.2e-5 relative of the
+// exact score (CUDA Math API: __expf 2 + 1.16|x| ulp, __logf 2^-21.41 absolute on [0.5, 2],
+// __fdividef and rsqrtf 2 ulp), so 2^-13 relative leaves a factor of ten; the absolute part covers
+// scores the exact path flushes to 0 (< 1.1e-19) and the square root of tiny softplus values.
+constexpr float kApproxRelativeError = 1.220703125e-4f;  // 2^-13
+constexpr float kApproxAbsoluteError = 9.5367431640625e-7f;  // 2^-20
+
+// A fast approximation of score<kScore>(x) for finite x: ~10 instructions and 2-3 MUFU operations
+// instead of ~50 exact ones. Only ever compared against thresholds with the margin above; never
+// written out.
+template <int kScore>
+__device__ __forceinline__ float approx_score(float x) {
+    const float e = __expf(-fabsf(x));
+    if (kScore == EPLB_ROUTING_SCORE_SIGMOID) return __fdividef(x >= 0.0f ? 1.0f : e, 1.0f + e);
+    // log1p(e) by its series while e is small, where log(1 + e) would lose e's relative accuracy.
+    const float log1p_e = e < 0.03125f ? e * (1.0f - e * (0.5f - e * 0.333333343f)) : __logf(1.0f + e);
+    const float softplus = fmaxf(x, 0.0f) + log1p_e;
+    return softplus > 1e-30f ? softplus * rsqrtf(softplus) : 0.0f;
+}
+
+// One candidate of the filter: the expert and what its exact key needs.
+struct Candidate {
+    int32_t expert;
+    float logit;
+    float bias;
+};
+
+// Candidate selection for ungrouped sigmoid/sqrtsoftplus rows, exact by construction. With every
+// approximate key within delta of the exact one: the K lanes with the largest approximate lane
+// bests each hold an expert whose exact key is >= tau - delta (tau: the K-th largest lane best), so
+// the K-th largest exact key is too, and every expert of the exact top-k has an approximate key >=
+// tau - 2 delta. Experts above tau - 3 delta (the extra delta absorbs the rounding of the bound) are
+// compacted in id order into the warp's scratch, one per lane, and only they get exact keys. The
+// top-k of that superset by exact key and lower id is the exact top-k. Returns false, uniformly
+// across the warp, when the filter cannot decide (ties, huge or non-finite values, more than 32
+// candidates); the caller then takes the exact path.
+template <int kScore, int kMaxPerLane>
+__device__ __forceinline__ bool select_by_candidates(const float (&x)[kMaxPerLane], const float (&lane_bias)[kMaxPerLane],
+                                                     float bias_magnitude, int lane, int first, const Shape& shape,
+                                                     Candidate* scratch, Selection& selection) {
+    // Approximate keys; NaN logits are -inf in both worlds, so their error is 0.
+    float approx[kMaxPerLane];
+    float largest_score = 0.0f;
+    float lane_best = -INFINITY;
+    bool has_expert = false;
+#pragma unroll
+    for (int i = 0; i < kMaxPerLane; ++i) {
+        approx[i] = -INFINITY;
+        if (i < shape.per_lane && first + i < shape.num_experts) {
+            has_expert = true;
+            if (!is_nan(x[i])) {
+                const float s = approx_score<kScore>(clamp_logit(x[i]));
+                largest_score = fmaxf(largest_score, s);
+                approx[i] = nan_to_neg_inf(s + lane_bias[i]);
+                lane_best = fmaxf(lane_best, approx[i]);
+            }
+        }
+    }
+    // delta bounds |approximate key - exact key| over the row (non-negative floats order as their bits).
+    const float score_bound = __uint_as_float(warp_max(__float_as_uint(largest_score)));
+    const float delta = (score_bound + bias_magnitude) * kApproxRelativeError + kApproxAbsoluteError;
+    uint32_t lane_key = has_expert ? order_key(lane_best) : kNoKey;
+    uint32_t tau = kNoKey;
+    for (int r = 0; r < shape.top_k; ++r) {
+        tau = warp_max(lane_key);
+        const int winner = __ffs(__ballot_sync(kFullMask, lane_key == tau)) - 1;
+        if (lane == winner) lane_key = kNoKey;
+    }
+    if (tau == kNoKey) return false;  // fewer than K lanes hold experts
+    const float threshold = key_value(tau) - 3.0f * delta;
+    if (!(threshold > -INFINITY)) return false;  // -inf or NaN: everything would be a candidate
+
+    // Compact the candidates in id order: lane-major, then by expert within the lane.
+    uint32_t mask = 0;
+#pragma unroll
+    for (int i = 0; i < kMaxPerLane; ++i)
+        if (approx[i] >= threshold) mask |= 1u << i;
+    const int count = __popc(mask);
+    int inclusive = count;
+    for (int offset = 1; offset < 32; offset *= 2) {
+        const int below = __shfl_up_sync(kFullMask, inclusive, offset);
+        if (lane >= offset) inclusive += below;
+    }
+    const int total = __shfl_sync(kFullMask, inclusive, 31);
+    if (total > 32 || total < shape.top_k) return false;
+    int slot = inclusive - count;
+#pragma unroll
+    for (int i = 0; i < kMaxPerLane; ++i)
+        if ((mask >> i) & 1u) scratch[slot++] = Candidate{first + i, x[i], lane_bias[i]};
+    __syncwarp();
+
+    // Exact keys of the candidates, one per lane, then K rounds of (largest key, lowest lane).
+    uint32_t key = kNoKey;
+    float value = 0.0f;
+    int32_t expert = 0;
+    if (lane < total) {
+        const Candidate candidate = scratch[lane];
+        expert = candidate.expert;
+        value = score<kScore>(candidate.logit);
+        key = biased_key(candidate.logit, value, candidate.bias);
+    }
+    __syncwarp();  // the scratch is free for the next row
+    for (int r = 0; r < shape.top_k; ++r) {
+        const uint32_t round_key = warp_max(key);
+        const int winner = __ffs(__ballot_sync(kFullMask, key == round_key)) - 1;
+        const int32_t chosen = __shfl_sync(kFullMask, expert, winner);
+        const float v = __shfl_sync(kFullMask, value, winner);
+        selection.sum = fadd(selection.sum, v);
+        if (lane == r) {
+            selection.expert = chosen;
+            selection.value = v;
+        }
+        if (lane == winner) key = kNoKey;
+    }
+    return true;
+}
+
+// Routes one real row: select (candidate filter, else exact) -> weights -> map -> record.
+// Lanes < K write slot k = lane.
+template <int kScore, int kMaxPerLane>
+__device__ __forceinline__ void route_row(const float (&x)[kMaxPerLane], const float (&lane_bias)[kMaxPerLane],
+                                          float bias_magnitude, int64_t row, int lane, int first, const Shape& shape,
+                                          const Epilogue& ep, Candidate* scratch, int32_t* shared_counters, bool record,
+                                          bool& bad_table) {
+    constexpr bool kSoftmax = kScore == EPLB_ROUTING_SCORE_SOFTMAX;
+    Selection selection;
+    bool selected = false;
+    if constexpr (!kSoftmax) {
+        if (shape.candidate_filter)
+            selected = select_by_candidates<kScore>(x, lane_bias, bias_magnitude, lane, first, shape, scratch, selection);
+    }
+    if (!selected) selection = select_exact<kScore>(x, lane_bias, lane, first, shape);
 
     // Epilogue: weight, map, record.
     if (lane < shape.top_k) {
-        const float weight = finish_weight(my_value, sum, kSoftmax || shape.renormalize, shape.scale,
+        const float weight = finish_weight(selection.value, selection.sum, kSoftmax || shape.renormalize, shape.scale,
                                            shape.routed_scaling_factor);
-        const int32_t physical = ep.has_map ? map_one(ep.map, my_expert, row, lane, shape.top_k, &bad_table) : my_expert;
+        const int32_t physical =
+            ep.has_map ? map_one(ep.map, selection.expert, row, lane, shape.top_k, &bad_table) : selection.expert;
         const int64_t out = row * shape.top_k + lane;
         ep.topk_ids[out] = physical;
         ep.topk_weights[out] = weight;
@@ -302,6 +444,18 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < kMaxPerLane; ++i)
         lane_bias[i] = (kPrefetch && bias != nullptr && i < shape.per_lane && first + i < n) ? __ldg(bias + first + i) : 0.0f;
 
+    // The candidate filter's scratch, and its bound on |bias| (row-independent). Only finite biases
+    // count: a NaN or infinite one gives the same key (-inf or +-inf) in both worlds.
+    __shared__ Candidate scratch[kWarps][32];
+    float bias_magnitude = 0.0f;
+    if (shape.candidate_filter && bias != nullptr) {
+        for (int e = lane; e < n; e += 32) {
+            const float magnitude = fabsf(__ldg(bias + e));
+            if (magnitude < INFINITY) bias_magnitude = fmaxf(bias_magnitude, magnitude);
+        }
+        bias_magnitude = __uint_as_float(warp_max(__float_as_uint(bias_magnitude)));
+    }
+
     bool bad_table = false;
     float x[kMaxPerLane];
     int64_t row = warp;
@@ -318,7 +472,8 @@ __global__ void __launch_bounds__(kThreads)
                 lane_bias[i] = (bias != nullptr && i < shape.per_lane && first + i < n) ? __ldg(bias + first + i) : 0.0f;
         }
         if (row < unpadded) {
-            route_row<kScore>(x, lane_bias, row, lane, first, shape, ep, shared_counters, record, bad_table);
+            route_row<kScore>(x, lane_bias, bias_magnitude, row, lane, first, shape, ep, scratch[threadIdx.x / 32],
+                              shared_counters, record, bad_table);
         } else if (lane < shape.top_k) {
             // Padding rows: -1, weight 0, not counted, logits not read.
             ep.topk_ids[row * shape.top_k + lane] = -1;
@@ -422,6 +577,7 @@ Shape make_shape(const eplb_router_config_t& config, const float* logits) {
     shape.lanes_per_group = (config.num_groups > 1 && shape.group_size % shape.per_lane == 0 && (lanes & (lanes - 1)) == 0)
                                 ? lanes
                                 : 0;
+    shape.candidate_filter = config.score != EPLB_ROUTING_SCORE_SOFTMAX && config.num_groups == 1 && shape.per_lane >= 4;
     shape.vector_loads = shape.per_lane % 4 == 0 && config.num_experts % 4 == 0 &&
                          reinterpret_cast<uintptr_t>(logits) % 16 == 0;
     shape.renormalize = config.renormalize != 0;
