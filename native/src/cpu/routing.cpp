@@ -41,6 +41,47 @@ void write_padding(int64_t row, int32_t top_k, int32_t* topk_ids, float* topk_we
     std::fill_n(topk_weights + row * top_k, top_k, 0.0f);
 }
 
+// std::fma is the correctly rounded fused operation everywhere, but without an FMA target it is a
+// libm call per use (about 20 an expert). An FMA clone of the scoring loop, picked at load time,
+// inlines the instruction; the result is the same IEEE operation, so the bits do not change.
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#define EPLB_FMA_CLONES __attribute__((target_clones("fma", "default")))
+#else
+#define EPLB_FMA_CLONES
+#endif
+
+// Selection keys and values (s, or the clamped logit for softmax) of one row.
+EPLB_FMA_CLONES void score_row(const float* x, const float* bias, int32_t n, int32_t score_function, uint32_t* keys,
+                               float* values) {
+    for (int32_t e = 0; e < n; ++e) {
+        if (score_function == EPLB_ROUTING_SCORE_SOFTMAX) {
+            keys[e] = logit_key(x[e]);
+            values[e] = is_nan(x[e]) ? -INFINITY : clamp_logit(x[e]);
+        } else {
+            const float s = score_function == EPLB_ROUTING_SCORE_SIGMOID ? score<EPLB_ROUTING_SCORE_SIGMOID>(x[e])
+                                                                         : score<EPLB_ROUTING_SCORE_SQRT_SOFTPLUS>(x[e]);
+            keys[e] = biased_key(x[e], s, bias ? bias[e] : 0.0f);
+            values[e] = s;
+        }
+    }
+}
+
+// The top_k experts with the largest keys (kNoKey excluded), largest first, the lower id first among
+// equal keys: one pass, inserting only what beats the current k-th.
+void select_top_k(const uint32_t* keys, int32_t n, int32_t top_k, int32_t* selected) {
+    int32_t count = 0;
+    for (int32_t e = 0; e < n; ++e) {
+        const uint32_t key = keys[e];
+        if (key == kNoKey || (count == top_k && key <= keys[selected[top_k - 1]])) continue;  // a later equal key loses
+        int32_t position = count < top_k ? count++ : top_k - 1;
+        while (position > 0 && keys[selected[position - 1]] < key) {
+            selected[position] = selected[position - 1];
+            --position;
+        }
+        selected[position] = e;
+    }
+}
+
 // The softmax denominator in the CUDA kernel's order: lane l adds experts [l * E, (l + 1) * E) in
 // ascending order, then the 32 partial sums combine in an xor butterfly (16, 8, 4, 2, 1), where
 // a + b == b + a makes every lane's result the same.
@@ -89,18 +130,7 @@ void route_topk(const float* logits, const float* bias, int64_t num_tokens, cons
             continue;
         }
         // Score.
-        const float* x = logits + row * n;
-        for (int32_t e = 0; e < n; ++e) {
-            if (softmax) {
-                keys[e] = logit_key(x[e]);
-                values[e] = is_nan(x[e]) ? -INFINITY : clamp_logit(x[e]);
-            } else {
-                const float s = config.score == EPLB_ROUTING_SCORE_SIGMOID ? score<EPLB_ROUTING_SCORE_SIGMOID>(x[e])
-                                                                          : score<EPLB_ROUTING_SCORE_SQRT_SOFTPLUS>(x[e]);
-                keys[e] = biased_key(x[e], s, bias ? bias[e] : 0.0f);
-                values[e] = s;
-            }
-        }
+        score_row(logits + row * n, bias, n, config.score, keys.data(), values.data());
         // Groups: score = the two largest keys added; keep the best topk_groups (ties: lower group).
         if (groups > 1) {
             for (int32_t g = 0; g < groups; ++g) {
@@ -125,16 +155,9 @@ void route_topk(const float* logits, const float* bias, int64_t num_tokens, cons
             for (int32_t e = 0; e < n; ++e)
                 if (!((kept >> (e / group_size)) & 1u)) keys[e] = kNoKey;
         }
-        // Select: K times the largest key, lower id on ties (strict >), then take it out.
-        uint32_t first_key = kNoKey;
-        for (int32_t k = 0; k < top_k; ++k) {
-            int32_t best = -1;
-            for (int32_t e = 0; e < n; ++e)
-                if (keys[e] != kNoKey && (best < 0 || keys[e] > keys[best])) best = e;
-            if (k == 0) first_key = keys[best];
-            selected[k] = best;
-            keys[best] = kNoKey;
-        }
+        // Select.
+        select_top_k(keys.data(), n, top_k, selected);
+        const uint32_t first_key = keys[selected[0]];
         // Weights.
         float picked[EPLB_ROUTING_MAX_TOP_K];
         float sum = 0.0f;

@@ -5,8 +5,14 @@
 // 12 for N = 384), loaded as float4 when E and N are multiples of 4. Because the ids of a lane
 // are contiguous and ascend with the lane, "largest key, lower id on ties" is one warp-wide max
 // of the lanes' local bests (redux.sync on sm_80+) plus the lowest lane of a ballot: K rounds of
-// that select the top-k with no sort and no shared memory. All float math goes through
-// common/routing_math.hpp, so ids and weights equal the CPU reference bit for bit.
+// that select the top-k with no sort and no shared memory. All float math that reaches an output goes
+// through common/routing_math.hpp, so ids and weights equal the CPU reference bit for bit.
+//
+// Exact scores cost ~50 instructions an expert (own exp/log1p/sqrt), which would make the kernel
+// compute-bound at several times the memory time. So sigmoid/sqrtsoftplus rows first score every
+// expert with fast intrinsics, bound the error, and compute exact keys only for the ~10-14
+// candidates that can still be in the top-k (select_by_candidates); rows it cannot decide take the
+// exact path (select_exact).
 #include "cuda/routing.cuh"
 
 #include <algorithm>
@@ -48,7 +54,7 @@ struct Shape {
     int32_t group_size;
     int32_t topk_groups;
     int32_t lanes_per_group;  // > 0: every lane lies in one group of this many lanes (a power of two)
-    bool candidate_filter;    // ungrouped sigmoid/sqrtsoftplus with E >= 4: try select_by_candidates first
+    bool candidate_filter;    // sigmoid/sqrtsoftplus, E >= 4, no groups or lane-aligned ones: try select_by_candidates first
     bool vector_loads;
     bool renormalize;
     bool scale;
@@ -305,7 +311,61 @@ struct Candidate {
     float bias;
 };
 
-// Candidate selection for ungrouped sigmoid/sqrtsoftplus rows, exact by construction. With every
+// The group limit on approximate keys, for the lane-aligned group layout (lanes_per_group > 0).
+// A group score (its two largest keys added) is then within 2 delta of the exact one, so when the
+// last kept and the first dropped approximate group scores are more than 4 delta apart (5: the
+// extra absorbs the rounding of the bound) the exact scores keep the same groups, ties included.
+// Clears the approximate keys of the dropped groups' lanes and returns true; returns false,
+// uniformly, when the gap is too small to decide.
+template <int kMaxPerLane>
+__device__ __forceinline__ bool keep_best_groups_approx(float (&approx)[kMaxPerLane], bool& has_expert, int lane,
+                                                        float delta, const Shape& shape) {
+    const int lanes_per_group = shape.lanes_per_group;
+    float first_key = -INFINITY, second_key = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kMaxPerLane; ++i) {
+        if (approx[i] > first_key) {
+            second_key = first_key;
+            first_key = approx[i];
+        } else if (approx[i] > second_key) {
+            second_key = approx[i];
+        }
+    }
+    for (int offset = lanes_per_group / 2; offset > 0; offset /= 2) {
+        const float other_first = __shfl_xor_sync(kFullMask, first_key, offset);
+        const float other_second = __shfl_xor_sync(kFullMask, second_key, offset);
+        second_key = fmaxf(fminf(first_key, other_first), fmaxf(second_key, other_second));
+        first_key = fmaxf(first_key, other_first);
+    }
+    const int group = lane / lanes_per_group;
+    uint32_t group_value = (lane % lanes_per_group == 0 && group < shape.num_groups)
+                               ? order_key(nan_to_neg_inf(first_key + second_key))
+                               : kNoKey;
+    uint32_t kept = 0, last_kept = kNoKey, first_dropped = kNoKey;
+    const int rounds = min(shape.topk_groups + 1, shape.num_groups);
+    for (int r = 0; r < rounds; ++r) {
+        const uint32_t top = warp_max(group_value);
+        const int winner = __ffs(__ballot_sync(kFullMask, group_value == top && group_value != kNoKey)) - 1;
+        if (r < shape.topk_groups) {
+            kept |= 1u << (winner / lanes_per_group);
+            last_kept = top;
+        } else {
+            first_dropped = top;
+        }
+        if (lane == winner) group_value = kNoKey;
+    }
+    if (shape.topk_groups < shape.num_groups && !(key_value(last_kept) - key_value(first_dropped) > 5.0f * delta))
+        return false;
+    if (group >= shape.num_groups || !((kept >> group) & 1u)) {
+#pragma unroll
+        for (int i = 0; i < kMaxPerLane; ++i) approx[i] = -INFINITY;
+        has_expert = false;
+    }
+    return true;
+}
+
+// Candidate selection for sigmoid/sqrtsoftplus rows (group-limited ones through
+// keep_best_groups_approx first), exact by construction. With every
 // approximate key within delta of the exact one: the K lanes with the largest approximate lane
 // bests each hold an expert whose exact key is >= tau - delta (tau: the K-th largest lane best), so
 // the K-th largest exact key is too, and every expert of the exact top-k has an approximate key >=
@@ -339,6 +399,7 @@ __device__ __forceinline__ bool select_by_candidates(const float (&x)[kMaxPerLan
     // delta bounds |approximate key - exact key| over the row (non-negative floats order as their bits).
     const float score_bound = __uint_as_float(warp_max(__float_as_uint(largest_score)));
     const float delta = (score_bound + bias_magnitude) * kApproxRelativeError + kApproxAbsoluteError;
+    if (shape.num_groups > 1 && !keep_best_groups_approx(approx, has_expert, lane, delta, shape)) return false;
     uint32_t lane_key = has_expert ? order_key(lane_best) : kNoKey;
     uint32_t tau = kNoKey;
     for (int r = 0; r < shape.top_k; ++r) {
@@ -577,7 +638,8 @@ Shape make_shape(const eplb_router_config_t& config, const float* logits) {
     shape.lanes_per_group = (config.num_groups > 1 && shape.group_size % shape.per_lane == 0 && (lanes & (lanes - 1)) == 0)
                                 ? lanes
                                 : 0;
-    shape.candidate_filter = config.score != EPLB_ROUTING_SCORE_SOFTMAX && config.num_groups == 1 && shape.per_lane >= 4;
+    shape.candidate_filter = config.score != EPLB_ROUTING_SCORE_SOFTMAX && shape.per_lane >= 4 &&
+                             (config.num_groups == 1 || shape.lanes_per_group > 0);
     shape.vector_loads = shape.per_lane % 4 == 0 && config.num_experts % 4 == 0 &&
                          reinterpret_cast<uintptr_t>(logits) % 16 == 0;
     shape.renormalize = config.renormalize != 0;
