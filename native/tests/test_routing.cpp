@@ -1090,6 +1090,10 @@ EPLB_TEST(routing_cuda_graph_replay_sees_tables_updated_in_place) {
     Buffer<float> weights(EPLB_BACKEND_CUDA, size_t(tokens) * k);
     eplb_expert_map_t map{log2phy.data(), logcnt.data(), counters.data(), flag.data(), n, first.max_replicas, 288, 0};
 
+    // Warm up outside the capture (one-time setup of the first launch), as frameworks do.
+    EPLB_EXPECT_OK(eplb_route_topk(stream, &c.config, logits.data(), bias.data(), tokens, &map, unpadded.data(), ids.data(),
+                                   weights.data()));
+    GRAPH_CHECK(cudaStreamSynchronize(cuda));
     cudaGraph_t graph = nullptr;
     cudaGraphExec_t exec = nullptr;
     GRAPH_CHECK(cudaStreamBeginCapture(cuda, cudaStreamCaptureModeThreadLocal));

@@ -6,7 +6,8 @@
  * Every routing kernel ends in the same epilogue, in one pass: logical id -> physical slot through
  * the layer's eplb_expert_map_t (TokenHash replica choice) -> rows >= *num_unpadded set to -1 ->
  * counters[slot] += 1 when the map's record flag is set. No host synchronisation, no allocation:
- * safe under CUDA graph capture, and replays see tables updated in place.
+ * safe under CUDA graph capture (after one call outside it: the first launch of a process does
+ * one-time setup), and replays see tables, *num_unpadded and the record flag updated in place.
  *
  * Numbers (identical on CPU and CUDA, bit for bit, so ids are exact and weights equal):
  *   - sigmoid(x) = 1 / (1 + exp(-x)); sqrtsoftplus(x) = sqrt(max(x,0) + log1p(exp(-|x|))), both
