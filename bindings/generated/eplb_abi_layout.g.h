@@ -91,4 +91,18 @@ EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_tensors_t, output) == 40, "offsetof(eplb_mo
 EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_tensors_t, workspace) == 48, "offsetof(eplb_moe_tensors_t, workspace)");
 EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_tensors_t, workspace_bytes) == 56, "offsetof(eplb_moe_tensors_t, workspace_bytes)");
 
+/* eplb/eplb_routing.h: eplb_router_config_t */
+EPLB_LAYOUT_ASSERT(sizeof(eplb_router_config_t) == 32, "sizeof(eplb_router_config_t)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_router_config_t, num_experts) == 0, "offsetof(eplb_router_config_t, num_experts)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_router_config_t, top_k) == 4, "offsetof(eplb_router_config_t, top_k)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_router_config_t, score) == 8, "offsetof(eplb_router_config_t, score)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_router_config_t, num_groups) == 12, "offsetof(eplb_router_config_t, num_groups)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_router_config_t, topk_groups) == 16, "offsetof(eplb_router_config_t, topk_groups)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_router_config_t, renormalize) == 20, "offsetof(eplb_router_config_t, renormalize)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_router_config_t, scale_in_weights) == 24, "offsetof(eplb_router_config_t, scale_in_weights)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_router_config_t, routed_scaling_factor) == 28, "offsetof(eplb_router_config_t, routed_scaling_factor)");
+EPLB_LAYOUT_ASSERT(EPLB_ROUTING_SCORE_SIGMOID == 0, "EPLB_ROUTING_SCORE_SIGMOID");
+EPLB_LAYOUT_ASSERT(EPLB_ROUTING_SCORE_SQRT_SOFTPLUS == 1, "EPLB_ROUTING_SCORE_SQRT_SOFTPLUS");
+EPLB_LAYOUT_ASSERT(EPLB_ROUTING_SCORE_SOFTMAX == 2, "EPLB_ROUTING_SCORE_SOFTMAX");
+
 #endif /* EPLB_ABI_LAYOUT_G_H */

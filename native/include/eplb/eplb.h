@@ -199,6 +199,7 @@ EPLB_API eplb_status_t eplb_stream_check_device_errors(eplb_stream_t *stream, ui
 
 #include "eplb/eplb_mapping.h"
 #include "eplb/eplb_dispatch.h"
+#include "eplb/eplb_routing.h"
 #include "eplb/eplb_moe.h"
 
 #endif /* EPLB_EPLB_H */
