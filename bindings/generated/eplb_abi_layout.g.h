@@ -69,6 +69,28 @@ EPLB_LAYOUT_ASSERT(offsetof(eplb_expert_map_t, replica_selection) == 44, "offset
 EPLB_LAYOUT_ASSERT(EPLB_REPLICA_SELECTION_TOKEN_HASH == 0, "EPLB_REPLICA_SELECTION_TOKEN_HASH");
 EPLB_LAYOUT_ASSERT(EPLB_REPLICA_SELECTION_ROUND_ROBIN == 1, "EPLB_REPLICA_SELECTION_ROUND_ROBIN");
 
+/* eplb/eplb_moe.h: eplb_moe_shape_t */
+EPLB_LAYOUT_ASSERT(sizeof(eplb_moe_shape_t) == 32, "sizeof(eplb_moe_shape_t)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_shape_t, hidden) == 0, "offsetof(eplb_moe_shape_t, hidden)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_shape_t, intermediate) == 4, "offsetof(eplb_moe_shape_t, intermediate)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_shape_t, top_k) == 8, "offsetof(eplb_moe_shape_t, top_k)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_shape_t, num_experts) == 12, "offsetof(eplb_moe_shape_t, num_experts)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_shape_t, num_local_experts) == 16, "offsetof(eplb_moe_shape_t, num_local_experts)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_shape_t, first_local_expert) == 20, "offsetof(eplb_moe_shape_t, first_local_expert)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_shape_t, swiglu_limit) == 24, "offsetof(eplb_moe_shape_t, swiglu_limit)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_shape_t, block_m) == 28, "offsetof(eplb_moe_shape_t, block_m)");
+
+/* eplb/eplb_moe.h: eplb_moe_tensors_t */
+EPLB_LAYOUT_ASSERT(sizeof(eplb_moe_tensors_t) == 64, "sizeof(eplb_moe_tensors_t)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_tensors_t, x) == 0, "offsetof(eplb_moe_tensors_t, x)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_tensors_t, topk_ids) == 8, "offsetof(eplb_moe_tensors_t, topk_ids)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_tensors_t, topk_weights) == 16, "offsetof(eplb_moe_tensors_t, topk_weights)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_tensors_t, w1) == 24, "offsetof(eplb_moe_tensors_t, w1)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_tensors_t, w2) == 32, "offsetof(eplb_moe_tensors_t, w2)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_tensors_t, output) == 40, "offsetof(eplb_moe_tensors_t, output)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_tensors_t, workspace) == 48, "offsetof(eplb_moe_tensors_t, workspace)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_tensors_t, workspace_bytes) == 56, "offsetof(eplb_moe_tensors_t, workspace_bytes)");
+
 /* eplb/eplb_routing.h: eplb_router_config_t */
 EPLB_LAYOUT_ASSERT(sizeof(eplb_router_config_t) == 32, "sizeof(eplb_router_config_t)");
 EPLB_LAYOUT_ASSERT(offsetof(eplb_router_config_t, num_experts) == 0, "offsetof(eplb_router_config_t, num_experts)");
