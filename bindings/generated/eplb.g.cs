@@ -22,6 +22,11 @@ internal static partial class NativeConstants
     public const int EPLB_DEVICE_ERROR_BAD_TABLE = 1;
     public const int EPLB_DEVICE_ERROR_BAD_TOKEN_ID = 2;
     public const int EPLB_DEVICE_ERROR_BAD_EXPERT_ID = 4;
+    public const int EPLB_DEVICE_ERROR_BAD_DISPATCH_INDEX = 8;
+    /// <summary>
+    /// A cooperative kernel's blocks did not all meet at a grid barrier in time (eplb_mega_moe).
+    /// </summary>
+    public const int EPLB_DEVICE_ERROR_GRID_BARRIER_TIMEOUT = 16;
 }
 
 /// <summary>

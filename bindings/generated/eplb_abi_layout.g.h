@@ -53,6 +53,8 @@ EPLB_LAYOUT_ASSERT(EPLB_STATUS_UNSUPPORTED == 8, "EPLB_STATUS_UNSUPPORTED");
 EPLB_LAYOUT_ASSERT(EPLB_STATUS_INTERNAL == 9, "EPLB_STATUS_INTERNAL");
 EPLB_LAYOUT_ASSERT(EPLB_BACKEND_CPU == 0, "EPLB_BACKEND_CPU");
 EPLB_LAYOUT_ASSERT(EPLB_BACKEND_CUDA == 1, "EPLB_BACKEND_CUDA");
+EPLB_LAYOUT_ASSERT(EPLB_DTYPE_F32 == 0, "EPLB_DTYPE_F32");
+EPLB_LAYOUT_ASSERT(EPLB_DTYPE_BF16 == 1, "EPLB_DTYPE_BF16");
 
 /* eplb/eplb_mapping.h: eplb_expert_map_t */
 EPLB_LAYOUT_ASSERT(sizeof(eplb_expert_map_t) == 48, "sizeof(eplb_expert_map_t)");
@@ -66,5 +68,41 @@ EPLB_LAYOUT_ASSERT(offsetof(eplb_expert_map_t, num_physical) == 40, "offsetof(ep
 EPLB_LAYOUT_ASSERT(offsetof(eplb_expert_map_t, replica_selection) == 44, "offsetof(eplb_expert_map_t, replica_selection)");
 EPLB_LAYOUT_ASSERT(EPLB_REPLICA_SELECTION_TOKEN_HASH == 0, "EPLB_REPLICA_SELECTION_TOKEN_HASH");
 EPLB_LAYOUT_ASSERT(EPLB_REPLICA_SELECTION_ROUND_ROBIN == 1, "EPLB_REPLICA_SELECTION_ROUND_ROBIN");
+
+/* eplb/eplb_moe.h: eplb_moe_shape_t */
+EPLB_LAYOUT_ASSERT(sizeof(eplb_moe_shape_t) == 32, "sizeof(eplb_moe_shape_t)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_shape_t, hidden) == 0, "offsetof(eplb_moe_shape_t, hidden)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_shape_t, intermediate) == 4, "offsetof(eplb_moe_shape_t, intermediate)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_shape_t, top_k) == 8, "offsetof(eplb_moe_shape_t, top_k)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_shape_t, num_experts) == 12, "offsetof(eplb_moe_shape_t, num_experts)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_shape_t, num_local_experts) == 16, "offsetof(eplb_moe_shape_t, num_local_experts)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_shape_t, first_local_expert) == 20, "offsetof(eplb_moe_shape_t, first_local_expert)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_shape_t, swiglu_limit) == 24, "offsetof(eplb_moe_shape_t, swiglu_limit)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_shape_t, block_m) == 28, "offsetof(eplb_moe_shape_t, block_m)");
+
+/* eplb/eplb_moe.h: eplb_moe_tensors_t */
+EPLB_LAYOUT_ASSERT(sizeof(eplb_moe_tensors_t) == 64, "sizeof(eplb_moe_tensors_t)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_tensors_t, x) == 0, "offsetof(eplb_moe_tensors_t, x)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_tensors_t, topk_ids) == 8, "offsetof(eplb_moe_tensors_t, topk_ids)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_tensors_t, topk_weights) == 16, "offsetof(eplb_moe_tensors_t, topk_weights)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_tensors_t, w1) == 24, "offsetof(eplb_moe_tensors_t, w1)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_tensors_t, w2) == 32, "offsetof(eplb_moe_tensors_t, w2)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_tensors_t, output) == 40, "offsetof(eplb_moe_tensors_t, output)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_tensors_t, workspace) == 48, "offsetof(eplb_moe_tensors_t, workspace)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_moe_tensors_t, workspace_bytes) == 56, "offsetof(eplb_moe_tensors_t, workspace_bytes)");
+
+/* eplb/eplb_routing.h: eplb_router_config_t */
+EPLB_LAYOUT_ASSERT(sizeof(eplb_router_config_t) == 32, "sizeof(eplb_router_config_t)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_router_config_t, num_experts) == 0, "offsetof(eplb_router_config_t, num_experts)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_router_config_t, top_k) == 4, "offsetof(eplb_router_config_t, top_k)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_router_config_t, score) == 8, "offsetof(eplb_router_config_t, score)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_router_config_t, num_groups) == 12, "offsetof(eplb_router_config_t, num_groups)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_router_config_t, topk_groups) == 16, "offsetof(eplb_router_config_t, topk_groups)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_router_config_t, renormalize) == 20, "offsetof(eplb_router_config_t, renormalize)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_router_config_t, scale_in_weights) == 24, "offsetof(eplb_router_config_t, scale_in_weights)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_router_config_t, routed_scaling_factor) == 28, "offsetof(eplb_router_config_t, routed_scaling_factor)");
+EPLB_LAYOUT_ASSERT(EPLB_ROUTING_SCORE_SIGMOID == 0, "EPLB_ROUTING_SCORE_SIGMOID");
+EPLB_LAYOUT_ASSERT(EPLB_ROUTING_SCORE_SQRT_SOFTPLUS == 1, "EPLB_ROUTING_SCORE_SQRT_SOFTPLUS");
+EPLB_LAYOUT_ASSERT(EPLB_ROUTING_SCORE_SOFTMAX == 2, "EPLB_ROUTING_SCORE_SOFTMAX");
 
 #endif /* EPLB_ABI_LAYOUT_G_H */

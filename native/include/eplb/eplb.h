@@ -36,6 +36,9 @@ extern "C" {
 #define EPLB_DEVICE_ERROR_BAD_TABLE 1
 #define EPLB_DEVICE_ERROR_BAD_TOKEN_ID 2
 #define EPLB_DEVICE_ERROR_BAD_EXPERT_ID 4
+#define EPLB_DEVICE_ERROR_BAD_DISPATCH_INDEX 8
+/* A cooperative kernel's blocks did not all meet at a grid barrier in time (eplb_mega_moe). */
+#define EPLB_DEVICE_ERROR_GRID_BARRIER_TIMEOUT 16
 
 /* Result of every call. */
 typedef enum eplb_status {
@@ -201,5 +204,8 @@ EPLB_API eplb_status_t eplb_stream_check_device_errors(eplb_stream_t *stream, ui
 
 #include "eplb/eplb_mapping.h"
 #include "eplb/eplb_window.h"
+#include "eplb/eplb_dispatch.h"
+#include "eplb/eplb_routing.h"
+#include "eplb/eplb_moe.h"
 
 #endif /* EPLB_EPLB_H */

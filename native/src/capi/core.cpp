@@ -522,6 +522,10 @@ EPLB_API eplb_status_t eplb_stream_check_device_errors(eplb_stream_t* stream, ui
         if (flags & EPLB_DEVICE_ERROR_BAD_TABLE) names += " bad-table (a logcnt or log2phy entry out of range)";
         if (flags & EPLB_DEVICE_ERROR_BAD_TOKEN_ID) names += " bad-token-id (a token id outside the vocabulary)";
         if (flags & EPLB_DEVICE_ERROR_BAD_EXPERT_ID) names += " bad-expert-id (a table expert id outside [0, N))";
+        if (flags & EPLB_DEVICE_ERROR_BAD_DISPATCH_INDEX)
+            names += " bad-dispatch-index (a slot, pair id, row count or row position outside its range)";
+        if (flags & EPLB_DEVICE_ERROR_GRID_BARRIER_TIMEOUT)
+            names += " grid-barrier-timeout (a cooperative kernel's blocks did not meet; its output is undefined)";
         fail(EPLB_STATUS_DEVICE_INPUT_ERROR, "a kernel reported bad input on the device (flags 0x", std::hex, flags,
              std::dec, "):", names);
     }

@@ -1,0 +1,139 @@
+namespace Eplb.Kernels;
+
+/// <summary>
+/// The expert-contiguous layout of one rank's (token, k) pairs that <see cref="ExpertDispatch.Align(ComputeStream, DeviceSlice{int}, ExpertLayout)"/>
+/// fills (SPEC 6, <c>eplb_dispatch_align</c>): the pairs whose slot lies in
+/// <c>[FirstSlot, FirstSlot + NumLocalExperts)</c>, grouped by local expert in ascending pair order
+/// (pair = token * TopK + k), each expert padded to a multiple of <see cref="BlockSize"/> rows.
+/// Expert e owns rows <c>[ExpertOffsets[e], ExpertOffsets[e + 1])</c>; padding rows and rows past
+/// the total hold <see cref="ExpertDispatch.Padding"/>.
+/// </summary>
+/// <remarks>
+/// Either owns its buffers (<see cref="Allocate"/>; dispose it) or views memory owned elsewhere (the
+/// constructor; disposing does nothing), like <see cref="EplbLayerState"/>.
+/// </remarks>
+public sealed class ExpertLayout : IDisposable
+{
+    private readonly DeviceBuffer<int>[] _owned;
+
+    /// <summary>Views caller-owned memory; every view must be sized for the shape and on one backend.</summary>
+    /// <exception cref="ArgumentException">A view is missing, mis-sized or on another backend.</exception>
+    public ExpertLayout(int numTokens, int topK, int firstSlot, int numLocalExperts, int blockSize,
+        DeviceSlice<int> expertCounts, DeviceSlice<int> expertOffsets, DeviceSlice<int> sortedPairIds,
+        DeviceSlice<int> blockExperts, DeviceSlice<int> pairPositions)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(numTokens);
+        ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
+        ArgumentOutOfRangeException.ThrowIfNegative(firstSlot);
+        ArgumentOutOfRangeException.ThrowIfLessThan(numLocalExperts, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(blockSize, 1);
+        var pairs = (long)numTokens * topK;
+        var capacity = sortedPairIds.IsNull ? 0 : sortedPairIds.Length;
+        var needed = ExpertDispatch.AlignCapacity(pairs, numLocalExperts, blockSize);
+        if (capacity < needed)
+            throw new ArgumentException($"sortedPairIds has {capacity} elements; {pairs} pairs over {numLocalExperts} experts " +
+                                        $"padded to {blockSize} need {needed}", nameof(sortedPairIds));
+        ExpertDispatch.ExpectLength(expertCounts, numLocalExperts, nameof(expertCounts));
+        ExpertDispatch.ExpectLength(expertOffsets, numLocalExperts + 1L, nameof(expertOffsets));
+        ExpertDispatch.ExpectLength(blockExperts, capacity / blockSize, nameof(blockExperts));
+        ExpertDispatch.ExpectLength(pairPositions, pairs, nameof(pairPositions));
+        Backend = expertCounts.Backend;
+        ExpertDispatch.SameBackend(Backend, expertOffsets, nameof(expertOffsets));
+        ExpertDispatch.SameBackend(Backend, sortedPairIds, nameof(sortedPairIds));
+        ExpertDispatch.SameBackend(Backend, blockExperts, nameof(blockExperts));
+        ExpertDispatch.SameBackend(Backend, pairPositions, nameof(pairPositions));
+        NumTokens = numTokens;
+        TopK = topK;
+        FirstSlot = firstSlot;
+        NumLocalExperts = numLocalExperts;
+        BlockSize = blockSize;
+        Capacity = capacity;
+        ExpertCounts = expertCounts;
+        ExpertOffsets = expertOffsets;
+        SortedPairIds = sortedPairIds;
+        BlockExperts = blockExperts;
+        PairPositions = pairPositions;
+        _owned = [];
+    }
+
+    private ExpertLayout(int numTokens, int topK, int firstSlot, int numLocalExperts, int blockSize, DeviceBuffer<int>[] owned)
+        : this(numTokens, topK, firstSlot, numLocalExperts, blockSize, owned[0], owned[1], owned[2], owned[3], owned[4]) =>
+        _owned = owned;
+
+    /// <summary>A layout over five buffers (counts, offsets, sorted ids, block experts, positions) that it then owns.</summary>
+    internal static ExpertLayout Owning(int numTokens, int topK, int firstSlot, int numLocalExperts, int blockSize, DeviceBuffer<int>[] owned) =>
+        new(numTokens, topK, firstSlot, numLocalExperts, blockSize, owned);
+
+    /// <summary>
+    /// Allocates the buffers of a layout for <paramref name="numTokens"/> x <paramref name="topK"/>
+    /// pairs on <paramref name="backend"/>, with the worst-case capacity (<see cref="ExpertDispatch.AlignCapacity"/>).
+    /// The layout owns them: dispose it.
+    /// </summary>
+    public static ExpertLayout Allocate(Backend backend, int numTokens, int topK, int firstSlot, int numLocalExperts, int blockSize)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(numTokens);
+        ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
+        var pairs = (long)numTokens * topK;
+        var capacity = ExpertDispatch.AlignCapacity(pairs, numLocalExperts, blockSize);
+        var owned = new DeviceBuffer<int>[5];
+        try
+        {
+            owned[0] = new DeviceBuffer<int>(backend, numLocalExperts);
+            owned[1] = new DeviceBuffer<int>(backend, numLocalExperts + 1L);
+            owned[2] = new DeviceBuffer<int>(backend, capacity);
+            owned[3] = new DeviceBuffer<int>(backend, capacity / blockSize);
+            owned[4] = new DeviceBuffer<int>(backend, pairs);
+            return Owning(numTokens, topK, firstSlot, numLocalExperts, blockSize, owned);
+        }
+        catch
+        {
+            foreach (var buffer in owned) buffer?.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>The backend all views live on.</summary>
+    public Backend Backend { get; }
+
+    /// <summary>T, the tokens the layout is sized for.</summary>
+    public int NumTokens { get; }
+
+    /// <summary>K, experts per token.</summary>
+    public int TopK { get; }
+
+    /// <summary>The first physical slot of this rank; slot <c>FirstSlot + e</c> is local expert e.</summary>
+    public int FirstSlot { get; }
+
+    /// <summary>E, the experts (slots) local to this rank.</summary>
+    public int NumLocalExperts { get; }
+
+    /// <summary>Rows per block; every expert's rows are padded to a multiple of it.</summary>
+    public int BlockSize { get; }
+
+    /// <summary>Rows of <see cref="SortedPairIds"/> (and of a permuted activation buffer).</summary>
+    public long Capacity { get; }
+
+    /// <summary><c>[E]</c> local pairs per expert.</summary>
+    public DeviceSlice<int> ExpertCounts { get; }
+
+    /// <summary><c>[E + 1]</c> padded exclusive offsets; the last one is the total row count.</summary>
+    public DeviceSlice<int> ExpertOffsets { get; }
+
+    /// <summary>The total padded row count as a one-element view (what permute takes as its row count).</summary>
+    public DeviceSlice<int> NumRows => ExpertOffsets.Slice(NumLocalExperts, 1);
+
+    /// <summary><c>[Capacity]</c> the pair of each row, <see cref="ExpertDispatch.Padding"/> on padding.</summary>
+    public DeviceSlice<int> SortedPairIds { get; }
+
+    /// <summary><c>[Capacity / BlockSize]</c> the local expert of each row block, <see cref="ExpertDispatch.Padding"/> past the total.</summary>
+    public DeviceSlice<int> BlockExperts { get; }
+
+    /// <summary><c>[T][K]</c> the row of each pair, <see cref="ExpertDispatch.Padding"/> when not local.</summary>
+    public DeviceSlice<int> PairPositions { get; }
+
+    /// <summary>Releases the buffers when the layout owns them (<see cref="Allocate"/>).</summary>
+    public void Dispose()
+    {
+        foreach (var buffer in _owned) buffer.Dispose();
+    }
+}

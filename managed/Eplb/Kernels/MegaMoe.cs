@@ -1,0 +1,337 @@
+using Eplb.Interop;
+
+namespace Eplb.Kernels;
+
+/// <summary>
+/// The shape of one MoE layer on this rank (SPEC 7, <c>eplb_moe_shape_t</c>): expert sizes, top-k,
+/// and which physical expert slots this rank holds.
+/// </summary>
+/// <param name="Hidden">H, the model's hidden size; a positive multiple of 64.</param>
+/// <param name="Intermediate">I, one expert's intermediate size; a positive multiple of 64.</param>
+/// <param name="TopK">K, experts per token, in [1, 64].</param>
+/// <param name="NumExperts">R, physical expert slots over all ranks.</param>
+/// <param name="NumLocalExperts">Slots this rank holds, in [1, 1024].</param>
+/// <param name="FirstLocalExpert">The first of them: this rank computes slots [first, first + count).</param>
+/// <param name="SwigluLimit">
+/// When positive, the SwiGLU clamps <c>gate = min(gate, L)</c> and <c>up = clamp(up, -L, L)</c> first
+/// (DeepSeek-V4-Flash uses 10); 0 disables the clamp.
+/// </param>
+/// <param name="BlockM">Tile height in (token, expert) rows: 0 picks 32 for decode-sized batches and 128 for prefill; 32 or 128 forces one.</param>
+public readonly record struct MoeLayerShape(int Hidden, int Intermediate, int TopK, int NumExperts, int NumLocalExperts,
+    int FirstLocalExpert, float SwigluLimit = 0f, int BlockM = 0)
+{
+    /// <summary>A DeepSeek-V4-Flash MoE layer (hidden 4096, intermediate 2048, 256 experts, top-6, SwiGLU limit 10) on rank <paramref name="rank"/> of <paramref name="ranks"/>.</summary>
+    public static MoeLayerShape DeepSeekV4Flash(int ranks = 1, int rank = 0) => ForRank(4096, 2048, 6, 256, ranks, rank, 10f);
+
+    /// <summary>A DeepSeek-V3-shaped MoE layer (hidden 7168, intermediate 2048, 256 experts, top-8, no clamp) on rank <paramref name="rank"/> of <paramref name="ranks"/>.</summary>
+    public static MoeLayerShape DeepSeekV3(int ranks = 1, int rank = 0) => ForRank(7168, 2048, 8, 256, ranks, rank, 0f);
+
+    /// <summary>The slots of rank <paramref name="rank"/> when <paramref name="numExperts"/> slots are split evenly over <paramref name="ranks"/> ranks.</summary>
+    /// <exception cref="ArgumentException">The slots do not split evenly or the rank is out of range.</exception>
+    public static MoeLayerShape ForRank(int hidden, int intermediate, int topK, int numExperts, int ranks, int rank, float swigluLimit = 0f)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(ranks, 1);
+        ArgumentOutOfRangeException.ThrowIfNegative(rank);
+        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(rank, ranks);
+        if (numExperts % ranks != 0)
+            throw new ArgumentException($"{numExperts} expert slots do not split evenly over {ranks} ranks", nameof(ranks));
+        var perRank = numExperts / ranks;
+        return new MoeLayerShape(hidden, intermediate, topK, numExperts, perRank, rank * perRank, swigluLimit);
+    }
+
+    /// <summary>Elements of the gate-and-up weights <c>[E_local][2I][H]</c>.</summary>
+    public long W1Length => (long)NumLocalExperts * 2 * Intermediate * Hidden;
+
+    /// <summary>Elements of the down weights <c>[E_local][H][I]</c>.</summary>
+    public long W2Length => (long)NumLocalExperts * Hidden * Intermediate;
+
+    internal eplb_moe_shape_t ToNative() => new()
+    {
+        hidden = Hidden,
+        intermediate = Intermediate,
+        top_k = TopK,
+        num_experts = NumExperts,
+        num_local_experts = NumLocalExperts,
+        first_local_expert = FirstLocalExpert,
+        swiglu_limit = SwigluLimit,
+        block_m = BlockM,
+    };
+}
+
+/// <summary>Which implementation computed a MoE layer.</summary>
+public enum MoePath
+{
+    /// <summary>The cooperative fused kernel (one launch).</summary>
+    Fused = 0,
+    /// <summary>Separate kernels: dispatch align and permute, grouped GEMM1 + SwiGLU, grouped GEMM2, dispatch combine.</summary>
+    Unfused = 1,
+}
+
+/// <summary>What <see cref="MegaMoe.Run(ComputeStream, MoeLayerShape, DeviceSlice{BFloat16}, DeviceSlice{int}, DeviceSlice{float}, DeviceSlice{BFloat16}, DeviceSlice{BFloat16}, DeviceSlice{BFloat16}, DeviceSlice{byte}, MoeFallback, int)"/> does when the fused kernel cannot launch.</summary>
+public enum MoeFallback
+{
+    /// <summary>Run the unfused path instead (the default).</summary>
+    Unfused = 0,
+    /// <summary>Throw the <see cref="EplbException"/> with <see cref="EplbStatus.CooperativeLaunchUnavailable"/>.</summary>
+    Throw = 1,
+}
+
+/// <summary>
+/// Mega MoE (SPEC 7): the expert computation of one MoE layer,
+/// <c>Y[t] = Σ_k w[t,k] · W2[e] · (silu(clampG(W1g[e] · x_t)) ⊙ clampU(W1u[e] · x_t))</c>, e = ids[t,k],
+/// over the experts local to this rank (others contribute 0, the expert-parallel partial sum), in
+/// one cooperative CUDA kernel: token counting and permutation, GEMM1 with the SwiGLU epilogue,
+/// GEMM2 and the top-k combine. bf16 tensors are <see cref="BFloat16"/> (raw bits on the C ABI);
+/// accumulation is fp32, the intermediate and each expert's output row are rounded to bf16, and the
+/// combine adds the K rows in ascending k; the output is bitwise equal run to run.
+/// </summary>
+/// <remarks>
+/// <para>
+/// A cooperative kernel needs every one of its blocks resident at once. It never hangs: when the
+/// device has no cooperative launch or the grid cannot co-reside, the fused call throws
+/// <see cref="EplbException"/> with <see cref="EplbStatus.CooperativeLaunchUnavailable"/> before
+/// writing anything, and <see cref="Run(ComputeStream, MoeLayerShape, DeviceSlice{BFloat16}, DeviceSlice{int}, DeviceSlice{float}, DeviceSlice{BFloat16}, DeviceSlice{BFloat16}, DeviceSlice{BFloat16}, DeviceSlice{byte}, MoeFallback, int)"/>
+/// runs the unfused path instead. Should other kernels still hold SMs while it runs, its grid
+/// barriers give up after a few seconds and <see cref="ComputeStream.CheckDeviceErrors"/> reports
+/// the grid-barrier timeout (the output is then undefined).
+/// </para>
+/// <para>
+/// NCCL interplay (SPEC 3.4): NCCL kernels of EPLB weight transfers run on other streams and occupy
+/// SMs for as long as they wait for their peers, which a cooperative kernel cannot tolerate. When
+/// this kernel is the MoE backend, data parallelism is above 1, EPLB is enabled and its communicator
+/// is NCCL-based, <c>NCCL_MAX_CTAS=8</c> must be set before any communicator is created (the EPLB
+/// runtime's NCCL environment rule does this and logs it); the occupancy check here then sees the
+/// SMs NCCL leaves free.
+/// </para>
+/// </remarks>
+public static unsafe class MegaMoe
+{
+    /// <summary>Bytes of the workspace a call with up to <paramref name="maxTokens"/> tokens needs (any backend, either path).</summary>
+    /// <exception cref="ArgumentException">The shape is invalid (the message names the field).</exception>
+    public static long WorkspaceSize(MoeLayerShape shape, long maxTokens)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(maxTokens);
+        var native = shape.ToNative();
+        ulong bytes;
+        EplbException.ThrowIfFailed(NativeMethods.eplb_moe_workspace_size(&native, maxTokens, &bytes));
+        return checked((long)bytes);
+    }
+
+    /// <summary>
+    /// The largest grid of the fused kernel that can co-reside on the stream's device for this shape
+    /// and token count (blocks per SM from the occupancy API with the kernel's shared memory, times
+    /// the SMs), and the tile height it uses. 1 on a CPU stream.
+    /// </summary>
+    /// <exception cref="EplbException"><see cref="EplbStatus.CooperativeLaunchUnavailable"/>: the fused kernel cannot launch on this device.</exception>
+    public static int MaxCooperativeGrid(ComputeStream stream, MoeLayerShape shape, long tokens, out int blockM)
+    {
+        ArgumentNullException.ThrowIfNull(stream);
+        ArgumentOutOfRangeException.ThrowIfNegative(tokens);
+        var native = shape.ToNative();
+        int blocks, tile;
+        using (stream.Lease(out var streamPointer))
+            EplbException.ThrowIfFailed(NativeMethods.eplb_mega_moe_max_grid(streamPointer, &native, tokens, &blocks, &tile));
+        blockM = tile;
+        return blocks;
+    }
+
+    /// <summary>
+    /// Computes the layer with the fused kernel and, when it cannot launch and
+    /// <paramref name="fallback"/> allows, with the unfused path; queued on <paramref name="stream"/>.
+    /// Returns the path that ran.
+    /// </summary>
+    /// <param name="stream">Where the work is queued; every view lives on its backend.</param>
+    /// <param name="shape">The layer on this rank.</param>
+    /// <param name="x"><c>[T][H]</c> bf16 activations.</param>
+    /// <param name="topkIds"><c>[T][K]</c> physical expert slots; -1 and other ranks' slots contribute nothing.</param>
+    /// <param name="topkWeights"><c>[T][K]</c> routing weights.</param>
+    /// <param name="w1"><c>[E_local][2I][H]</c> bf16: per expert the I gate rows, then the I up rows.</param>
+    /// <param name="w2"><c>[E_local][H][I]</c> bf16 down projection.</param>
+    /// <param name="output"><c>[T][H]</c> bf16, every element written.</param>
+    /// <param name="workspace">At least <see cref="WorkspaceSize"/> bytes; no initialisation needed. One call at a time.</param>
+    /// <param name="fallback">What to do when the fused kernel cannot launch.</param>
+    /// <param name="gridBlocks">0 for the largest co-resident grid, or a forced grid size (tuning, tests).</param>
+    /// <exception cref="ArgumentException">A size, backend or pointer is wrong; nothing is written.</exception>
+    public static MoePath Run(ComputeStream stream, MoeLayerShape shape, DeviceSlice<BFloat16> x, DeviceSlice<int> topkIds,
+        DeviceSlice<float> topkWeights, DeviceSlice<BFloat16> w1, DeviceSlice<BFloat16> w2, DeviceSlice<BFloat16> output,
+        DeviceSlice<byte> workspace, MoeFallback fallback = MoeFallback.Unfused, int gridBlocks = 0)
+    {
+        try
+        {
+            RunFused(stream, shape, x, topkIds, topkWeights, w1, w2, output, workspace, gridBlocks);
+            return MoePath.Fused;
+        }
+        catch (EplbException e) when (e.Status == EplbStatus.CooperativeLaunchUnavailable && fallback == MoeFallback.Unfused)
+        {
+            RunUnfused(stream, shape, x, topkIds, topkWeights, w1, w2, output, workspace);
+            return MoePath.Unfused;
+        }
+    }
+
+    /// <summary>
+    /// Computes the layer with the cooperative fused kernel (the reference implementation on a CPU
+    /// stream). See <see cref="Run(ComputeStream, MoeLayerShape, DeviceSlice{BFloat16}, DeviceSlice{int}, DeviceSlice{float}, DeviceSlice{BFloat16}, DeviceSlice{BFloat16}, DeviceSlice{BFloat16}, DeviceSlice{byte}, MoeFallback, int)"/> for the arguments.
+    /// </summary>
+    /// <exception cref="EplbException"><see cref="EplbStatus.CooperativeLaunchUnavailable"/>: no cooperative launch, or <paramref name="gridBlocks"/> cannot co-reside; nothing was written.</exception>
+    public static void RunFused(ComputeStream stream, MoeLayerShape shape, DeviceSlice<BFloat16> x, DeviceSlice<int> topkIds,
+        DeviceSlice<float> topkWeights, DeviceSlice<BFloat16> w1, DeviceSlice<BFloat16> w2, DeviceSlice<BFloat16> output,
+        DeviceSlice<byte> workspace, int gridBlocks = 0)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(gridBlocks);
+        Invoke(stream, shape, x, topkIds, topkWeights, w1, w2, output, workspace, gridBlocks, fused: true);
+    }
+
+    /// <summary>
+    /// Computes the layer with separate kernels (the <see cref="ExpertDispatch"/> align and permute,
+    /// grouped GEMM1 + SwiGLU, grouped GEMM2, the dispatch combine): the baseline, and the path for
+    /// devices or moments where the cooperative launch is not possible. Same arguments as the fused
+    /// call, and the same result bit for bit.
+    /// </summary>
+    public static void RunUnfused(ComputeStream stream, MoeLayerShape shape, DeviceSlice<BFloat16> x, DeviceSlice<int> topkIds,
+        DeviceSlice<float> topkWeights, DeviceSlice<BFloat16> w1, DeviceSlice<BFloat16> w2, DeviceSlice<BFloat16> output,
+        DeviceSlice<byte> workspace) =>
+        Invoke(stream, shape, x, topkIds, topkWeights, w1, w2, output, workspace, 0, fused: false);
+
+    /// <summary>
+    /// Host-memory form: computes the layer on <paramref name="backend"/> (CPU: directly on the spans,
+    /// with a temporary workspace; CUDA: copies to the device, runs, checks the device error word and
+    /// copies the output back). Returns the path that ran.
+    /// </summary>
+    /// <exception cref="ArgumentException">A size is wrong; nothing is written.</exception>
+    public static MoePath Run(MoeLayerShape shape, ReadOnlySpan<BFloat16> x, ReadOnlySpan<int> topkIds, ReadOnlySpan<float> topkWeights,
+        ReadOnlySpan<BFloat16> w1, ReadOnlySpan<BFloat16> w2, Span<BFloat16> output, Backend backend = Backend.Cpu,
+        MoePath path = MoePath.Fused, MoeFallback fallback = MoeFallback.Unfused)
+    {
+        var tokens = CheckLengths(shape, x.Length, topkIds.Length, topkWeights.Length, w1.Length, w2.Length, output.Length);
+        if (backend == Backend.Cuda) return RunOnDevice(shape, tokens, x, topkIds, topkWeights, w1, w2, output, path, fallback);
+
+        using var workspace = new DeviceBuffer<byte>(Backend.Cpu, WorkspaceSize(shape, tokens));
+        var native = shape.ToNative();
+        using var streamLease = ComputeStream.Cpu.Lease(out var stream);
+        using var workspaceLease = workspace.AsSlice().Lease(out var workspacePointer);
+        fixed (BFloat16* xPointer = x, w1Pointer = w1, w2Pointer = w2, outputPointer = output)
+        fixed (int* idsPointer = topkIds)
+        fixed (float* weightsPointer = topkWeights)
+        {
+            var tensors = new eplb_moe_tensors_t
+            {
+                x = (ushort*)xPointer,
+                topk_ids = idsPointer,
+                topk_weights = weightsPointer,
+                w1 = (ushort*)w1Pointer,
+                w2 = (ushort*)w2Pointer,
+                output = (ushort*)outputPointer,
+                workspace = workspacePointer,
+                workspace_bytes = (ulong)workspace.Length,
+            };
+            if (path == MoePath.Unfused)
+                EplbException.ThrowIfFailed(NativeMethods.eplb_moe_unfused(stream, &native, tokens, &tensors));
+            else
+                EplbException.ThrowIfFailed(NativeMethods.eplb_mega_moe(stream, &native, tokens, &tensors, 0));
+        }
+        return path;
+    }
+
+    private static MoePath RunOnDevice(MoeLayerShape shape, long tokens, ReadOnlySpan<BFloat16> x, ReadOnlySpan<int> topkIds,
+        ReadOnlySpan<float> topkWeights, ReadOnlySpan<BFloat16> w1, ReadOnlySpan<BFloat16> w2, Span<BFloat16> output, MoePath path,
+        MoeFallback fallback)
+    {
+        using var stream = new ComputeStream(Backend.Cuda);
+        using var xBuffer = new DeviceBuffer<BFloat16>(Backend.Cuda, x);
+        using var ids = new DeviceBuffer<int>(Backend.Cuda, topkIds);
+        using var weights = new DeviceBuffer<float>(Backend.Cuda, topkWeights);
+        using var w1Buffer = new DeviceBuffer<BFloat16>(Backend.Cuda, w1);
+        using var w2Buffer = new DeviceBuffer<BFloat16>(Backend.Cuda, w2);
+        using var outBuffer = new DeviceBuffer<BFloat16>(Backend.Cuda, output.Length);
+        using var workspace = new DeviceBuffer<byte>(Backend.Cuda, WorkspaceSize(shape, tokens));
+        var ran = MoePath.Unfused;
+        if (path == MoePath.Unfused)
+            RunUnfused(stream, shape, xBuffer, ids, weights, w1Buffer, w2Buffer, outBuffer, workspace);
+        else
+            ran = Run(stream, shape, xBuffer, ids, weights, w1Buffer, w2Buffer, outBuffer, workspace, fallback);
+        stream.CheckDeviceErrors();
+        outBuffer.CopyTo(output, 0, stream);
+        return ran;
+    }
+
+    private static void Invoke(ComputeStream stream, MoeLayerShape shape, DeviceSlice<BFloat16> x, DeviceSlice<int> topkIds,
+        DeviceSlice<float> topkWeights, DeviceSlice<BFloat16> w1, DeviceSlice<BFloat16> w2, DeviceSlice<BFloat16> output,
+        DeviceSlice<byte> workspace, int gridBlocks, bool fused)
+    {
+        ArgumentNullException.ThrowIfNull(stream);
+        Require(x, nameof(x));
+        Require(topkIds, nameof(topkIds));
+        Require(topkWeights, nameof(topkWeights));
+        Require(w1, nameof(w1));
+        Require(w2, nameof(w2));
+        Require(output, nameof(output));
+        Require(workspace, nameof(workspace));
+        var tokens = CheckLengths(shape, x.Length, topkIds.Length, topkWeights.Length, w1.Length, w2.Length, output.Length);
+        var needed = WorkspaceSize(shape, tokens);
+        if (workspace.Length < needed)
+            throw new ArgumentException($"workspace has {workspace.Length} bytes; {tokens} tokens need {needed} (MegaMoe.WorkspaceSize)", nameof(workspace));
+        SameBackend(stream, x.Backend, nameof(x));
+        SameBackend(stream, topkIds.Backend, nameof(topkIds));
+        SameBackend(stream, topkWeights.Backend, nameof(topkWeights));
+        SameBackend(stream, w1.Backend, nameof(w1));
+        SameBackend(stream, w2.Backend, nameof(w2));
+        SameBackend(stream, output.Backend, nameof(output));
+        SameBackend(stream, workspace.Backend, nameof(workspace));
+
+        var native = shape.ToNative();
+        using var streamLease = stream.Lease(out var streamPointer);
+        using var xLease = x.Lease(out var xPointer);
+        using var idsLease = topkIds.Lease(out var idsPointer);
+        using var weightsLease = topkWeights.Lease(out var weightsPointer);
+        using var w1Lease = w1.Lease(out var w1Pointer);
+        using var w2Lease = w2.Lease(out var w2Pointer);
+        using var outputLease = output.Lease(out var outputPointer);
+        using var workspaceLease = workspace.Lease(out var workspacePointer);
+        var tensors = new eplb_moe_tensors_t
+        {
+            x = (ushort*)xPointer,
+            topk_ids = idsPointer,
+            topk_weights = weightsPointer,
+            w1 = (ushort*)w1Pointer,
+            w2 = (ushort*)w2Pointer,
+            output = (ushort*)outputPointer,
+            workspace = workspacePointer,
+            workspace_bytes = (ulong)workspace.Length,
+        };
+        if (fused)
+            EplbException.ThrowIfFailed(NativeMethods.eplb_mega_moe(streamPointer, &native, tokens, &tensors, gridBlocks));
+        else
+            EplbException.ThrowIfFailed(NativeMethods.eplb_moe_unfused(streamPointer, &native, tokens, &tensors));
+    }
+
+    // Checks the element counts against the shape; returns T.
+    private static long CheckLengths(MoeLayerShape shape, long x, long ids, long weights, long w1, long w2, long output)
+    {
+        if (shape.TopK < 1) throw new ArgumentOutOfRangeException(nameof(shape), shape.TopK, "TopK must be at least 1");
+        if (shape.Hidden < 1) throw new ArgumentOutOfRangeException(nameof(shape), shape.Hidden, "Hidden must be at least 1");
+        if (ids % shape.TopK != 0)
+            throw new ArgumentException($"topkIds has {ids} elements, not a multiple of TopK = {shape.TopK}", "topkIds");
+        var tokens = ids / shape.TopK;
+        if (weights != ids) throw new ArgumentException($"topkWeights has {weights} elements, topkIds {ids}", "topkWeights");
+        if (x != tokens * shape.Hidden)
+            throw new ArgumentException($"x has {x} elements; {tokens} tokens x Hidden = {shape.Hidden} need {tokens * shape.Hidden}", "x");
+        if (output != tokens * shape.Hidden)
+            throw new ArgumentException($"output has {output} elements; {tokens} tokens x Hidden = {shape.Hidden} need {tokens * shape.Hidden}", "output");
+        if (w1 != shape.W1Length)
+            throw new ArgumentException($"w1 has {w1} elements; [E_local = {shape.NumLocalExperts}][2 x {shape.Intermediate}][{shape.Hidden}] needs {shape.W1Length}", "w1");
+        if (w2 != shape.W2Length)
+            throw new ArgumentException($"w2 has {w2} elements; [E_local = {shape.NumLocalExperts}][{shape.Hidden}][{shape.Intermediate}] needs {shape.W2Length}", "w2");
+        return tokens;
+    }
+
+    private static void Require<T>(DeviceSlice<T> slice, string name) where T : unmanaged
+    {
+        if (slice.IsNull) throw new ArgumentNullException(name);
+    }
+
+    private static void SameBackend(ComputeStream stream, Backend backend, string name)
+    {
+        if (backend != stream.Backend)
+            throw new ArgumentException($"{name} lives on {backend} but the stream runs on {stream.Backend}", name);
+    }
+}

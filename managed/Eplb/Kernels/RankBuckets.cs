@@ -1,0 +1,109 @@
+namespace Eplb.Kernels;
+
+/// <summary>
+/// The EP all-to-all metadata that <see cref="ExpertDispatch.BucketByRank(ComputeStream, DeviceSlice{int}, RankBuckets)"/>
+/// fills (SPEC 6, <c>eplb_dispatch_bucket_by_rank</c>): the routed (token, k) pairs grouped by
+/// destination rank (slot s lives on rank <c>s / (NumPhysical / NumRanks)</c>), ascending pair order
+/// inside a rank, one send row per pair; and the send row of every pair, to bring the results back
+/// in token order with <see cref="ExpertDispatch.Combine{TIn, TOut}(ComputeStream, DeviceSlice{TIn}, int, RankBuckets, DeviceSlice{float}, DeviceSlice{TOut})"/>.
+/// </summary>
+/// <remarks>
+/// Either owns its buffers (<see cref="Allocate"/>; dispose it) or views memory owned elsewhere.
+/// </remarks>
+public sealed class RankBuckets : IDisposable
+{
+    private readonly DeviceBuffer<int>[] _owned;
+
+    /// <summary>Views caller-owned memory; every view must be sized for the shape and on one backend.</summary>
+    /// <exception cref="ArgumentException">A view is missing, mis-sized or on another backend, or R is not a multiple of G.</exception>
+    public RankBuckets(int numTokens, int topK, int numPhysical, int numRanks, DeviceSlice<int> rankCounts,
+        DeviceSlice<int> rankOffsets, DeviceSlice<int> sendPairIds, DeviceSlice<int> pairPositions)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(numTokens);
+        ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(numRanks, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(numPhysical, numRanks);
+        if (numPhysical % numRanks != 0)
+            throw new ArgumentException($"numPhysical ({numPhysical}) must be a multiple of numRanks ({numRanks})", nameof(numPhysical));
+        var pairs = (long)numTokens * topK;
+        ExpertDispatch.ExpectLength(rankCounts, numRanks, nameof(rankCounts));
+        ExpertDispatch.ExpectLength(rankOffsets, numRanks + 1L, nameof(rankOffsets));
+        ExpertDispatch.ExpectLength(sendPairIds, pairs, nameof(sendPairIds));
+        ExpertDispatch.ExpectLength(pairPositions, pairs, nameof(pairPositions));
+        Backend = rankCounts.Backend;
+        ExpertDispatch.SameBackend(Backend, rankOffsets, nameof(rankOffsets));
+        ExpertDispatch.SameBackend(Backend, sendPairIds, nameof(sendPairIds));
+        ExpertDispatch.SameBackend(Backend, pairPositions, nameof(pairPositions));
+        NumTokens = numTokens;
+        TopK = topK;
+        NumPhysical = numPhysical;
+        NumRanks = numRanks;
+        RankCounts = rankCounts;
+        RankOffsets = rankOffsets;
+        SendPairIds = sendPairIds;
+        PairPositions = pairPositions;
+        _owned = [];
+    }
+
+    private RankBuckets(int numTokens, int topK, int numPhysical, int numRanks, DeviceBuffer<int>[] owned)
+        : this(numTokens, topK, numPhysical, numRanks, owned[0], owned[1], owned[2], owned[3]) => _owned = owned;
+
+    /// <summary>Allocates the buffers for <paramref name="numTokens"/> x <paramref name="topK"/> pairs; dispose the result.</summary>
+    public static RankBuckets Allocate(Backend backend, int numTokens, int topK, int numPhysical, int numRanks)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(numTokens);
+        ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(numRanks, 1);
+        var pairs = (long)numTokens * topK;
+        var owned = new DeviceBuffer<int>[4];
+        try
+        {
+            owned[0] = new DeviceBuffer<int>(backend, numRanks);
+            owned[1] = new DeviceBuffer<int>(backend, numRanks + 1L);
+            owned[2] = new DeviceBuffer<int>(backend, pairs);
+            owned[3] = new DeviceBuffer<int>(backend, pairs);
+            return new RankBuckets(numTokens, topK, numPhysical, numRanks, owned);
+        }
+        catch
+        {
+            foreach (var buffer in owned) buffer?.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>The backend all views live on.</summary>
+    public Backend Backend { get; }
+
+    /// <summary>T, the tokens the buckets are sized for.</summary>
+    public int NumTokens { get; }
+
+    /// <summary>K, experts per token.</summary>
+    public int TopK { get; }
+
+    /// <summary>R, the physical slots of the layer.</summary>
+    public int NumPhysical { get; }
+
+    /// <summary>G, the EP ranks; rank g owns slots <c>[g*R/G, (g+1)*R/G)</c>.</summary>
+    public int NumRanks { get; }
+
+    /// <summary><c>[G]</c> pairs sent to each rank.</summary>
+    public DeviceSlice<int> RankCounts { get; }
+
+    /// <summary><c>[G + 1]</c> exclusive offsets of each rank's send rows; the last one is the routed pair count.</summary>
+    public DeviceSlice<int> RankOffsets { get; }
+
+    /// <summary>The routed pair count as a one-element view (the row count permute takes).</summary>
+    public DeviceSlice<int> NumRows => RankOffsets.Slice(NumRanks, 1);
+
+    /// <summary><c>[T * K]</c> the pair of each send row, <see cref="ExpertDispatch.Padding"/> past the routed pairs.</summary>
+    public DeviceSlice<int> SendPairIds { get; }
+
+    /// <summary><c>[T][K]</c> the send row of each pair, <see cref="ExpertDispatch.Padding"/> when not routed.</summary>
+    public DeviceSlice<int> PairPositions { get; }
+
+    /// <summary>Releases the buffers when the buckets own them (<see cref="Allocate"/>).</summary>
+    public void Dispose()
+    {
+        foreach (var buffer in _owned) buffer.Dispose();
+    }
+}
