@@ -19,19 +19,21 @@ internal static class SimulateCommand
         var nodes = new Option<int>("--nodes") { Description = "Nodes the ranks span", DefaultValueFactory = _ => 4 };
         var replicas = new Option<int>("--replicas") { Description = "Physical slots per layer with EPLB (N + redundant)", DefaultValueFactory = _ => 288 };
         var groups = new Option<int>("--groups") { Description = "Expert groups (DeepSeek-V3: 8)", DefaultValueFactory = _ => 8 };
-        var steps = new Option<int>("--steps") { Description = "Forward passes per run", DefaultValueFactory = _ => 320 };
+        var steps = new Option<int>("--steps") { Description = "Forward passes per run", DefaultValueFactory = _ => 256 };
         var tokens = new Option<int>("--tokens") { Description = "Tokens per forward pass over all ranks", DefaultValueFactory = _ => 512 };
         var policy = new Option<string[]>("--policy") { Description = "Policies to compare: deepseek, locality, incremental or all", AllowMultipleArgumentsPerToken = true, DefaultValueFactory = _ => ["all"] };
         var backend = new Option<string>("--backend") { Description = "cpu, cuda or auto", DefaultValueFactory = _ => "auto" };
-        var window = new Option<int>("--window") { Description = "EPLB load window (passes)", DefaultValueFactory = _ => 64 };
-        var interval = new Option<int>("--interval") { Description = "EPLB rearrangement interval (passes)", DefaultValueFactory = _ => 128 };
+        var window = new Option<int>("--window") { Description = "EPLB load window (passes)", DefaultValueFactory = _ => 48 };
+        var interval = new Option<int>("--interval") { Description = "EPLB rearrangement interval (passes)", DefaultValueFactory = _ => 96 };
+        var routing = new Option<string>("--routing") { Description = "Routing kernel: hash (DeepSeek-V4 hash top-k, fast) or softmax (top-k over Gumbel-noised logits)", DefaultValueFactory = _ => "hash" };
+        routing.AcceptOnlyFromAmong("hash", "softmax");
         var sync = new Option<bool>("--sync") { Description = "Rearrange synchronously instead of in the background" };
         var seed = new Option<int>("--seed") { Description = "Seed of the routing draws", DefaultValueFactory = _ => 1 };
         var plot = new Option<string?>("--plot") { Description = "Write a PNG: per-GPU load without and with EPLB, balancedness over time" };
         var json = new Option<string?>("--json") { Description = "Write the final table as JSON" };
         var command = new Command("simulate", "Simulate expert-parallel serving on the real load files: no EPLB vs each policy")
         {
-            load, gpus, nodes, replicas, groups, steps, tokens, policy, backend, window, interval, sync, seed, plot, json,
+            load, gpus, nodes, replicas, groups, steps, tokens, policy, backend, routing, window, interval, sync, seed, plot, json,
         };
         command.SetAction(parse =>
         {
@@ -54,6 +56,7 @@ internal static class SimulateCommand
                 WindowSize = Positive(parse.GetValue(window), "--window"),
                 StepInterval = Positive(parse.GetValue(interval), "--interval"),
                 UseAsync = !parse.GetValue(sync),
+                Routing = parse.GetValue(routing) == "softmax" ? SimulationRouting.Softmax : SimulationRouting.Hash,
                 Seed = parse.GetValue(seed),
             };
             return Run(options, files, parse.GetValue(plot), parse.GetValue(json));
@@ -88,7 +91,7 @@ internal static class SimulateCommand
                 Bytes(run.FullScaleBytesMoved), $"{run.SecondsPerStep * 1000:F2}");
         AnsiConsole.Write(table);
         AnsiConsole.MarkupLine($"backend [bold]{Backend(result.Backend)}[/], {options.Steps} passes per run, " +
-                               $"{(options.UseAsync ? "async" : "sync")} EPLB (window {options.WindowSize}, interval {options.StepInterval}), " +
+                               $"{options.Routing.ToString().ToLowerInvariant()} routing, {(options.UseAsync ? "async" : "sync")} EPLB (window {options.WindowSize}, interval {options.StepInterval}), " +
                                $"loads: {Markup.Escape(string.Join(" -> ", files.Select(Path.GetFileNameWithoutExtension)))}");
 
         if (jsonPath != null) File.WriteAllText(jsonPath, Json(result));

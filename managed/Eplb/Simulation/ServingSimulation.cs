@@ -4,6 +4,21 @@ using Microsoft.Extensions.Logging;
 
 namespace Eplb.Simulation;
 
+/// <summary>Which routing kernel the simulated ranks run.</summary>
+public enum SimulationRouting
+{
+    /// <summary>
+    /// DeepSeek-V4 hash routing: each pass, each rank's tokens get a <c>tid2eid</c> row of K experts
+    /// drawn from the load, and the hash top-k kernel routes them (cheap on the CPU).
+    /// </summary>
+    Hash = 0,
+    /// <summary>
+    /// Softmax top-k over logits <c>log q + Gumbel noise</c> (an exact draw of k distinct experts in
+    /// proportion to q); every logit is scored, so it costs N times more per token.
+    /// </summary>
+    Softmax = 1,
+}
+
 /// <summary>Settings of a <see cref="ServingSimulation"/>.</summary>
 public sealed record SimulationOptions
 {
@@ -23,13 +38,16 @@ public sealed record SimulationOptions
     public int Groups { get; init; } = 8;
 
     /// <summary>Forward passes per run.</summary>
-    public int Steps { get; init; } = 320;
+    public int Steps { get; init; } = 256;
 
     /// <summary>Tokens per forward pass over all ranks.</summary>
     public int Tokens { get; init; } = 512;
 
     /// <summary>K, experts per token.</summary>
     public int TopK { get; init; } = 8;
+
+    /// <summary>Which routing kernel runs (both fuse the EPLB mapping and load recording).</summary>
+    public SimulationRouting Routing { get; init; } = SimulationRouting.Hash;
 
     /// <summary>Backend of the kernels and buffers.</summary>
     public Backend Backend { get; init; } = Backend.Cpu;
@@ -41,10 +59,10 @@ public sealed record SimulationOptions
     public IReadOnlyList<string> Policies { get; init; } = ["deepseek", "locality", "incremental"];
 
     /// <summary>EPLB window (passes).</summary>
-    public int WindowSize { get; init; } = 64;
+    public int WindowSize { get; init; } = 48;
 
     /// <summary>EPLB interval (passes); the first rearrangement comes after a quarter of it.</summary>
-    public int StepInterval { get; init; } = 128;
+    public int StepInterval { get; init; } = 96;
 
     /// <summary>Async rearrangement (one layer committed per pass).</summary>
     public bool UseAsync { get; init; } = true;
@@ -55,7 +73,7 @@ public sealed record SimulationOptions
     /// <summary>Floats per expert of the scaled-down weights the simulated ranks migrate.</summary>
     public int ExpertFloats { get; init; } = 64;
 
-    /// <summary>Runs simulated at the same time (each is single-threaded apart from its EPLB worker).</summary>
+    /// <summary>Runs advanced in parallel within a pass (each is single-threaded apart from its EPLB worker).</summary>
     public int MaxParallelRuns { get; init; } = Environment.ProcessorCount;
 
     /// <summary>Bytes of one real expert, for the full-scale transfer figure (DeepSeek-V3 FP8 by default).</summary>
@@ -86,22 +104,48 @@ public sealed record SimulationResult(Backend Backend, int Steps, IReadOnlyList<
 /// <summary>
 /// Expert-parallel serving simulation over the real pipeline: every pass draws routing for every
 /// MoE layer from the real loads (Dirichlet noise, drifting between dumps), each simulated rank
-/// routes its share through the mapping kernel with its EPLB layer state (replica choice, padding
-/// mask, load recording), and <see cref="EplbState"/> rearranges with async in-process migration of
-/// the ranks' (scaled-down) expert weights. The baseline is the same routing on N slots without EPLB.
+/// routes its share through a routing kernel (hash or softmax top-k) fused with its EPLB layer state
+/// (replica choice, padding mask, load recording), and <see cref="EplbState"/> rearranges with async
+/// in-process migration of the ranks' (scaled-down) expert weights. The baseline is the same routing
+/// on N slots without EPLB. All runs advance in lockstep on the same draws.
 /// </summary>
 public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory? loggers = null)
 {
-    /// <summary>Runs no EPLB, then every policy; <paramref name="progress"/> gets (run, step) after every pass.</summary>
+    /// <summary>Runs no EPLB and every policy; <paramref name="progress"/> gets (run, step) after every pass.</summary>
     public SimulationResult Run(Action<int, int>? progress = null)
     {
         Validate();
-        // The runs are independent (same routing draws, own ranks and EPLB state): run them side by side.
         var names = new string?[] { null }.Concat(options.Policies).ToArray();
-        var runs = new SimulationRun[names.Length];
-        Parallel.For(0, names.Length, new ParallelOptions { MaxDegreeOfParallelism = options.MaxParallelRuns },
-            i => runs[i] = RunOne(names[i], step => progress?.Invoke(i, step)));
-        return new SimulationResult(options.Backend, options.Steps, runs);
+        var runs = new List<PolicyRun>();
+        try
+        {
+            foreach (var name in names) runs.Add(new PolicyRun(options, name, loggers));
+            var layers = options.Loads[0].Layers;
+            var experts = options.Loads[0].Experts;
+            var tokens = options.Tokens / options.Gpus * options.Gpus;
+            var sampler = new RoutingSampler(options.Seed, options.Concentration);
+            var ids = new int[tokens * options.TopK];
+            var logits = options.Routing == SimulationRouting.Softmax ? new float[tokens * experts] : [];
+            var parallel = new ParallelOptions { MaxDegreeOfParallelism = options.MaxParallelRuns };
+            for (var step = 0; step < options.Steps; step++)
+            {
+                var load = options.Loads[(int)((long)step * options.Loads.Count / options.Steps)];
+                for (var layer = 0; layer < layers; layer++)
+                {
+                    // One draw per layer and pass, routed by every run.
+                    if (options.Routing == SimulationRouting.Hash) sampler.Sample(load.Layer(layer), tokens, options.TopK, ids);
+                    else sampler.SampleLogits(load.Layer(layer), tokens, logits);
+                    Parallel.ForEach(runs, parallel, run => run.Route(layer, ids, logits));
+                }
+                Parallel.ForEach(runs, parallel, run => run.EndPass(step));
+                for (var i = 0; i < runs.Count; i++) progress?.Invoke(i, step + 1);
+            }
+            return new SimulationResult(options.Backend, options.Steps, runs.Select(r => r.Result()).ToArray());
+        }
+        finally
+        {
+            foreach (var run in runs) run.Dispose();
+        }
     }
 
     private void Validate()
@@ -116,114 +160,174 @@ public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory?
         if (options.Gpus % options.Nodes != 0) throw new ArgumentException($"gpus ({options.Gpus}) must be a multiple of nodes ({options.Nodes})");
         if (options.Tokens < options.Gpus) throw new ArgumentException($"tokens ({options.Tokens}) must be >= gpus ({options.Gpus}): every rank routes its share");
         if (options.Steps < 1) throw new ArgumentException($"steps ({options.Steps}) must be >= 1");
+        if (options.TopK < 1 || options.TopK > first.Experts) throw new ArgumentException($"top-k ({options.TopK}) must be in [1, {first.Experts}]");
         foreach (var policy in options.Policies) PlacementPolicies.Get(policy);
     }
 
-    private SimulationRun RunOne(string? policy, Action<int> progress)
+    /// <summary>One configuration (no EPLB or a policy): its ranks, EPLB state, routers and figures.</summary>
+    private sealed class PolicyRun : IDisposable
     {
-        var load0 = options.Loads[0];
-        var layers = load0.Layers;
-        var experts = load0.Experts;
-        var gpus = options.Gpus;
-        // Without EPLB a model has exactly N experts spread evenly (when N splits over G).
-        var slots = policy is null && experts % gpus == 0 ? experts : options.Replicas;
-        var eplb = new EplbOptions
+        private readonly SimulationOptions _options;
+        private readonly string _name;
+        private readonly SimulatedRank[] _ranks;
+        private readonly InProcessTransport _transport;
+        private readonly EplbState _state;
+        private readonly EplbModel _model;
+        private readonly Router[][] _routers;
+        private readonly RankBuffers[] _buffers;
+        private readonly int _perRank;
+        private readonly double[] _gpuLoad;
+        private readonly double[] _layerLoad;
+        private readonly double[] _gpuLoadSum;
+        private readonly double[] _perStep;
+        private readonly System.Diagnostics.Stopwatch _busy = new();
+        private double _sumMean, _sumMax, _localTokens, _allTokens;
+        private int _measured;
+
+        public PolicyRun(SimulationOptions options, string? policy, ILoggerFactory? loggers)
         {
-            WindowSize = policy is null ? 1 : options.WindowSize,
-            StepInterval = policy is null ? int.MaxValue : options.StepInterval,
-            NumRedundantExperts = slots - experts,
-            Policy = policy ?? "deepseek",
-            UseAsync = options.UseAsync,
-            NumGroups = options.Groups,
-            NumNodes = options.Nodes,
-        };
-        int[] sizes = [options.ExpertFloats, Math.Max(1, options.ExpertFloats / 16)];  // weights and their scales
-        var ranks = Enumerable.Range(0, gpus).Select(r => new SimulatedRank(r, gpus, layers, experts, slots, sizes, options.Backend)).ToArray();
-        using var transport = new InProcessTransport(gpus);
-        using var state = new EplbState(eplb, transport, loggers?.CreateLogger<EplbState>());
-        var model = state.AddModel("simulated", ranks);
-        try
-        {
-            return Drive(policy ?? "no EPLB", ranks, state, model, progress);
+            _options = options;
+            _name = policy ?? "no EPLB";
+            var load = options.Loads[0];
+            var layers = load.Layers;
+            var experts = load.Experts;
+            var gpus = options.Gpus;
+            // Without EPLB a model has exactly N experts spread evenly (when N splits over G).
+            var slots = policy is null && experts % gpus == 0 ? experts : options.Replicas;
+            var eplb = new EplbOptions
+            {
+                WindowSize = policy is null ? 1 : options.WindowSize,
+                StepInterval = policy is null ? int.MaxValue : options.StepInterval,
+                NumRedundantExperts = slots - experts,
+                Policy = policy ?? "deepseek",
+                UseAsync = options.UseAsync,
+                NumGroups = options.Groups,
+                NumNodes = options.Nodes,
+            };
+            int[] sizes = [options.ExpertFloats, Math.Max(1, options.ExpertFloats / 16)];  // weights and their scales
+            _ranks = Enumerable.Range(0, gpus).Select(r => new SimulatedRank(r, gpus, layers, experts, slots, sizes, options.Backend)).ToArray();
+            _transport = new InProcessTransport(gpus);
+            _state = new EplbState(eplb, _transport, loggers?.CreateLogger<EplbState>());
+            _model = _state.AddModel("simulated", _ranks);
+            var routerOptions = new RouterOptions
+            {
+                NumExperts = experts,
+                TopK = options.TopK,
+                Score = options.Routing == SimulationRouting.Hash ? RoutingScore.SqrtSoftplus : RoutingScore.Softmax,
+                Renormalize = true,
+            };
+            // One router per (rank, layer) holding that rank's EPLB view; device errors checked once per pass.
+            _routers = _ranks.Select(r => r.LayerStates!.Select(state => new Router(routerOptions, state) { CheckDeviceErrors = false }).ToArray()).ToArray();
+            _perRank = options.Tokens / gpus;
+            _buffers = _ranks.Select(r => new RankBuffers(r.Backend, _perRank, options.TopK, experts)).ToArray();
+            _gpuLoad = new double[gpus];
+            _layerLoad = new double[gpus];
+            _gpuLoadSum = new double[gpus];
+            _perStep = new double[options.Steps];
         }
-        finally
+
+        /// <summary>Every rank routes its share of one layer's tokens (ids for hash routing, logits for softmax).</summary>
+        public void Route(int layer, int[] ids, float[] logits)
         {
-            state.Dispose();
-            foreach (var rank in ranks) rank.Dispose();
+            _busy.Start();
+            var topK = _options.TopK;
+            var experts = _model.Experts;
+            for (var r = 0; r < _ranks.Length; r++)
+            {
+                var rank = _ranks[r];
+                var b = _buffers[r];
+                if (_options.Routing == SimulationRouting.Hash)
+                {
+                    // Token t of the pass is row t of this pass's table: the hash kernel routes it.
+                    b.Table.CopyFrom(ids.AsSpan(r * _perRank * topK, _perRank * topK), 0, rank.Stream);
+                    _routers[r][layer].RouteByHash(rank.Stream, b.Logits, b.TokenIds, b.Table, b.TopkIds, b.Weights);
+                }
+                else
+                {
+                    b.Logits.CopyFrom(logits.AsSpan(r * _perRank * experts, _perRank * experts), 0, rank.Stream);
+                    _routers[r][layer].Route(rank.Stream, b.Logits, b.TopkIds, b.Weights);
+                }
+            }
+            _busy.Stop();
+        }
+
+        /// <summary>Measures the pass from the recorded counters, then runs the EPLB step.</summary>
+        public void EndPass(int step)
+        {
+            _busy.Start();
+            foreach (var rank in _ranks) rank.Stream.CheckDeviceErrors();
+            var pass = _model.PassPhysicalLoad();
+            double stepMean = 0, stepMax = 0;
+            Array.Clear(_gpuLoad);
+            for (var layer = 0; layer < _model.Layers; layer++)
+            {
+                Array.Clear(_layerLoad);
+                for (var s = 0; s < _model.Slots; s++) _layerLoad[s / _model.SlotsPerRank] += pass[layer * _model.Slots + s];
+                stepMean += _layerLoad.Average();
+                stepMax += _layerLoad.Max();
+                for (var g = 0; g < _layerLoad.Length; g++) _gpuLoad[g] += _layerLoad[g];
+            }
+            _sumMean += stepMean;
+            _sumMax += stepMax;
+            _perStep[step] = stepMax > 0 ? stepMean / stepMax : 0;
+            var logical = _model.ToLogical(pass);
+            var tokens = 0.0;
+            foreach (var v in logical.Values) tokens += v;
+            _localTokens += _model.Placement.NodeLocalFraction(logical, _options.Groups) * tokens;
+            _allTokens += tokens;
+            if (_state.CompletedRearrangements > 0 || _name == "no EPLB")
+            {
+                for (var g = 0; g < _gpuLoad.Length; g++) _gpuLoadSum[g] += _gpuLoad[g] / _model.Layers;
+                _measured++;
+            }
+            _state.Step();
+            _busy.Stop();
+        }
+
+        public SimulationRun Result()
+        {
+            var bytesPerExpert = _ranks[0].TensorSizes.Sum() * sizeof(float);
+            var transfers = _state.BytesMoved / Math.Max(1, bytesPerExpert);
+            return new SimulationRun(_name, _sumMax > 0 ? _sumMean / _sumMax : 0, _allTokens > 0 ? _localTokens / _allTokens : 1,
+                _state.CompletedRearrangements, _state.SlotsMoved, _state.BytesMoved, transfers * _options.FullScaleExpertBytes,
+                _busy.Elapsed.TotalSeconds / _options.Steps, _perStep, _gpuLoadSum.Select(v => _measured > 0 ? v / _measured : 0).ToArray());
+        }
+
+        public void Dispose()
+        {
+            _state.Dispose();
+            _transport.Dispose();
+            foreach (var b in _buffers) b.Dispose();
+            foreach (var rank in _ranks) rank.Dispose();
         }
     }
 
-    private SimulationRun Drive(string name, SimulatedRank[] ranks, EplbState state, EplbModel model, Action<int> progress)
+    /// <summary>One rank's routing inputs and outputs, allocated once per run.</summary>
+    private sealed class RankBuffers : IDisposable
     {
-        var layers = model.Layers;
-        var gpus = model.Gpus;
-        var topK = options.TopK;
-        var perRank = options.Tokens / gpus;
-        var sampler = new RoutingSampler(options.Seed, options.Concentration);
-        var ids = new int[perRank * gpus * topK];
-        var idBuffers = ranks.Select(r => new DeviceBuffer<int>(r.Backend, (long)perRank * topK)).ToArray();
-        var physical = ranks.Select(r => new DeviceBuffer<int>(r.Backend, (long)perRank * topK)).ToArray();
-        var gpuLoad = new double[gpus];
-        var gpuLoadSum = new double[gpus];
-        var perStep = new double[options.Steps];
-        double sumMean = 0, sumMax = 0, localTokens = 0, allTokens = 0;
-        var measured = 0;
-        var started = System.Diagnostics.Stopwatch.StartNew();
-        try
+        public RankBuffers(Backend backend, int tokens, int topK, int experts)
         {
-            for (var step = 0; step < options.Steps; step++)
-            {
-                var load = options.Loads[(int)((long)step * options.Loads.Count / options.Steps)];
-                // Route: the same draw for every run (same seed, same order), split over the ranks.
-                for (var layer = 0; layer < layers; layer++)
-                {
-                    sampler.Sample(load.Layer(layer), perRank * gpus, topK, ids);
-                    for (var r = 0; r < gpus; r++)
-                    {
-                        var rank = ranks[r];
-                        idBuffers[r].CopyFrom(ids.AsSpan(r * perRank * topK, perRank * topK), 0, rank.Stream);
-                        ExpertMapping.MapToPhysical(rank.Stream, idBuffers[r], topK, rank.LayerStates![layer], physical[r]);
-                    }
-                }
-                // Measure this pass from the recorded counters, before the EPLB step consumes them.
-                var pass = model.PassPhysicalLoad();
-                double stepMean = 0, stepMax = 0;
-                Array.Clear(gpuLoad);
-                for (var layer = 0; layer < layers; layer++)
-                {
-                    var layerLoad = new double[gpus];
-                    for (var s = 0; s < model.Slots; s++) layerLoad[s / model.SlotsPerRank] += pass[layer * model.Slots + s];
-                    stepMean += layerLoad.Average();
-                    stepMax += layerLoad.Max();
-                    for (var g = 0; g < gpus; g++) gpuLoad[g] += layerLoad[g];
-                }
-                sumMean += stepMean;
-                sumMax += stepMax;
-                perStep[step] = stepMax > 0 ? stepMean / stepMax : 0;
-                var logical = model.ToLogical(pass);
-                var tokens = logical.Values.ToArray().Sum();
-                localTokens += model.Placement.NodeLocalFraction(logical, options.Groups) * tokens;
-                allTokens += tokens;
-                if (state.CompletedRearrangements > 0 || name == "no EPLB")
-                {
-                    for (var g = 0; g < gpus; g++) gpuLoadSum[g] += gpuLoad[g] / layers;
-                    measured++;
-                }
-                state.Step();
-                progress(step + 1);
-            }
-            foreach (var rank in ranks) rank.Stream.CheckDeviceErrors();
+            TopkIds = new DeviceBuffer<int>(backend, (long)tokens * topK);
+            Weights = new DeviceBuffer<float>(backend, (long)tokens * topK);
+            Logits = new DeviceBuffer<float>(backend, (long)tokens * experts);
+            Logits.Fill(0f);  // hash routing reads only the K chosen logits: all zero, equal weights
+            TokenIds = new DeviceBuffer<long>(backend, Enumerable.Range(0, tokens).Select(t => (long)t).ToArray());
+            Table = new DeviceBuffer<int>(backend, (long)tokens * topK);
         }
-        finally
+
+        public DeviceBuffer<int> TopkIds { get; }
+        public DeviceBuffer<float> Weights { get; }
+        public DeviceBuffer<float> Logits { get; }
+        public DeviceBuffer<long> TokenIds { get; }
+        public DeviceBuffer<int> Table { get; }
+
+        public void Dispose()
         {
-            foreach (var b in idBuffers) b.Dispose();
-            foreach (var b in physical) b.Dispose();
+            TopkIds.Dispose();
+            Weights.Dispose();
+            Logits.Dispose();
+            TokenIds.Dispose();
+            Table.Dispose();
         }
-        var seconds = started.Elapsed.TotalSeconds / options.Steps;
-        var bytesPerExpert = ranks[0].TensorSizes.Sum() * sizeof(float);
-        var transfers = state.BytesMoved / Math.Max(1, bytesPerExpert);
-        return new SimulationRun(name, sumMax > 0 ? sumMean / sumMax : 0, allTokens > 0 ? localTokens / allTokens : 1,
-            state.CompletedRearrangements, state.SlotsMoved, state.BytesMoved, transfers * options.FullScaleExpertBytes, seconds, perStep,
-            gpuLoadSum.Select(v => measured > 0 ? v / measured : 0).ToArray());
     }
 }
