@@ -53,18 +53,14 @@ public sealed class IncrementalPolicy : IPlacementPolicy
         var localized = request.Nodes > 1 && request.IsHierarchical(n);
         var layers = load.Layers;
         var searches = new LayerSearch?[layers];
-        var useFresh = new bool[layers];
         LayerParallel.For(layers, request.MaxDegreeOfParallelism, () => new int[n], (l, home) =>
         {
-            if (request.NoDuplicateOnGpu && HasDuplicate(current, l))
-            {
-                useFresh[l] = true;
-                return;
-            }
             var search = new LayerSearch(n, request.Slots, request.Gpus, request.Nodes);
             var now = current.Phy2Log(l);
             search.Reset(load.Layer(l), now, localized ? Homes(current, l, request.Groups, home) : default, cap, request.NoDuplicateOnGpu);
             search.CountChangesFrom(now);
+            // A duplicate the search cannot remove within the budget leaves the layer to the fresh plan (below).
+            if (request.NoDuplicateOnGpu && HasDuplicate(current, l) && (!search.RemoveDuplicates() || search.Changed > budget)) return;
             search.FindMove(0, budget);
             searches[l] = search;
         });
@@ -79,7 +75,8 @@ public sealed class IncrementalPolicy : IPlacementPolicy
             sumMax += search?.MaxLoad ?? freshMax[l];
             if (search != null && search.MoveGain > 0) queue.Enqueue(l, (Priority(search), l));
         }
-        while (sumMax > goal && queue.TryDequeue(out var layer, out _))
+        // (Each layer's search descends lexicographically, so this ends; the count is only a guard.)
+        for (var moves = 0L; moves < 16L * request.Slots * layers && sumMax > goal && queue.TryDequeue(out var layer, out _); moves++)
         {
             var search = searches[layer]!;
             var before = search.MaxLoad;

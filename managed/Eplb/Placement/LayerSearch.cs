@@ -128,8 +128,17 @@ internal sealed class LayerSearch
     /// </summary>
     public void Improve(double target = 0, int budget = int.MaxValue)
     {
-        while (FindMove(target, budget)) ApplyMove();
+        for (var moves = 0; moves < MaxMoves && FindMove(target, budget); moves++) ApplyMove();
     }
+
+    /// <summary>
+    /// A move must lower every GPU it touches by this fraction of the maximum at least: far above
+    /// rounding, so a predicted gain is a real one and the search cannot cycle.
+    /// </summary>
+    private const double MinGain = 1e-9;
+
+    /// <summary>Moves per search; the lexicographic descent ends long before (a guard, not a tuning knob).</summary>
+    private int MaxMoves => 16 * _slots;
 
     /// <summary>
     /// Finds the best move (kept for <see cref="ApplyMove"/>); false when none helps or the maximum
@@ -171,10 +180,10 @@ internal sealed class LayerSearch
     public void ImproveLocality(double ceiling)
     {
         var perNode = _gpusPerNode * _perGpu;
-        while (true)
+        for (var moves = 0; moves < MaxMoves; moves++)
         {
             int bestS = -1, bestT = -1;
-            var bestGain = 0.0;
+            var bestGain = MinGain * ceiling;
             for (var s = 0; s < _slots; s++)
             {
                 var e = _slot[s];
@@ -197,6 +206,45 @@ internal sealed class LayerSearch
             if (bestS < 0) return;
             Apply(new Move { Kind = MoveKind.Swap, From = bestS, To = bestT });
         }
+    }
+
+    /// <summary>
+    /// Makes the placement free of duplicates on a GPU (for noDuplicateOnGpu from a placement that
+    /// has them): each second copy of an expert on a GPU swaps with a slot of another GPU where
+    /// neither expert is yet (the swap with the lowest resulting pair maximum), or, failing that,
+    /// becomes a replica of the expert that raises its GPU least. False when neither is possible.
+    /// </summary>
+    public bool RemoveDuplicates()
+    {
+        for (var s = 0; s < _slots; s++)
+        {
+            var e = _slot[s];
+            var g = GpuOf(s);
+            if (_onGpu[g * _experts + e] < 2) continue;
+            int bestT = -1, bestB = -1;
+            var bestMax = double.PositiveInfinity;
+            for (var t = 0; t < _slots; t++)
+            {
+                var h = GpuOf(t);
+                var f = _slot[t];
+                if (h == g || f == e || _onGpu[g * _experts + f] > 0 || _onGpu[h * _experts + e] > 0) continue;
+                if (NodeOf(g) != NodeOf(h) && ((_home[e] == NodeOf(g) && _homeCopies[e] < 2) || (_home[f] == NodeOf(h) && _homeCopies[f] < 2))) continue;
+                var pairMax = Math.Max(_load[g] - _share[s] + _share[t], _load[h] - _share[t] + _share[s]);
+                if (pairMax < bestMax) (bestT, bestMax) = (t, pairMax);
+            }
+            if (bestT < 0)
+            {
+                for (var b = 0; b < _experts; b++)
+                {
+                    if (_onGpu[g * _experts + b] > 0 || _count[b] >= _cap) continue;
+                    var v = _load[g] - _share[s] + _weight[b] / (_count[b] + 1);
+                    if (v < bestMax) (bestB, bestMax) = (b, v);
+                }
+                if (bestB < 0) return false;
+            }
+            Apply(bestT >= 0 ? new Move { Kind = MoveKind.Swap, From = s, To = bestT } : new Move { Kind = MoveKind.Retarget, From = s, To = bestB });
+        }
+        return true;
     }
 
     private enum MoveKind : byte { None, Swap, Retarget }
@@ -356,7 +404,8 @@ internal sealed class LayerSearch
         double untouched)
     {
         var priced = newMax + AwayPrice * away;
-        if (priced >= max) return;
+        var bar = max * (1 - MinGain);
+        if (newMax > bar || priced > bar) return;
         // Counting: how much the layer's maximum drops (down to the target), plus a little credit for
         // lowering the heaviest GPU when another one is as heavy, per slot changed; refunds and free
         // moves first. Otherwise: the lowest (priced) new maximum.
