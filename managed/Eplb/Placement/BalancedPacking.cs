@@ -11,7 +11,8 @@ internal sealed class BalancedPacking
     private ulong[] _keys = [];
     private float[] _packWeight = [];
     private int[] _packCount = [];
-    private int[] _members = [];  // [m][n/m]: item ids in insertion order
+    private int[] _members = [];  // [m][n/m]: item ids in insertion order (noDuplicateOnGpu)
+    private int[] _heap = [];
 
     /// <summary>
     /// Packs <paramref name="weight"/> into <paramref name="packs"/> packs. <paramref name="packOf"/>
@@ -47,6 +48,28 @@ internal sealed class BalancedPacking
         var packCount = _packCount.AsSpan(0, packs);
         packWeight.Clear();
         packCount.Clear();
+        if (owner.IsEmpty)
+        {
+            // Min-heap of the packs with room, by weight then id: its top is the linear scan's pick.
+            Grow(ref _heap, packs);
+            var heap = _heap.AsSpan(0, packs);
+            for (var p = 0; p < packs; p++) heap[p] = p;
+            foreach (var key in keys)
+            {
+                var item = (int)(uint)key;
+                var best = heap[0];
+                packOf[item] = best;
+                rankOf[item] = packCount[best]++;
+                packWeight[best] += weight[item];
+                if (packCount[best] == cap)
+                {
+                    heap[0] = heap[^1];
+                    heap = heap[..^1];
+                }
+                if (heap.Length > 0) PriorityHeap.SiftDownMin(heap, packWeight, 0);
+            }
+            return;
+        }
         foreach (var key in keys)
         {
             var item = (int)(uint)key;

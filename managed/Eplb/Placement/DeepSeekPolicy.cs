@@ -73,6 +73,7 @@ public sealed class DeepSeekPolicy : IPlacementPolicy
         private readonly float[] _nodeWeight = new float[shape.ExpertsPerNode];
         private readonly int[] _count = new int[shape.ExpertsPerNode];
         private readonly float[] _ratio = new float[shape.ExpertsPerNode];
+        private readonly int[] _heap = new int[shape.ExpertsPerNode];
         private readonly int[] _phy2mlog = new int[shape.SlotsPerNode];
         private readonly float[] _phyWeight = new float[shape.SlotsPerNode];
         private readonly int[] _pack = new int[shape.SlotsPerNode];
@@ -126,20 +127,25 @@ public sealed class DeepSeekPolicy : IPlacementPolicy
         {
             var n = weight.Length;
             var ratio = _ratio.AsSpan(0, n);
+            var heap = _heap.AsSpan(0, n);
             count.Fill(1);
             for (var i = 0; i < n; i++)
             {
                 phy2mlog[i] = i;
-                ratio[i] = cap > 1 ? weight[i] : -1f;  // -1: at the cap (ratios are >= 0)
+                ratio[i] = weight[i];
+                heap[i] = i;
             }
+            // The heap's top is the linear scan's pick: the largest ratio, lowest position on ties.
+            var size = cap > 1 ? n : 0;
+            PriorityHeap.BuildMax(heap[..size], ratio);
             for (var p = n; p < phy2mlog.Length; p++)
             {
-                var best = 0;
-                for (var i = 1; i < n; i++)
-                    if (ratio[i] > ratio[best]) best = i;
+                var best = heap[0];
                 phy2mlog[p] = best;
                 var c = ++count[best];
-                ratio[best] = c < cap ? weight[best] / c : -1f;
+                if (c < cap) ratio[best] = weight[best] / c;
+                else heap[0] = heap[--size];  // at the cap: leaves the heap
+                if (size > 0) PriorityHeap.SiftDownMax(heap[..size], ratio, 0);
             }
         }
     }

@@ -13,7 +13,7 @@ public sealed class Placement
 {
     private readonly int[] _phy2log;  // [L][R]
     private readonly int[] _logcnt;   // [L][N]
-    private readonly int[] _log2phy;  // [L][N][Kmax], ascending, -1 padded
+    private int[]? _log2phy;          // [L][N][Kmax], ascending, -1 padded; built on first use
 
     private Placement(int layers, int experts, int slots, int gpus, int nodes, int maxReplicas, int[] phy2log, int[] logcnt)
     {
@@ -25,20 +25,30 @@ public sealed class Placement
         MaxReplicas = maxReplicas;
         _phy2log = phy2log;
         _logcnt = logcnt;
-        _log2phy = new int[(long)layers * experts * maxReplicas];
-        _log2phy.AsSpan().Fill(-1);
-        var filled = new int[experts];
-        for (var l = 0; l < layers; l++)
+    }
+
+    // Policies and metrics never read log2phy: building it (the largest table) only when asked
+    // keeps it out of a plan's time. Two threads racing here build the same table.
+    private int[] Log2PhyArray => _log2phy ?? (_log2phy = BuildLog2Phy());
+
+    private int[] BuildLog2Phy()
+    {
+        var kmax = MaxReplicas;
+        var table = new int[(long)Layers * Experts * kmax];
+        table.AsSpan().Fill(-1);
+        var filled = new int[Experts];
+        for (var l = 0; l < Layers; l++)
         {
             filled.AsSpan().Clear();
-            var row = _log2phy.AsSpan(l * experts * maxReplicas, experts * maxReplicas);
-            var p2l = Phy2Log(l);
-            for (var s = 0; s < slots; s++)
+            var row = table.AsSpan(l * Experts * kmax, Experts * kmax);
+            var p2l = _phy2log.AsSpan(l * Slots, Slots);
+            for (var s = 0; s < Slots; s++)
             {
                 var e = p2l[s];
-                row[e * maxReplicas + filled[e]++] = s;
+                row[e * kmax + filled[e]++] = s;
             }
         }
+        return table;
     }
 
     /// <summary>L, the number of MoE layers.</summary>
@@ -83,7 +93,7 @@ public sealed class Placement
     public ReadOnlySpan<int> Log2Phy(int layer)
     {
         CheckLayer(layer);
-        return _log2phy.AsSpan(layer * Experts * MaxReplicas, Experts * MaxReplicas);
+        return Log2PhyArray.AsSpan(layer * Experts * MaxReplicas, Experts * MaxReplicas);
     }
 
     /// <summary>All layers' <c>phy2log</c>, row-major <c>[L][R]</c>.</summary>
@@ -93,7 +103,7 @@ public sealed class Placement
     public ReadOnlySpan<int> LogCntTable => _logcnt;
 
     /// <summary>All layers' <c>log2phy</c>, row-major <c>[L][N][Kmax]</c>.</summary>
-    public ReadOnlySpan<int> Log2PhyTable => _log2phy;
+    public ReadOnlySpan<int> Log2PhyTable => Log2PhyArray;
 
     /// <summary>The rank that owns a slot.</summary>
     public int GpuOfSlot(int slot) => slot / SlotsPerGpu;
