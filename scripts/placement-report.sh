@@ -42,20 +42,27 @@ for f in $files; do
   echo "| $name | $hb ($hw) | $lb ($lw) | $ln | $g40 | $g72 |"
 done
 
-echo
-echo "| old load -> new load | old placement on new load | fresh locality: balancedness, slots changed | incremental: balancedness, slots changed | changed / fresh | gap |"
-echo "|---|---:|---:|---:|---:|---:|"
-prev=""
-for f in $files; do
-  if [ -n "$prev" ]; then
-    plan "$WORK/old.json" --load "$prev" --replicas 288 --nodes 4 --gpus 32 --policy locality >/dev/null
-    before=$("$EPLB" plan --groups 8 --out "$WORK/x.json" --load "$f" --replicas 288 --nodes 4 --gpus 32 --policy locality --old "$WORK/old.json" \
-      | awk '/^balancedness/ { print $2 }')  # the old placement under the new load (3 decimals)
-    read -r fb _ fc _ < <(plan "$WORK/fresh.json" --load "$f" --replicas 288 --nodes 4 --gpus 32 --policy locality --old "$WORK/old.json")
-    read -r ib _ ic _ < <(plan "$WORK/inc.json" --load "$f" --replicas 288 --nodes 4 --gpus 32 --policy incremental --old "$WORK/old.json")
-    ratio=$(awk -v a="$ic" -v b="$fc" 'BEGIN { printf "%.1f%%", 100 * a / b }')
-    gap=$(awk -v a="$fb" -v b="$ib" 'BEGIN { printf "%.3f", a - b }')
-    echo "| $(basename "$prev" .json) -> $(basename "$f" .json) | $before | $fb, $fc | $ib, $ic | $ratio | $gap |"
-  fi
-  prev=$f
+# Incremental on consecutive files, for the hierarchical layout and the two global ones.
+for layout in "288 4 32" "320 5 40" "288 9 72"; do
+  read -r R NODES GPUS <<<"$layout"
+  echo
+  echo "Incremental, R = $R, $GPUS GPUs in $NODES nodes (reference: the fresh locality plan):"
+  echo
+  echo "| old load -> new load | old placement on new load | fresh: balancedness, slots changed | incremental: balancedness, slots changed | changed / fresh | gap |"
+  echo "|---|---:|---:|---:|---:|---:|"
+  prev=""
+  for f in $files; do
+    if [ -n "$prev" ]; then
+      shape=(--replicas "$R" --nodes "$NODES" --gpus "$GPUS")
+      plan "$WORK/old.json" --load "$prev" "${shape[@]}" --policy locality >/dev/null
+      # The old placement under the new load: the deepseek run's "balancedness BEFORE -> after" line.
+      before=$("$EPLB" plan --groups 8 --out "$WORK/x.json" --load "$f" "${shape[@]}" --old "$WORK/old.json" | awk '/^balancedness/ { print $2 }')
+      read -r fb _ fc _ < <(plan "$WORK/fresh.json" --load "$f" "${shape[@]}" --policy locality --old "$WORK/old.json")
+      read -r ib _ ic _ < <(plan "$WORK/inc.json" --load "$f" "${shape[@]}" --policy incremental --old "$WORK/old.json")
+      ratio=$(awk -v a="$ic" -v b="$fc" 'BEGIN { printf "%.1f%%", 100 * a / b }')
+      gap=$(awk -v a="$fb" -v b="$ib" 'BEGIN { printf "%.4f", a - b }')
+      echo "| $(basename "$prev" .json) -> $(basename "$f" .json) | $before | $fb, $fc | $ib, $ic | $ratio | $gap |"
+    fi
+    prev=$f
+  done
 done

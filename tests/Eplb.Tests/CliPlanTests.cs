@@ -104,6 +104,20 @@ public class CliPlanTests
             Assert.That(json.RootElement.GetProperty("logical_replica_count")[0].EnumerateArray().Select(v => v.GetInt32()).Sum(), Is.EqualTo(6));
     }
 
+    [Test]
+    public void MaxReplicasFixesTheWidthOfTheLogicalToPhysicalMap()
+    {
+        var output = Path.Combine(_dir, "p.json");
+        var result = CliRunner.Run(Plan(Dump("prefill_in2048"), output, "--policy", "locality", "--max-replicas", "6"));
+        Assert.That(result.ExitCode, Is.Zero, result.Stderr);
+        using var json = JsonDocument.Parse(File.ReadAllBytes(output));
+        foreach (var layer in json.RootElement.GetProperty("logical_to_physical_map").EnumerateArray())
+            foreach (var expert in layer.EnumerateArray())
+                Assert.That(expert.GetArrayLength(), Is.EqualTo(6));
+        Assert.That(json.RootElement.GetProperty("logical_replica_count").EnumerateArray().SelectMany(r => r.EnumerateArray()).Max(v => v.GetInt32()),
+            Is.LessThanOrEqualTo(6));
+    }
+
     public static IEnumerable<TestCaseData> BadInputs()
     {
         yield return new TestCaseData("missing.json", null, new[] { "--replicas", "288" }, "does not exist").SetName("MissingFile");

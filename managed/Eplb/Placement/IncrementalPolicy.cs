@@ -2,16 +2,19 @@ namespace Eplb;
 
 /// <summary>
 /// <c>incremental</c> (SPEC 2.3, vLLM #24069): transfer-aware rebalancing. It first plans afresh
-/// with a reference policy (<see cref="LocalityPolicy"/> by default) to learn what balancedness is
+/// with a reference policy (<see cref="LocalityPolicy"/> by default) to learn what balancedness B is
 /// reachable, then starts from the current placement and changes as few slots as it can to come
-/// within <see cref="PlacementRequest.BalancednessTolerance"/> of it: each layer gets the target
-/// maximum <c>freshMax * B / (B - tolerance)</c> (B the fresh aggregate balancedness), which
-/// bounds the aggregate, and a local search (swaps and retargets ranked by load removed from the
-/// heaviest GPU per slot changed) stops as soon as the layer is there. A layer the search cannot
-/// bring to its target, or whose current placement breaks <see cref="PlacementRequest.NoDuplicateOnGpu"/>,
-/// takes the fresh plan's layer (slot-preserved) when that fits the per-layer budget
-/// (<see cref="PlacementRequest.MaxChangedSlotsPerLayer"/>). Without a current placement it starts
-/// from the initial one. Every expert on a node that holds its group's home keeps a replica there.
+/// within <see cref="PlacementRequest.BalancednessTolerance"/> of B. Aggregate balancedness is
+/// <c>sum(mean) / sum(max)</c> over layers, so the goal is a sum of layer maxima of at most
+/// <c>freshSum * B / (B - tolerance)</c>, and moves compete across layers: a local search per layer
+/// (<see cref="LayerSearch"/>: swaps and retargets) offers its best move, and the move with the most
+/// load taken off a heaviest GPU per slot changed wins, until the goal is met. Layers the search
+/// leaves short take the fresh plan's layer (slot-preserved), most load saved per slot first, when
+/// that fits <see cref="PlacementRequest.MaxChangedSlotsPerLayer"/>. With
+/// <see cref="PlacementRequest.NoDuplicateOnGpu"/>, duplicates of the current placement are removed
+/// first. Without a current placement it starts from the initial one. When groups are split over
+/// nodes, every expert keeps a replica on its group's home node (the node holding most of the
+/// group's slots now).
 /// </summary>
 public sealed class IncrementalPolicy : IPlacementPolicy
 {
