@@ -34,7 +34,6 @@ internal sealed class LayerSearch
     private readonly int[] _donors;      // scratch: slots that may give up their replica
     private int _cap;
     private bool _noDuplicate, _counting;
-    private double _away;
 
     public LayerSearch(int experts, int slots, int gpus, int nodes)
     {
@@ -65,9 +64,6 @@ internal sealed class LayerSearch
 
     /// <summary>Slots changed against the placement given to <see cref="CountChangesFrom"/>.</summary>
     public int Changed { get; private set; }
-
-    /// <summary>Load served away from its expert's home node.</summary>
-    public double AwayLoad => _away;
 
     /// <summary>The heaviest GPU's load.</summary>
     public double MaxLoad
@@ -107,7 +103,6 @@ internal sealed class LayerSearch
         }
         for (var s = 0; s < _slots; s++) _share[s] = _weight[_slot[s]] / _count[_slot[s]];
         for (var g = 0; g < _gpus; g++) SumLoad(g);
-        _away = SumAway();
     }
 
     /// <summary>From now on, moves are charged the slots they change against <paramref name="original"/>.</summary>
@@ -166,7 +161,10 @@ internal sealed class LayerSearch
         return _best.Kind != MoveKind.None;
     }
 
-    /// <summary>Load the found move takes off the heaviest GPU (down to the target).</summary>
+    /// <summary>
+    /// The found move's gain: how far the layer's maximum drops (down to the target), plus a small
+    /// credit for lowering the heaviest GPU when another GPU is as heavy.
+    /// </summary>
     public double MoveGain => _best.Gain;
 
     /// <summary>Slots the found move changes against the original (negative: a refund).</summary>
@@ -266,24 +264,25 @@ internal sealed class LayerSearch
     }
 
     private Move _best;
+
+    // Counting mode ranks moves by how far the layer's maximum really drops, which needs the
+    // heaviest GPU a move leaves untouched: the few heaviest GPUs are kept sorted for that.
     private const int TopCount = 8;
-    private const double ProxyWeight = 0.05;
-    private readonly int[] _top = new int[TopCount];  // heaviest GPUs, descending (counting mode)
+    private readonly int[] _top = new int[TopCount];
     private int _topCount;
 
+    /// <summary>Weight of the heaviest GPU's own drop next to the layer maximum's (ties at the top would stall).</summary>
+    private const double ProxyWeight = 0.05;
+
+    /// <summary>The <see cref="TopCount"/> heaviest GPUs, heaviest first (lowest id on ties).</summary>
     private void RankTop()
     {
         _topCount = 0;
         for (var g = 0; g < _gpus; g++)
         {
-            var i = _topCount < TopCount ? _topCount++ : TopCount;
-            if (i == TopCount && _load[g] <= _load[_top[TopCount - 1]]) continue;
-            if (i == TopCount) i = TopCount - 1;
-            while (i > 0 && _load[_top[i - 1]] < _load[g])
-            {
-                _top[i] = _top[i - 1];
-                i--;
-            }
+            if (_topCount == TopCount && _load[g] <= _load[_top[TopCount - 1]]) continue;
+            var i = _topCount < TopCount ? _topCount++ : TopCount - 1;
+            for (; i > 0 && _load[_top[i - 1]] < _load[g]; i--) _top[i] = _top[i - 1];
             _top[i] = g;
         }
     }
@@ -452,7 +451,6 @@ internal sealed class LayerSearch
             foreach (var x in (ReadOnlySpan<int>)[a, e])
                 foreach (var r in _replicas.AsSpan(x * _capacity, _count[x])) SumLoad(GpuOf(r));
         }
-        _away = SumAway();
     }
 
     private void Repoint(int e, int from, int to)
@@ -480,14 +478,6 @@ internal sealed class LayerSearch
         var sum = 0.0;
         foreach (var v in _share.AsSpan(g * _perGpu, _perGpu)) sum += v;
         _load[g] = sum;
-    }
-
-    private double SumAway()
-    {
-        var sum = 0.0;
-        for (var s = 0; s < _slots; s++)
-            if (Away(_slot[s], NodeOf(GpuOf(s)))) sum += _share[s];
-        return sum;
     }
 
     private bool Away(int e, int node) => _home[e] >= 0 && _home[e] != node;
