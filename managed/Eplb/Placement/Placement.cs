@@ -28,8 +28,9 @@ public sealed class Placement
     }
 
     // Policies and metrics never read log2phy: building it (the largest table) only when asked
-    // keeps it out of a plan's time. Two threads racing here build the same table.
-    private int[] Log2PhyArray => _log2phy ?? (_log2phy = BuildLog2Phy());
+    // keeps it out of a plan's time. Threads racing here build equal tables; one is published.
+    private int[] Log2PhyArray =>
+        Volatile.Read(ref _log2phy) ?? Interlocked.CompareExchange(ref _log2phy, BuildLog2Phy(), null) ?? _log2phy!;
 
     private int[] BuildLog2Phy()
     {
