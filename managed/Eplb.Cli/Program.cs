@@ -17,6 +17,7 @@ public static class Program
         var root = new RootCommand("eplb: expert-parallel load balancing for Mixture-of-Experts inference");
         root.Subcommands.Add(SimulateCommand.Create());
         root.Subcommands.Add(InfoCommand.Create());
+        root.Subcommands.Add(PlanCommand.Create());
 
         var parse = root.Parse(args);
         if (parse.Errors.Count > 0)

@@ -1,0 +1,447 @@
+using System.Globalization;
+
+namespace Eplb;
+
+/// <summary>
+/// An expert placement for a whole model (SPEC 1): for each of <see cref="Layers"/> MoE layers, which
+/// logical expert each of the <see cref="Slots"/> physical slots holds, spread over <see cref="Gpus"/>
+/// ranks (rank <c>g</c> owns slots <c>[g*R/G, (g+1)*R/G)</c>) on <see cref="Nodes"/> nodes. Immutable;
+/// every instance satisfies the invariants (each expert at least once, rows of R slots, R/G slots per
+/// rank, <c>phy2log</c>, <c>logcnt</c> and <c>log2phy</c> consistent, <c>logcnt &lt;= MaxReplicas</c>).
+/// </summary>
+public sealed class Placement
+{
+    private readonly int[] _phy2log;  // [L][R]
+    private readonly int[] _logcnt;   // [L][N]
+    private int[]? _log2phy;          // [L][N][Kmax], ascending, -1 padded; built on first use
+
+    private Placement(int layers, int experts, int slots, int gpus, int nodes, int maxReplicas, int[] phy2log, int[] logcnt)
+    {
+        Layers = layers;
+        Experts = experts;
+        Slots = slots;
+        Gpus = gpus;
+        Nodes = nodes;
+        MaxReplicas = maxReplicas;
+        _phy2log = phy2log;
+        _logcnt = logcnt;
+    }
+
+    // Policies and metrics never read log2phy: building it (the largest table) only when asked
+    // keeps it out of a plan's time. Threads racing here build equal tables; one is published.
+    private int[] Log2PhyArray =>
+        Volatile.Read(ref _log2phy) ?? Interlocked.CompareExchange(ref _log2phy, BuildLog2Phy(), null) ?? _log2phy!;
+
+    private int[] BuildLog2Phy()
+    {
+        var kmax = MaxReplicas;
+        var table = new int[(long)Layers * Experts * kmax];
+        table.AsSpan().Fill(-1);
+        var filled = new int[Experts];
+        for (var l = 0; l < Layers; l++)
+        {
+            filled.AsSpan().Clear();
+            var row = table.AsSpan(l * Experts * kmax, Experts * kmax);
+            var p2l = _phy2log.AsSpan(l * Slots, Slots);
+            for (var s = 0; s < Slots; s++)
+            {
+                var e = p2l[s];
+                row[e * kmax + filled[e]++] = s;
+            }
+        }
+        return table;
+    }
+
+    /// <summary>L, the number of MoE layers.</summary>
+    public int Layers { get; }
+
+    /// <summary>N, logical experts per layer.</summary>
+    public int Experts { get; }
+
+    /// <summary>R, physical slots per layer.</summary>
+    public int Slots { get; }
+
+    /// <summary>G, expert-parallel ranks; rank <c>g</c> owns slots <c>[g*R/G, (g+1)*R/G)</c>.</summary>
+    public int Gpus { get; }
+
+    /// <summary>Nodes; rank <c>g</c> is on node <c>g / (G/nodes)</c>.</summary>
+    public int Nodes { get; }
+
+    /// <summary>Kmax, the capacity of a <see cref="Log2Phy"/> row: fixed per placement, at least the largest replica count.</summary>
+    public int MaxReplicas { get; }
+
+    /// <summary>R/G, the slots of one rank.</summary>
+    public int SlotsPerGpu => Slots / Gpus;
+
+    /// <summary>G/nodes, the ranks of one node.</summary>
+    public int GpusPerNode => Gpus / Nodes;
+
+    /// <summary>The logical expert held by each slot of a layer, <c>[R]</c>.</summary>
+    public ReadOnlySpan<int> Phy2Log(int layer)
+    {
+        CheckLayer(layer);
+        return _phy2log.AsSpan(layer * Slots, Slots);
+    }
+
+    /// <summary>The replica count of each logical expert of a layer, <c>[N]</c>, each &gt;= 1, summing to R.</summary>
+    public ReadOnlySpan<int> LogCnt(int layer)
+    {
+        CheckLayer(layer);
+        return _logcnt.AsSpan(layer * Experts, Experts);
+    }
+
+    /// <summary>The slots of each logical expert of a layer, <c>[N * Kmax]</c>: ascending, padded with -1.</summary>
+    public ReadOnlySpan<int> Log2Phy(int layer)
+    {
+        CheckLayer(layer);
+        return Log2PhyArray.AsSpan(layer * Experts * MaxReplicas, Experts * MaxReplicas);
+    }
+
+    /// <summary>All layers' <c>phy2log</c>, row-major <c>[L][R]</c>.</summary>
+    public ReadOnlySpan<int> Phy2LogTable => _phy2log;
+
+    /// <summary>All layers' <c>logcnt</c>, row-major <c>[L][N]</c>.</summary>
+    public ReadOnlySpan<int> LogCntTable => _logcnt;
+
+    /// <summary>All layers' <c>log2phy</c>, row-major <c>[L][N][Kmax]</c>.</summary>
+    public ReadOnlySpan<int> Log2PhyTable => Log2PhyArray;
+
+    /// <summary>The rank that owns a slot.</summary>
+    public int GpuOfSlot(int slot) => slot / SlotsPerGpu;
+
+    /// <summary>The node of a rank.</summary>
+    public int NodeOfGpu(int gpu) => gpu / GpusPerNode;
+
+    /// <summary>The initial placement (SPEC 1): slot <c>s</c> holds logical expert <c>s % N</c> in every layer.</summary>
+    /// <param name="layers">L (0 is valid: a pipeline stage without MoE layers).</param>
+    /// <param name="experts">N.</param>
+    /// <param name="slots">R, at least N and a multiple of <paramref name="gpus"/>.</param>
+    /// <param name="gpus">G, a multiple of <paramref name="nodes"/>.</param>
+    /// <param name="nodes">Nodes.</param>
+    /// <param name="maxReplicas">Kmax; 0 derives <c>ceil(R/N)</c>.</param>
+    /// <exception cref="ArgumentException">A size is out of range or inconsistent.</exception>
+    public static Placement Initial(int layers, int experts, int slots, int gpus, int nodes = 1, int maxReplicas = 0)
+    {
+        ValidateShape(layers, experts, slots, gpus, nodes, maxReplicas);
+        var phy2log = new int[(long)layers * slots];
+        for (var l = 0; l < layers; l++)
+            for (var s = 0; s < slots; s++)
+                phy2log[l * slots + s] = s % experts;
+        return Create(layers, experts, slots, gpus, nodes, maxReplicas, phy2log, "initial placement");
+    }
+
+    /// <summary>A placement from its <c>phy2log</c> rows (copied); <c>logcnt</c> and <c>log2phy</c> are derived.</summary>
+    /// <param name="phy2log">One row of R logical ids per layer.</param>
+    /// <param name="experts">N.</param>
+    /// <param name="gpus">G; R must be a multiple of it.</param>
+    /// <param name="nodes">Nodes; G must be a multiple of it.</param>
+    /// <param name="maxReplicas">Kmax; 0 derives the largest replica count. A row needing more replicas is an error.</param>
+    /// <exception cref="ArgumentException">No or ragged rows, an id outside <c>[0, N)</c>, an expert without a slot, or bad sizes.</exception>
+    public static Placement FromPhy2Log(IReadOnlyList<int[]> phy2log, int experts, int gpus, int nodes = 1, int maxReplicas = 0)
+    {
+        ArgumentNullException.ThrowIfNull(phy2log);
+        var layers = phy2log.Count;
+        if (layers == 0)
+            throw new ArgumentException("phy2log has no layers, so R is unknown: use Initial(0, experts, slots, gpus) for a stage without MoE layers", nameof(phy2log));
+        var slots = phy2log[0]?.Length ?? 0;
+        ValidateShape(layers, experts, slots, gpus, nodes, maxReplicas);
+        var flat = new int[(long)layers * slots];
+        for (var l = 0; l < layers; l++)
+        {
+            var row = phy2log[l] ?? throw new ArgumentException($"phy2log[{l}] is null", nameof(phy2log));
+            if (row.Length != slots)
+                throw new ArgumentException($"ragged phy2log: layer {l} has {row.Length} slots, layer 0 has {slots}", nameof(phy2log));
+            row.CopyTo(flat, l * slots);
+        }
+        return Create(layers, experts, slots, gpus, nodes, maxReplicas, flat, nameof(phy2log));
+    }
+
+    /// <summary>
+    /// Builds and validates a placement that takes ownership of <paramref name="phy2log"/> (<c>[L][R]</c>, row-major).
+    /// </summary>
+    internal static Placement Create(int layers, int experts, int slots, int gpus, int nodes, int maxReplicas, int[] phy2log, string what)
+    {
+        var logcnt = new int[(long)layers * experts];
+        var largest = 0;
+        for (var l = 0; l < layers; l++)
+        {
+            var counts = logcnt.AsSpan(l * experts, experts);
+            var row = phy2log.AsSpan(l * slots, slots);
+            for (var s = 0; s < slots; s++)
+            {
+                var e = row[s];
+                if ((uint)e >= (uint)experts)
+                    throw new ArgumentException($"{what}: layer {l} slot {s} holds expert {e}, outside [0, {experts})", what);
+                counts[e]++;
+            }
+            for (var e = 0; e < experts; e++)
+            {
+                if (counts[e] == 0) throw new ArgumentException($"{what}: layer {l} has no slot for expert {e} (every expert needs a replica)", what);
+                largest = Math.Max(largest, counts[e]);
+            }
+        }
+        if (maxReplicas > 0 && largest > maxReplicas)
+            throw new ArgumentException($"{what}: an expert has {largest} replicas, more than maxReplicas = {maxReplicas}", nameof(maxReplicas));
+        var kmax = maxReplicas > 0 ? maxReplicas : Math.Max(largest, 1);
+        return new Placement(layers, experts, slots, gpus, nodes, kmax, phy2log, logcnt);
+    }
+
+    internal static void ValidateShape(int layers, int experts, int slots, int gpus, int nodes, int maxReplicas)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(layers);
+        ArgumentOutOfRangeException.ThrowIfLessThan(experts, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(gpus, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(nodes, 1);
+        ArgumentOutOfRangeException.ThrowIfNegative(maxReplicas);
+        if (slots < experts) throw new ArgumentException($"slots (R = {slots}) must be >= experts (N = {experts})", nameof(slots));
+        if (slots % gpus != 0) throw new ArgumentException($"slots (R = {slots}) must be a multiple of gpus (G = {gpus})", nameof(slots));
+        if (gpus % nodes != 0) throw new ArgumentException($"gpus (G = {gpus}) must be a multiple of nodes ({nodes})", nameof(gpus));
+        if (maxReplicas > 0 && (long)maxReplicas * experts < slots)
+            throw new ArgumentException($"maxReplicas = {maxReplicas} cannot fill R = {slots} slots with N = {experts} experts", nameof(maxReplicas));
+    }
+
+    /// <summary>The same tables with another <see cref="MaxReplicas"/> capacity.</summary>
+    /// <exception cref="ArgumentException">An expert has more replicas than <paramref name="maxReplicas"/>.</exception>
+    public Placement WithMaxReplicas(int maxReplicas)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(maxReplicas, 1);
+        return maxReplicas == MaxReplicas ? this : Create(Layers, Experts, Slots, Gpus, Nodes, maxReplicas, _phy2log, "placement");
+    }
+
+    /// <summary>
+    /// Slot preservation (SPEC 2.2, vLLM <c>preserve_intragpu_slots</c>): the same experts on every
+    /// rank, but an expert that <paramref name="old"/> already had on a rank goes back to its old slot
+    /// (each old slot, in order, takes the first unclaimed new copy of its expert); the remaining new
+    /// experts fill the remaining slots in ascending order. Balancedness is unchanged; copies are saved.
+    /// </summary>
+    /// <exception cref="ArgumentException"><paramref name="old"/> has another shape.</exception>
+    public Placement WithSlotsPreservedFrom(Placement old)
+    {
+        ArgumentNullException.ThrowIfNull(old);
+        CheckSameShape(old, nameof(old));
+        var result = (int[])_phy2log.Clone();
+        var perGpu = SlotsPerGpu;
+        Span<bool> used = perGpu <= 256 ? stackalloc bool[perGpu] : new bool[perGpu];
+        Span<bool> kept = perGpu <= 256 ? stackalloc bool[perGpu] : new bool[perGpu];
+        for (var l = 0; l < Layers; l++)
+        {
+            for (var g = 0; g < Gpus; g++)
+            {
+                var offset = l * Slots + g * perGpu;
+                SlotPreservation.Preserve(_phy2log.AsSpan(offset, perGpu), old._phy2log.AsSpan(offset, perGpu),
+                    result.AsSpan(offset, perGpu), used, kept);
+            }
+        }
+        return new Placement(Layers, Experts, Slots, Gpus, Nodes, MaxReplicas, result, (int[])_logcnt.Clone());
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Metrics (SPEC 1)
+
+    /// <summary>
+    /// The load of each rank in one layer: the sum over its slots of <c>weight[e] / logcnt[e]</c>
+    /// (each replica serves an equal share of its expert's tokens).
+    /// </summary>
+    /// <exception cref="ArgumentException">The load has another shape, or <paramref name="gpuLoads"/> is not G long.</exception>
+    public void GpuLoads(ExpertLoad load, int layer, Span<double> gpuLoads)
+    {
+        CheckLoad(load);
+        CheckLayer(layer);
+        if (gpuLoads.Length != Gpus) throw new ArgumentException($"gpuLoads has {gpuLoads.Length} entries for G = {Gpus}", nameof(gpuLoads));
+        var weight = load.Layer(layer);
+        var counts = LogCnt(layer);
+        var row = Phy2Log(layer);
+        var perGpu = SlotsPerGpu;
+        for (var g = 0; g < Gpus; g++)
+        {
+            var sum = 0.0;
+            for (var s = g * perGpu; s < (g + 1) * perGpu; s++) sum += weight[row[s]] / counts[row[s]];
+            gpuLoads[g] = sum;
+        }
+    }
+
+    /// <summary>Per-layer balancedness: mean over ranks / max over ranks (0 when the max is 0).</summary>
+    public double[] BalancednessPerLayer(ExpertLoad load)
+    {
+        CheckLoad(load);
+        var result = new double[Layers];
+        var loads = new double[Gpus];
+        for (var l = 0; l < Layers; l++)
+        {
+            var (mean, max) = MeanMax(load, l, loads);
+            result[l] = max > 0 ? mean / max : 0;
+        }
+        return result;
+    }
+
+    /// <summary>
+    /// Aggregate balancedness: <c>sum over layers of mean / sum over layers of max</c> (the
+    /// token-weighted form vLLM logs, reduced over ranks); 0 when every layer is empty.
+    /// </summary>
+    public double Balancedness(ExpertLoad load)
+    {
+        CheckLoad(load);
+        var loads = new double[Gpus];
+        double sumMean = 0, sumMax = 0;
+        for (var l = 0; l < Layers; l++)
+        {
+            var (mean, max) = MeanMax(load, l, loads);
+            sumMean += mean;
+            sumMax += max;
+        }
+        return sumMax > 0 ? sumMean / sumMax : 0;
+    }
+
+    private (double Mean, double Max) MeanMax(ExpertLoad load, int layer, double[] loads)
+    {
+        GpuLoads(load, layer, loads);
+        double sum = 0, max = 0;
+        foreach (var v in loads)
+        {
+            sum += v;
+            max = Math.Max(max, v);
+        }
+        return (sum / loads.Length, max);
+    }
+
+    /// <summary>
+    /// The node-local fraction of routed load: the share of all tokens (over every layer) served on
+    /// their group's home node. With <paramref name="groups"/> groups of <c>N/groups</c> consecutive
+    /// experts, a group's home node in a layer is the node that serves most of that group's load
+    /// (lowest node on ties), so the figure is defined for any placement: 1 for DeepSeek's
+    /// hierarchical policy, which pins every group to one node. 1 when the load is empty.
+    /// </summary>
+    /// <exception cref="ArgumentException">The load has another shape, or <paramref name="groups"/> does not divide N.</exception>
+    public double NodeLocalFraction(ExpertLoad load, int groups)
+    {
+        CheckLoad(load);
+        if (groups < 1 || Experts % groups != 0)
+            throw new ArgumentException($"groups ({groups}) must divide the experts (N = {Experts})", nameof(groups));
+        var groupSize = Experts / groups;
+        var perNode = new double[groups * Nodes];
+        double local = 0, total = 0;
+        for (var l = 0; l < Layers; l++)
+        {
+            Array.Clear(perNode);
+            var weight = load.Layer(l);
+            var counts = LogCnt(l);
+            var row = Phy2Log(l);
+            for (var s = 0; s < Slots; s++)
+            {
+                var e = row[s];
+                perNode[e / groupSize * Nodes + NodeOfGpu(GpuOfSlot(s))] += weight[e] / counts[e];
+            }
+            for (var g = 0; g < groups; g++)
+            {
+                var best = 0.0;
+                for (var n = 0; n < Nodes; n++)
+                {
+                    best = Math.Max(best, perNode[g * Nodes + n]);
+                    total += perNode[g * Nodes + n];
+                }
+                local += best;
+            }
+        }
+        return total > 0 ? local / total : 1;
+    }
+
+    /// <summary>The (layer, slot) pairs whose expert differs from <paramref name="other"/>.</summary>
+    /// <exception cref="ArgumentException"><paramref name="other"/> has another shape.</exception>
+    public int SlotsChanged(Placement other)
+    {
+        ArgumentNullException.ThrowIfNull(other);
+        CheckSameShape(other, nameof(other));
+        var changed = 0;
+        for (var i = 0; i < _phy2log.Length; i++)
+            if (_phy2log[i] != other._phy2log[i]) changed++;
+        return changed;
+    }
+
+    /// <summary>The slots of one layer whose expert differs from <paramref name="other"/>.</summary>
+    public int SlotsChanged(Placement other, int layer)
+    {
+        ArgumentNullException.ThrowIfNull(other);
+        CheckSameShape(other, nameof(other));
+        var a = Phy2Log(layer);
+        var b = other.Phy2Log(layer);
+        var changed = 0;
+        for (var s = 0; s < a.Length; s++)
+            if (a[s] != b[s]) changed++;
+        return changed;
+    }
+
+    /// <summary>
+    /// Expert weights that cross between ranks to go from <paramref name="from"/> to this placement:
+    /// for every layer and rank, the distinct experts the rank holds here but not in
+    /// <paramref name="from"/>. Each is received once per rank and fanned out locally (SPEC 5); slots
+    /// that change to an expert the rank already had are local copies and are not counted.
+    /// </summary>
+    public long ExpertsToReceive(Placement from)
+    {
+        ArgumentNullException.ThrowIfNull(from);
+        CheckSameShape(from, nameof(from));
+        var perGpu = SlotsPerGpu;
+        long received = 0;
+        for (var l = 0; l < Layers; l++)
+        {
+            var now = Phy2Log(l);
+            var before = from.Phy2Log(l);
+            for (var g = 0; g < Gpus; g++)
+            {
+                var mine = now.Slice(g * perGpu, perGpu);
+                var had = before.Slice(g * perGpu, perGpu);
+                for (var i = 0; i < perGpu; i++)
+                {
+                    var e = mine[i];
+                    if (had.Contains(e) || mine[..i].Contains(e)) continue;
+                    received++;
+                }
+            }
+        }
+        return received;
+    }
+
+    /// <summary>
+    /// Bytes that cross between ranks to go from <paramref name="from"/> to this placement:
+    /// <see cref="ExpertsToReceive"/> times the bytes of one expert's tensors (weights and scales).
+    /// </summary>
+    /// <param name="from">The placement in force now.</param>
+    /// <param name="bytesPerExpert">Bytes of one expert of one layer (DeepSeek-V3 FP8: <see cref="DeepSeekV3ExpertBytes"/>).</param>
+    public long BytesToMove(Placement from, long bytesPerExpert)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(bytesPerExpert);
+        return checked(ExpertsToReceive(from) * bytesPerExpert);
+    }
+
+    /// <summary>
+    /// Bytes of one DeepSeek-V3 routed expert in its FP8 checkpoint: gate, up and down projections of
+    /// 7168 x 2048 one-byte weights plus one float32 scale per 128 x 128 block
+    /// (3 x (7168 x 2048 + 56 x 16 x 4) = 44,050,944).
+    /// </summary>
+    public const long DeepSeekV3ExpertBytes = 3L * (7168 * 2048 + 7168 / 128 * (2048 / 128) * 4);
+
+    private void CheckLayer(int layer)
+    {
+        if ((uint)layer >= (uint)Layers)
+            throw new ArgumentOutOfRangeException(nameof(layer), layer, $"layer must be in [0, {Layers})");
+    }
+
+    private void CheckLoad(ExpertLoad load)
+    {
+        ArgumentNullException.ThrowIfNull(load);
+        if (load.Layers != Layers || load.Experts != Experts)
+            throw new ArgumentException($"the load is {load.Layers} x {load.Experts}, the placement {Layers} layers x {Experts} experts", nameof(load));
+    }
+
+    internal void CheckSameShape(Placement other, string name)
+    {
+        if (other.Layers != Layers || other.Experts != Experts || other.Slots != Slots || other.Gpus != Gpus)
+            throw new ArgumentException(
+                $"{name} is {other.Layers} layers x {other.Slots} slots of {other.Experts} experts on {other.Gpus} GPUs; " +
+                $"expected {Layers} x {Slots} of {Experts} on {Gpus}", name);
+    }
+
+    /// <summary>A short description: sizes and the largest replica count.</summary>
+    public override string ToString() =>
+        string.Create(CultureInfo.InvariantCulture, $"Placement({Layers} layers, N = {Experts}, R = {Slots}, G = {Gpus}, nodes = {Nodes}, Kmax = {MaxReplicas})");
+}
