@@ -6,7 +6,7 @@
 #ifndef EPLB_EPLB_WINDOW_H
 #define EPLB_EPLB_WINDOW_H
 
-#include "eplb/eplb.h"
+#include "eplb/eplb_core.h"
 
 #ifdef __cplusplus
 extern "C" {
