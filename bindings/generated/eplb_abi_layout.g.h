@@ -16,7 +16,7 @@
 #define EPLB_LAYOUT_ASSERT(cond, text) _Static_assert(cond, text)
 #endif
 
-/* eplb/eplb.h: eplb_runtime_info_t */
+/* eplb/eplb_core.h: eplb_runtime_info_t */
 EPLB_LAYOUT_ASSERT(sizeof(eplb_runtime_info_t) == 376, "sizeof(eplb_runtime_info_t)");
 EPLB_LAYOUT_ASSERT(offsetof(eplb_runtime_info_t, abi_version) == 0, "offsetof(eplb_runtime_info_t, abi_version)");
 EPLB_LAYOUT_ASSERT(offsetof(eplb_runtime_info_t, cuda_compiled) == 4, "offsetof(eplb_runtime_info_t, cuda_compiled)");
@@ -35,7 +35,7 @@ EPLB_LAYOUT_ASSERT(offsetof(eplb_runtime_info_t, device_name) == 56, "offsetof(e
 EPLB_LAYOUT_ASSERT(offsetof(eplb_runtime_info_t, last_cuda_error_string) == 184, "offsetof(eplb_runtime_info_t, last_cuda_error_string)");
 EPLB_LAYOUT_ASSERT(offsetof(eplb_runtime_info_t, cuda_archs) == 312, "offsetof(eplb_runtime_info_t, cuda_archs)");
 
-/* eplb/eplb.h: eplb_buffer_info_t */
+/* eplb/eplb_core.h: eplb_buffer_info_t */
 EPLB_LAYOUT_ASSERT(sizeof(eplb_buffer_info_t) == 24, "sizeof(eplb_buffer_info_t)");
 EPLB_LAYOUT_ASSERT(offsetof(eplb_buffer_info_t, data) == 0, "offsetof(eplb_buffer_info_t, data)");
 EPLB_LAYOUT_ASSERT(offsetof(eplb_buffer_info_t, size_bytes) == 8, "offsetof(eplb_buffer_info_t, size_bytes)");

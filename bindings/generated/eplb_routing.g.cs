@@ -112,7 +112,7 @@ internal static unsafe partial class NativeMethods
     /// device memory and the call only queues work; a bad table entry yields -1, is not counted and sets
     /// EPLB_DEVICE_ERROR_BAD_TABLE on the stream. On CPU bad tables fail before anything is written.
     /// </summary>
-    /// <remarks><c>eplb_status_t eplb_route_topk(eplb_stream_t * stream, const eplb_router_config_t * config, const float * logits, const float * bias, int64_t num_tokens, const struct eplb_expert_map * map, const int32_t * num_unpadded, int32_t * topk_ids, float * topk_weights)</c></remarks>
+    /// <remarks><c>eplb_status_t eplb_route_topk(eplb_stream_t * stream, const eplb_router_config_t * config, const float * logits, const float * bias, int64_t num_tokens, const eplb_expert_map_t * map, const int32_t * num_unpadded, int32_t * topk_ids, float * topk_weights)</c></remarks>
     [LibraryImport(LibraryName, EntryPoint = "eplb_route_topk")]
     [UnmanagedCallConv(CallConvs = [typeof(CallConvCdecl)])]
     internal static partial eplb_status_t eplb_route_topk(eplb_stream_t* stream, eplb_router_config_t* config, float* logits, float* bias, long num_tokens, eplb_expert_map_t* map, int* num_unpadded, int* topk_ids, float* topk_weights);
@@ -132,7 +132,7 @@ internal static unsafe partial class NativeMethods
     /// EPLB_DEVICE_ERROR_BAD_TOKEN_ID / EPLB_DEVICE_ERROR_BAD_EXPERT_ID is set on the stream. Padding
     /// rows are not checked.
     /// </summary>
-    /// <remarks><c>eplb_status_t eplb_route_hash(eplb_stream_t * stream, const eplb_router_config_t * config, const float * logits, const int64_t * token_ids, const int32_t * tid2eid, int64_t vocab_size, int64_t num_tokens, const struct eplb_expert_map * map, const int32_t * num_unpadded, int32_t * topk_ids, float * topk_weights)</c></remarks>
+    /// <remarks><c>eplb_status_t eplb_route_hash(eplb_stream_t * stream, const eplb_router_config_t * config, const float * logits, const int64_t * token_ids, const int32_t * tid2eid, int64_t vocab_size, int64_t num_tokens, const eplb_expert_map_t * map, const int32_t * num_unpadded, int32_t * topk_ids, float * topk_weights)</c></remarks>
     [LibraryImport(LibraryName, EntryPoint = "eplb_route_hash")]
     [UnmanagedCallConv(CallConvs = [typeof(CallConvCdecl)])]
     internal static partial eplb_status_t eplb_route_hash(eplb_stream_t* stream, eplb_router_config_t* config, float* logits, long* token_ids, int* tid2eid, long vocab_size, long num_tokens, eplb_expert_map_t* map, int* num_unpadded, int* topk_ids, float* topk_weights);

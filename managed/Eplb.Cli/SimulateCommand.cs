@@ -5,70 +5,144 @@ using Spectre.Console;
 
 namespace Eplb.Cli;
 
-/// <summary><c>eplb simulate</c>: the expert-parallel serving simulation on the real load files.</summary>
+/// <summary>
+/// <c>eplb simulate</c>: the main job. An expert-parallel serving simulation on the real DeepSeek-V3
+/// load files that runs the real pipeline (routing + EPLB mapping and recording, EplbState with async
+/// rearrangement, in-process weight migration over simulated ranks) and compares no EPLB with every policy.
+/// </summary>
 internal static class SimulateCommand
 {
     public static Command Create()
     {
-        var load = new Option<string[]>("--load") { Description = "Load dump(s) to draw routing from (default: the SGLang DeepSeek-V3 files in data/load-data)", AllowMultipleArgumentsPerToken = true };
+        var load = new Option<string[]>("--load") { Description = "Load dump(s) to draw routing from, one phase each (default: decode and prefill files of data/load-data, alternating)", AllowMultipleArgumentsPerToken = true };
         var gpus = new Option<int>("--gpus") { Description = "Expert-parallel ranks", DefaultValueFactory = _ => 32 };
-        var replicas = new Option<int>("--replicas") { Description = "Physical slots per layer (N + redundant)", DefaultValueFactory = _ => 288 };
-        var steps = new Option<int>("--steps") { Description = "Forward passes to simulate", DefaultValueFactory = _ => 64 };
-        var tokens = new Option<int>("--tokens") { Description = "Tokens per forward pass", DefaultValueFactory = _ => 2048 };
+        var nodes = new Option<int>("--nodes") { Description = "Nodes the ranks span", DefaultValueFactory = _ => 4 };
+        var replicas = new Option<int>("--replicas") { Description = "Physical slots per layer with EPLB (N + redundant)", DefaultValueFactory = _ => 288 };
+        var groups = new Option<int>("--groups") { Description = "Expert groups (DeepSeek-V3: 8)", DefaultValueFactory = _ => 8 };
+        var steps = new Option<int>("--steps") { Description = "Forward passes per run", DefaultValueFactory = _ => 256 };
+        var tokens = new Option<int>("--tokens") { Description = "Tokens per forward pass over all ranks", DefaultValueFactory = _ => 512 };
+        var policy = new Option<string[]>("--policy") { Description = "Policies to compare: deepseek, locality, incremental or all", AllowMultipleArgumentsPerToken = true, DefaultValueFactory = _ => ["all"] };
         var backend = new Option<string>("--backend") { Description = "cpu, cuda or auto", DefaultValueFactory = _ => "auto" };
-        var seed = new Option<int>("--seed") { Description = "Seed of the routing sampler", DefaultValueFactory = _ => 1 };
-        var json = new Option<string?>("--json") { Description = "Write the final table as JSON to this file" };
-        var command = new Command("simulate", "Simulate expert-parallel serving on the real load files and report balancedness")
+        var window = new Option<int>("--window") { Description = "EPLB load window (passes)", DefaultValueFactory = _ => 48 };
+        var interval = new Option<int>("--interval") { Description = "EPLB rearrangement interval (passes)", DefaultValueFactory = _ => 96 };
+        var routing = new Option<string>("--routing") { Description = "Routing kernel: hash (DeepSeek-V4 hash top-k, fast) or softmax (top-k over Gumbel-noised logits)", DefaultValueFactory = _ => "hash" };
+        routing.AcceptOnlyFromAmong("hash", "softmax");
+        var sync = new Option<bool>("--sync") { Description = "Rearrange synchronously instead of in the background" };
+        var seed = new Option<int>("--seed") { Description = "Seed of the routing draws", DefaultValueFactory = _ => 1 };
+        var plot = new Option<string?>("--plot") { Description = "Write a PNG: per-GPU load without and with EPLB, balancedness over time" };
+        var json = new Option<string?>("--json") { Description = "Write the final table as JSON" };
+        var command = new Command("simulate", "Simulate expert-parallel serving on the real load files: no EPLB vs each policy")
         {
-            load, gpus, replicas, steps, tokens, backend, seed, json,
+            load, gpus, nodes, replicas, groups, steps, tokens, policy, backend, routing, window, interval, sync, seed, plot, json,
         };
-        command.SetAction(parse => Run(parse.GetValue(load), parse.GetValue(gpus), parse.GetValue(replicas), parse.GetValue(steps),
-            parse.GetValue(tokens), parse.GetValue(backend)!, parse.GetValue(seed), parse.GetValue(json)));
+        command.SetAction(parse =>
+        {
+            var policies = parse.GetValue(policy)!;
+            var names = policies.Length == 0 || policies.Any(p => p.Equals("all", StringComparison.OrdinalIgnoreCase))
+                ? PlacementPolicies.Names.Take(3).ToArray()
+                : policies.Select(p => PlacementPolicies.Get(p).Name).ToArray();
+            var files = parse.GetValue(load) is { Length: > 0 } given ? given : DefaultLoadFiles();
+            var options = new SimulationOptions
+            {
+                Loads = files.Select(f => ExpertLoad.Read(f).WithoutEmptyLayers(out _)).ToList(),
+                Gpus = Positive(parse.GetValue(gpus), "--gpus"),
+                Nodes = Positive(parse.GetValue(nodes), "--nodes"),
+                Replicas = Positive(parse.GetValue(replicas), "--replicas"),
+                Groups = Positive(parse.GetValue(groups), "--groups"),
+                Steps = Positive(parse.GetValue(steps), "--steps"),
+                Tokens = Positive(parse.GetValue(tokens), "--tokens"),
+                Policies = names,
+                Backend = EplbRuntime.ResolveBackend(parse.GetValue(backend)),
+                WindowSize = Positive(parse.GetValue(window), "--window"),
+                StepInterval = Positive(parse.GetValue(interval), "--interval"),
+                UseAsync = !parse.GetValue(sync),
+                Routing = parse.GetValue(routing) == "softmax" ? SimulationRouting.Softmax : SimulationRouting.Hash,
+                Seed = parse.GetValue(seed),
+            };
+            return Run(options, files, parse.GetValue(plot), parse.GetValue(json));
+        });
         return command;
     }
 
-    private static int Run(string[]? loadFiles, int gpus, int replicas, int steps, int tokens, string backendName, int seed, string? jsonPath)
-    {
-        if (gpus < 1) throw new ArgumentException($"--gpus must be >= 1 (got {gpus})");
-        if (steps < 1) throw new ArgumentException($"--steps must be >= 1 (got {steps})");
-        if (tokens < 1) throw new ArgumentException($"--tokens must be >= 1 (got {tokens})");
-        var backend = EplbRuntime.ResolveBackend(backendName);
-        var files = loadFiles is { Length: > 0 } ? loadFiles : DefaultLoadFiles();
-        var loads = files.Select(f => ExpertLoad.Read(f).WithoutEmptyLayers(out _)).ToList();
-        var options = new SimulationOptions { Loads = loads, Gpus = gpus, Replicas = replicas, Steps = steps, Tokens = tokens, Backend = backend, Seed = seed };
-        var simulation = new ServingSimulation(options);
+    private static int Positive(int value, string name) =>
+        value >= 1 ? value : throw new ArgumentException($"{name} must be >= 1 (got {value})");
 
-        SimulationResult? result = null;
-        AnsiConsole.Progress().AutoClear(true).Start(context =>
+    private static int Run(SimulationOptions options, string[] files, string? plotPath, string? jsonPath)
+    {
+        foreach (var path in new[] { plotPath, jsonPath })
         {
-            var task = context.AddTask($"simulating {steps} steps on {backend.ToString().ToLowerInvariant()}", maxValue: steps);
-            result = simulation.Run(done => task.Value = done);
+            var directory = path is null ? null : Path.GetDirectoryName(Path.GetFullPath(path));
+            if (directory != null && !Directory.Exists(directory)) throw new DirectoryNotFoundException($"the folder of '{path}' does not exist");
+        }
+        var simulation = new ServingSimulation(options);
+        SimulationResult? result = null;
+        var runNames = new[] { "no EPLB" }.Concat(options.Policies).ToArray();
+        AnsiConsole.Progress().AutoClear(true).HideCompleted(false).Start(context =>
+        {
+            var tasks = runNames.Select(n => context.AddTask(n, autoStart: true, maxValue: options.Steps)).ToArray();
+            result = simulation.Run((run, step) => tasks[run].Value = step);
         });
 
-        var table = new Table().AddColumns("", "balancedness").AddRow("no EPLB", $"{result!.Balancedness:F3}");
+        var table = new Table().Title($"eplb simulate: {options.Loads[0].Layers} layers x {options.Loads[0].Experts} experts, " +
+                                      $"{options.Gpus} GPUs / {options.Nodes} nodes, R = {options.Replicas}, {options.Tokens} tokens x {options.TopK} per pass")
+            .AddColumns("", "balancedness", "node-local", "rearrangements", "slots moved", "bytes moved (full scale)", "ms / pass");
+        foreach (var run in result!.Runs)
+            table.AddRow(run.Name, $"{run.Balancedness:F3}", $"{run.NodeLocalFraction:P1}", run.Rearrangements.ToString(), run.SlotsMoved.ToString("N0"),
+                Bytes(run.FullScaleBytesMoved), $"{run.SecondsPerStep * 1000:F2}");
         AnsiConsole.Write(table);
-        AnsiConsole.MarkupLine($"backend [bold]{backend.ToString().ToLowerInvariant()}[/], {steps} steps, {result.SecondsPerStep * 1000:F1} ms/step, " +
-                               $"{loads.Count} load files, {loads[0].Layers} layers x {loads[0].Experts} experts, R = {replicas}, G = {gpus}");
-        if (jsonPath != null)
-        {
-            var document = new
-            {
-                backend = backend.ToString().ToLowerInvariant(),
-                steps,
-                seconds_per_step = result.SecondsPerStep,
-                no_eplb = new { balancedness = result.Balancedness },
-            };
-            File.WriteAllText(jsonPath, JsonSerializer.Serialize(document, new JsonSerializerOptions { WriteIndented = true }));
-        }
+        AnsiConsole.MarkupLine($"backend [bold]{Backend(result.Backend)}[/], {options.Steps} passes per run, " +
+                               $"{options.Routing.ToString().ToLowerInvariant()} routing, {(options.UseAsync ? "async" : "sync")} EPLB (window {options.WindowSize}, interval {options.StepInterval}), " +
+                               $"loads: {Markup.Escape(string.Join(" -> ", files.Select(Path.GetFileNameWithoutExtension)))}");
+
+        if (jsonPath != null) File.WriteAllText(jsonPath, Json(result));
+        if (plotPath != null) SimulationPlot.Save(result, plotPath);
         return 0;
     }
 
+    internal static string Json(SimulationResult result)
+    {
+        var document = new Dictionary<string, object>
+        {
+            ["backend"] = Backend(result.Backend),
+            ["steps"] = result.Steps,
+            ["seconds_per_step"] = result.Runs.Average(r => r.SecondsPerStep),
+            ["no_eplb"] = new Dictionary<string, object>
+            {
+                ["balancedness"] = result.NoEplb.Balancedness,
+                ["node_local_fraction"] = result.NoEplb.NodeLocalFraction,
+            },
+            ["policies"] = result.Runs.Skip(1).ToDictionary(r => r.Name, r => (object)new Dictionary<string, object>
+            {
+                ["balancedness"] = r.Balancedness,
+                ["node_local_fraction"] = r.NodeLocalFraction,
+                ["rearrangements"] = r.Rearrangements,
+                ["slots_moved"] = r.SlotsMoved,
+                ["bytes_moved"] = r.FullScaleBytesMoved,
+                ["simulated_bytes_moved"] = r.BytesMoved,
+                ["seconds_per_step"] = r.SecondsPerStep,
+            }),
+        };
+        return JsonSerializer.Serialize(document, new JsonSerializerOptions { WriteIndented = true });
+    }
+
+    private static string Backend(Backend backend) => backend.ToString().ToLowerInvariant();
+
+    private static string Bytes(long bytes) => bytes switch
+    {
+        >= 1L << 30 => $"{bytes / (double)(1L << 30):F1} GiB",
+        >= 1L << 20 => $"{bytes / (double)(1L << 20):F1} MiB",
+        _ => $"{bytes:N0} B",
+    };
+
+    /// <summary>The real SGLang dumps, decode and prefill alternating (the drift EPLB has to follow).</summary>
     private static string[] DefaultLoadFiles()
     {
         for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir != null; dir = dir.Parent)
         {
             var data = Path.Combine(dir.FullName, "data", "load-data", "sglang-deepseek-v3-r1");
-            if (Directory.Exists(data)) return Directory.GetFiles(data, "*.json").Order().ToArray();
+            if (!Directory.Exists(data)) continue;
+            string[] phases = ["decode_in1000out1000", "prefill_in4096", "decode_in500out1500", "prefill_in1024"];
+            return phases.Select(p => Path.Combine(data, p + ".json")).ToArray();
         }
         throw new ArgumentException("no --load given and data/load-data was not found above the eplb binary");
     }

@@ -33,7 +33,7 @@ namespace eplb::test {
 inline void require_cuda() {
     const eplb_status_t status = eplb_backend_available(EPLB_BACKEND_CUDA);
     if (status == EPLB_STATUS_NOT_COMPILED) EPLB_SKIP("built without CUDA");
-    if (status != EPLB_STATUS_OK) EPLB_SKIP(std::string("no CUDA device: ") + eplb_last_error_message());
+    if (status != EPLB_STATUS_OK) EPLB_SKIP(eplb_last_error_message());  // "no CUDA device: ..."
 }
 
 class Stream {

@@ -133,6 +133,9 @@ public sealed unsafe class DeviceBuffer<T> : IDisposable where T : unmanaged
         }
     }
 
+    /// <summary>The native buffer, for byte-level copies (see <see cref="Migration.ExpertTensor"/>).</summary>
+    internal BufferHandle Handle => _handle;
+
     /// <summary>The element address for kernels (valid while leased; see <see cref="DeviceSlice{T}"/>).</summary>
     internal HandleLease Lease(long offset, out T* pointer)
     {

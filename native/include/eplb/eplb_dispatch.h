@@ -28,7 +28,7 @@
 #ifndef EPLB_EPLB_DISPATCH_H
 #define EPLB_EPLB_DISPATCH_H
 
-#include "eplb/eplb.h"
+#include "eplb/eplb_core.h"
 
 #ifdef __cplusplus
 extern "C" {

@@ -5,7 +5,7 @@
 #ifndef EPLB_EPLB_MAPPING_H
 #define EPLB_EPLB_MAPPING_H
 
-#include "eplb/eplb.h"
+#include "eplb/eplb_core.h"
 
 #ifdef __cplusplus
 extern "C" {

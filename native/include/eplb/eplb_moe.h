@@ -16,7 +16,7 @@
 #ifndef EPLB_EPLB_MOE_H
 #define EPLB_EPLB_MOE_H
 
-#include "eplb/eplb.h"
+#include "eplb/eplb_core.h"
 
 #ifdef __cplusplus
 extern "C" {

@@ -22,7 +22,8 @@
 #ifndef EPLB_EPLB_ROUTING_H
 #define EPLB_EPLB_ROUTING_H
 
-#include "eplb/eplb.h"
+#include "eplb/eplb_core.h"
+#include "eplb/eplb_mapping.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -90,7 +91,7 @@ typedef struct eplb_router_config {
  * device memory and the call only queues work; a bad table entry yields -1, is not counted and sets
  * EPLB_DEVICE_ERROR_BAD_TABLE on the stream. On CPU bad tables fail before anything is written. */
 EPLB_API eplb_status_t eplb_route_topk(eplb_stream_t *stream, const eplb_router_config_t *config, const float *logits,
-                                       const float *bias, int64_t num_tokens, const struct eplb_expert_map *map,
+                                       const float *bias, int64_t num_tokens, const eplb_expert_map_t *map,
                                        const int32_t *num_unpadded, int32_t *topk_ids, float *topk_weights);
 
 /* DeepSeek-V4 hash routing with the EPLB epilogue (SPEC 4.2, 4.3), queued on stream:
@@ -108,7 +109,7 @@ EPLB_API eplb_status_t eplb_route_topk(eplb_stream_t *stream, const eplb_router_
  * rows are not checked. */
 EPLB_API eplb_status_t eplb_route_hash(eplb_stream_t *stream, const eplb_router_config_t *config, const float *logits,
                                        const int64_t *token_ids, const int32_t *tid2eid, int64_t vocab_size,
-                                       int64_t num_tokens, const struct eplb_expert_map *map, const int32_t *num_unpadded,
+                                       int64_t num_tokens, const eplb_expert_map_t *map, const int32_t *num_unpadded,
                                        int32_t *topk_ids, float *topk_weights);
 
 #ifdef __cplusplus

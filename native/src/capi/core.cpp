@@ -354,7 +354,9 @@ EPLB_API eplb_status_t eplb_buffer_copy(eplb_buffer_t* dst, uint64_t dst_offset,
     if (stream && stream->backend == EPLB_BACKEND_CUDA) {
         EPLB_CUDA_CHECK(cudaMemcpyAsync(target, source, bytes, cudaMemcpyDefault, cuda_stream_of(*stream)));
     } else {
-        EPLB_CUDA_CHECK(cudaMemcpy(target, source, bytes, cudaMemcpyDefault));
+        // No stream: complete on return (cudaMemcpy alone does not wait for device-to-device copies).
+        EPLB_CUDA_CHECK(cudaMemcpyAsync(target, source, bytes, cudaMemcpyDefault, nullptr));
+        EPLB_CUDA_CHECK(cudaStreamSynchronize(nullptr));
     }
 #endif
     return EPLB_STATUS_OK;
@@ -459,6 +461,15 @@ EPLB_API eplb_status_t eplb_stream_destroy(eplb_stream_t* stream) {
         if (sync != cudaSuccess) throw_cuda(sync, "cudaStreamSynchronize (stream destroy)");
     }
 #endif
+    return EPLB_STATUS_OK;
+    EPLB_API_END
+}
+
+EPLB_API eplb_status_t eplb_stream_get_cuda_stream(const eplb_stream_t* stream, void** out_cuda_stream) {
+    EPLB_API_BEGIN
+    EPLB_CHECK_NOT_NULL(stream);
+    EPLB_CHECK_NOT_NULL(out_cuda_stream);
+    *out_cuda_stream = stream->backend == EPLB_BACKEND_CUDA ? stream->cuda_stream : nullptr;
     return EPLB_STATUS_OK;
     EPLB_API_END
 }

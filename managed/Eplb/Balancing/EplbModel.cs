@@ -1,0 +1,240 @@
+using Eplb.Interop;
+using Eplb.Migration;
+
+namespace Eplb;
+
+/// <summary>
+/// The EPLB state of one model (a main model or a draft model) on the ranks of this process: the
+/// device tables its routers read (<c>log2phy</c> <c>[L][N][Kmax]</c>, <c>logcnt</c> <c>[L][N]</c>), the per-pass
+/// counters <c>[L][R]</c> they write, the load window <c>[W][L][R]</c> with 64-bit sums, one layer of
+/// staging buffers for migration, and the placement in force. Created by <see cref="EplbState.AddModel"/>.
+/// </summary>
+public sealed class EplbModel : IDisposable
+{
+    private readonly RankState[] _ranks;
+    private readonly int[][] _phy2Log;
+    private readonly int _windowSize;
+    private int _windowSlot;
+    private Placement _placement;
+
+    internal EplbModel(string name, IReadOnlyList<IMixtureOfExperts> localRanks, int gpus, int nodes, int windowSize, int maxReplicas,
+        ReplicaSelection selection)
+    {
+        var first = localRanks[0];
+        Name = name;
+        Layers = first.NumMoeLayers;
+        Experts = first.NumLogicalExperts;
+        Slots = first.NumPhysicalExperts;
+        Gpus = gpus;
+        SlotsPerRank = first.NumLocalPhysicalExperts;
+        MaxReplicas = maxReplicas;
+        _windowSize = windowSize;
+        _placement = Placement.Initial(Layers, Experts, Slots, gpus, nodes, maxReplicas);
+        _phy2Log = Enumerable.Range(0, Layers).Select(l => _placement.Phy2Log(l).ToArray()).ToArray();
+        _ranks = localRanks.Select(r => new RankState(this, r, selection)).ToArray();
+    }
+
+    /// <summary>The model's name (for logs).</summary>
+    public string Name { get; }
+
+    /// <summary>L, MoE layers on this stage (may be 0).</summary>
+    public int Layers { get; }
+
+    /// <summary>N, logical experts per layer.</summary>
+    public int Experts { get; }
+
+    /// <summary>R, physical slots per layer.</summary>
+    public int Slots { get; }
+
+    /// <summary>G, expert-parallel ranks.</summary>
+    public int Gpus { get; }
+
+    /// <summary>R / G.</summary>
+    public int SlotsPerRank { get; }
+
+    /// <summary>Kmax, the fixed capacity of a log2phy row.</summary>
+    public int MaxReplicas { get; }
+
+    /// <summary>The placement in force: every layer's committed slot assignment.</summary>
+    public Placement Placement => _placement;
+
+    /// <summary>Passes recorded in the window so far (at most the window size).</summary>
+    public int WindowFill { get; private set; }
+
+    /// <summary>The EPLB views of local rank <paramref name="rank"/>'s layers (what its routers hold).</summary>
+    public IReadOnlyList<EplbLayerState> LayerStates(int rank) => RankOf(rank).LayerStates;
+
+    /// <summary>The load window's 64-bit per-slot sums of the local ranks, added up, <c>[L * R]</c>.</summary>
+    public long[] WindowPhysicalLoad()
+    {
+        var total = new long[(long)Layers * Slots];
+        var part = new long[total.Length];
+        foreach (var rank in _ranks)
+        {
+            rank.Sums.CopyTo(part, 0, rank.Model.Stream);
+            for (var i = 0; i < total.Length; i++) total[i] += part[i];
+        }
+        return total;
+    }
+
+    /// <summary>The current pass's counters of the local ranks, added up, <c>[L * R]</c> (a host copy).</summary>
+    public long[] PassPhysicalLoad()
+    {
+        var total = new long[(long)Layers * Slots];
+        var part = new int[total.Length];
+        foreach (var rank in _ranks)
+        {
+            rank.Counters.CopyTo(part, 0, rank.Model.Stream);
+            for (var i = 0; i < total.Length; i++) total[i] += part[i];
+        }
+        return total;
+    }
+
+    /// <summary>
+    /// Folds per-slot loads <c>[L * R]</c> into logical loads through the placement in force: the
+    /// slots of one expert add up (SPEC 3.2).
+    /// </summary>
+    public ExpertLoad ToLogical(ReadOnlySpan<long> physical)
+    {
+        if (physical.Length != Layers * Slots) throw new ArgumentException($"{physical.Length} values for {Layers} x {Slots} slots", nameof(physical));
+        var logical = new double[Layers * Experts];
+        for (var l = 0; l < Layers; l++)
+        {
+            var phy2log = _phy2Log[l];
+            for (var s = 0; s < Slots; s++) logical[l * Experts + phy2log[s]] += physical[l * Slots + s];
+        }
+        return new ExpertLoad(Layers, Experts, logical);
+    }
+
+    internal IReadOnlyList<RankState> Ranks => _ranks;
+
+    internal RankState RankOf(int rank) =>
+        _ranks.FirstOrDefault(r => r.Model.Rank == rank) ?? throw new ArgumentOutOfRangeException(nameof(rank), $"rank {rank} is not local to this process");
+
+    internal ReadOnlySpan<int> CurrentPhy2Log(int layer) => _phy2Log[layer];
+
+    /// <summary>Pushes this pass's counters into the window (or drops them for a dummy pass).</summary>
+    internal void EndPass(bool dummy)
+    {
+        if (Layers == 0) return;
+        foreach (var rank in _ranks) rank.EndPass(dummy, _windowSlot);
+        if (dummy) return;
+        _windowSlot = (_windowSlot + 1) % _windowSize;
+        WindowFill = Math.Min(WindowFill + 1, _windowSize);
+    }
+
+    /// <summary>Staging-buffer accessor of a local rank for a layer (same layout as its weights).</summary>
+    internal IReadOnlyList<ExpertTensor> Staging(int rank, int layer) => RankOf(rank).Staging(layer);
+
+    internal IReadOnlyList<ExpertTensor> Weights(int rank, int layer) => RankOf(rank).Model.GetExpertWeights(layer);
+
+    /// <summary>
+    /// Makes <paramref name="newPhy2Log"/> the layer's placement on every local rank: changed slots from
+    /// staging into the weights, then the tables in place (addresses unchanged), then the model hook.
+    /// The caller has staged the layer (or the plan moves nothing).
+    /// </summary>
+    internal void CommitLayer(int layer, LayerMigrationPlan plan, ReadOnlySpan<int> newPhy2Log, ReadOnlySpan<int> newLog2Phy,
+        ReadOnlySpan<int> newLogCnt)
+    {
+        var phy2log = newPhy2Log.ToArray();
+        LayerMigrator.Commit(plan, _ranks.Select(r => r.Model.Rank).ToArray(), r => Weights(r, layer), r => Staging(r, layer),
+            r => RankOf(r).Model.Stream);
+        foreach (var rank in _ranks)
+        {
+            rank.Log2Phy.CopyFrom(newLog2Phy, (long)layer * Experts * MaxReplicas, rank.Model.Stream);
+            rank.LogCnt.CopyFrom(newLogCnt, (long)layer * Experts, rank.Model.Stream);
+            rank.Model.UpdateExpertMap(layer, phy2log);
+        }
+        _phy2Log[layer] = phy2log;
+        _placement = Placement.FromPhy2Log(_phy2Log, Experts, Gpus, _placement.Nodes, MaxReplicas);
+    }
+
+    /// <summary>Releases the device tables, the window and the staging buffers.</summary>
+    public void Dispose()
+    {
+        foreach (var rank in _ranks) rank.Dispose();
+    }
+
+    /// <summary>One local rank's buffers.</summary>
+    internal sealed class RankState : IDisposable
+    {
+        private readonly EplbModel _owner;
+        private readonly DeviceBuffer<int> _window;
+        private readonly List<DeviceBuffer<byte>> _stagingBuffers = [];
+        private IReadOnlyList<ExpertTensor>? _staging;
+
+        public RankState(EplbModel owner, IMixtureOfExperts model, ReplicaSelection selection)
+        {
+            _owner = owner;
+            Model = model;
+            var backend = model.Backend;
+            var layers = owner.Layers;
+            var placement = owner._placement;
+            Log2Phy = new DeviceBuffer<int>(backend, placement.Log2PhyTable);
+            LogCnt = new DeviceBuffer<int>(backend, placement.LogCntTable);
+            Counters = new DeviceBuffer<int>(backend, (long)layers * owner.Slots);
+            Counters.Fill(0, stream: model.Stream);
+            RecordFlag = new DeviceBuffer<int>(backend, [1]);
+            _window = new DeviceBuffer<int>(backend, (long)owner._windowSize * layers * owner.Slots);
+            _window.Fill(0, stream: model.Stream);
+            Sums = new DeviceBuffer<long>(backend, (long)layers * owner.Slots);
+            Sums.Fill(0, stream: model.Stream);
+            LayerStates = Enumerable.Range(0, layers).Select(l => new EplbLayerState(
+                Log2Phy.Slice((long)l * owner.Experts * owner.MaxReplicas, (long)owner.Experts * owner.MaxReplicas),
+                LogCnt.Slice((long)l * owner.Experts, owner.Experts),
+                Counters.Slice((long)l * owner.Slots, owner.Slots),
+                RecordFlag, owner.Experts, owner.MaxReplicas, owner.Slots, selection)).ToArray();
+        }
+
+        public IMixtureOfExperts Model { get; }
+        public DeviceBuffer<int> Log2Phy { get; }
+        public DeviceBuffer<int> LogCnt { get; }
+        public DeviceBuffer<int> Counters { get; }
+        public DeviceBuffer<int> RecordFlag { get; }
+        public DeviceBuffer<long> Sums { get; }
+        public IReadOnlyList<EplbLayerState> LayerStates { get; }
+
+        public unsafe void EndPass(bool dummy, int slot)
+        {
+            using var streamLease = Model.Stream.Lease(out var stream);
+            using var passLease = Counters.AsSlice().Lease(out var pass);
+            if (dummy)
+            {
+                EplbException.ThrowIfFailed(NativeMethods.eplb_load_window_discard(stream, pass, Counters.Length));
+                return;
+            }
+            using var windowLease = _window.AsSlice().Lease(out var window);
+            using var sumsLease = Sums.AsSlice().Lease(out var sums);
+            EplbException.ThrowIfFailed(NativeMethods.eplb_load_window_push(stream, pass, window, sums, Counters.Length, _owner._windowSize, slot));
+        }
+
+        /// <summary>One layer's worth of staging, allocated once per tensor layout and reused layer by layer.</summary>
+        public IReadOnlyList<ExpertTensor> Staging(int layer)
+        {
+            var weights = Model.GetExpertWeights(layer);
+            if (_staging != null && _staging.Count == weights.Count && _staging.Zip(weights).All(p => p.First.SameLayout(p.Second)))
+                return _staging;
+            foreach (var buffer in _stagingBuffers) buffer.Dispose();
+            _stagingBuffers.Clear();
+            var tensors = new List<ExpertTensor>();
+            foreach (var tensor in weights)
+            {
+                var buffer = new DeviceBuffer<byte>(Model.Backend, tensor.BytesPerExpert * tensor.Slots);
+                _stagingBuffers.Add(buffer);
+                tensors.Add(ExpertTensor.Create(tensor.Name, buffer.AsSlice(), tensor.Slots));
+            }
+            return _staging = tensors;
+        }
+
+        public void Dispose()
+        {
+            Log2Phy.Dispose();
+            LogCnt.Dispose();
+            Counters.Dispose();
+            RecordFlag.Dispose();
+            _window.Dispose();
+            Sums.Dispose();
+            foreach (var buffer in _stagingBuffers) buffer.Dispose();
+        }
+    }
+}

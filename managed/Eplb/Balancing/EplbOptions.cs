@@ -1,0 +1,127 @@
+namespace Eplb;
+
+/// <summary>How EPLB moves expert weights between ranks.</summary>
+public enum EplbCommunicator
+{
+    /// <summary>In-process for simulated ranks, NCCL for real multi-GPU runs.</summary>
+    Auto = 0,
+    /// <summary>All ranks live in this process (tests, the simulator): buffer copies.</summary>
+    InProcess = 1,
+    /// <summary>NCCL point-to-point send/recv between processes (libnccl.so.2, loaded at run time).</summary>
+    Nccl = 2,
+}
+
+/// <summary>
+/// EPLB settings (SPEC 3.1), bound from configuration (<c>services.AddEplb(configuration.GetSection("Eplb"))</c>)
+/// and validated at start; invalid settings fail with one message listing every violation.
+/// </summary>
+public sealed class EplbOptions
+{
+    /// <summary>The configuration section AddEplb binds by convention.</summary>
+    public const string SectionName = "Eplb";
+
+    /// <summary>Whether EPLB runs at all. Default true.</summary>
+    public bool Enabled { get; set; } = true;
+
+    /// <summary>Passes in the load window. Default 1000; must be &gt; 0.</summary>
+    public int WindowSize { get; set; } = 1000;
+
+    /// <summary>
+    /// Passes between rearrangements (the first comes after a quarter of it). Default 3000; must be
+    /// &gt; 0. A window longer than the interval mixes in loads recorded under the old placement (warned).
+    /// </summary>
+    public int StepInterval { get; set; } = 3000;
+
+    /// <summary>Extra physical slots per layer, R = N + this. Default 0; &gt; 0 requires EPLB enabled.</summary>
+    public int NumRedundantExperts { get; set; }
+
+    /// <summary>Log the balancedness every <see cref="LogBalancednessInterval"/> passes. Default false.</summary>
+    public bool LogBalancedness { get; set; }
+
+    /// <summary>Passes between balancedness log lines. Default 1; must be &gt; 0.</summary>
+    public int LogBalancednessInterval { get; set; } = 1;
+
+    /// <summary>Rearrange in the background, committing one layer per pass (default true, as vLLM since #43219).</summary>
+    public bool UseAsync { get; set; } = true;
+
+    /// <summary>The placement policy, a registered name. Default "deepseek".</summary>
+    public string Policy { get; set; } = "deepseek";
+
+    /// <summary>How weights move. NCCL with async is refused unless <see cref="AllowNcclWithAsync"/>.</summary>
+    public EplbCommunicator Communicator { get; set; } = EplbCommunicator.Auto;
+
+    /// <summary>
+    /// The documented override for NCCL with async rearrangement: NCCL kernels on a second stream can
+    /// deadlock with cooperative kernels and conflict with the forward stream (vLLM's reviewers: "NCCL
+    /// should not be used asynchronously"); allow it only with NCCL_MAX_CTAS applied and no other
+    /// NCCL traffic during transfers. Default false.
+    /// </summary>
+    public bool AllowNcclWithAsync { get; set; }
+
+    /// <summary>How tokens pick a replica. Default TokenHash (SGLang #32962).</summary>
+    public ReplicaSelection ReplicaSelection { get; set; } = ReplicaSelection.TokenHash;
+
+    /// <summary>Expert groups of group-limited routing (DeepSeek-V3: 8), used by the policies. Default 1.</summary>
+    public int NumGroups { get; set; } = 1;
+
+    /// <summary>Nodes the ranks span (fast interconnect inside a node). Default 1.</summary>
+    public int NumNodes { get; set; } = 1;
+
+    /// <summary>
+    /// Kmax, the fixed capacity of a log2phy row (device tables never move). 0 derives
+    /// min(N, NumRedundantExperts + 1), enough for any placement.
+    /// </summary>
+    public int MaxReplicas { get; set; }
+
+    /// <summary>Keep experts in their old slot inside a GPU when they stay on it (SPEC 2.2). Default true.</summary>
+    public bool PreserveSlots { get; set; } = true;
+
+    /// <summary>Never place two replicas of one expert on one GPU. Default false.</summary>
+    public bool NoDuplicateOnGpu { get; set; }
+
+    /// <summary>Order transfers so each rank talks to one peer per batch. Default true.</summary>
+    public bool BatchTransfers { get; set; } = true;
+
+    /// <summary>The violations of the rules of SPEC 3.1 (empty when valid).</summary>
+    public IReadOnlyList<string> Violations()
+    {
+        var errors = new List<string>();
+        if (WindowSize <= 0) errors.Add($"WindowSize must be > 0 (got {WindowSize})");
+        if (StepInterval <= 0) errors.Add($"StepInterval must be > 0 (got {StepInterval})");
+        if (NumRedundantExperts < 0) errors.Add($"NumRedundantExperts must be >= 0 (got {NumRedundantExperts})");
+        if (NumRedundantExperts > 0 && !Enabled)
+            errors.Add($"NumRedundantExperts = {NumRedundantExperts} requires EPLB enabled (Enabled = false)");
+        if (LogBalancednessInterval <= 0) errors.Add($"LogBalancednessInterval must be > 0 (got {LogBalancednessInterval})");
+        if (NumGroups <= 0) errors.Add($"NumGroups must be > 0 (got {NumGroups})");
+        if (NumNodes <= 0) errors.Add($"NumNodes must be > 0 (got {NumNodes})");
+        if (MaxReplicas < 0) errors.Add($"MaxReplicas must be >= 0 (got {MaxReplicas})");
+        if (!Enum.IsDefined(Communicator)) errors.Add($"Communicator '{Communicator}' is not one of {string.Join(", ", Enum.GetNames<EplbCommunicator>())}");
+        if (!Enum.IsDefined(ReplicaSelection)) errors.Add($"ReplicaSelection '{ReplicaSelection}' is not one of {string.Join(", ", Enum.GetNames<ReplicaSelection>())}");
+        if (UseAsync && Communicator == EplbCommunicator.Nccl && !AllowNcclWithAsync)
+            errors.Add("Communicator = Nccl is refused with UseAsync = true (NCCL on a second stream conflicts with the forward " +
+                       "stream and cooperative kernels); use UseAsync = false, or set AllowNcclWithAsync = true deliberately");
+        if (string.IsNullOrWhiteSpace(Policy))
+        {
+            errors.Add("Policy must name a registered placement policy");
+        }
+        else if (!PlacementPolicies.TryGet(Policy, out var policy))
+        {
+            errors.Add($"Policy '{Policy}' is not registered (known: {string.Join(", ", PlacementPolicies.Names)})");
+        }
+        else if (UseAsync && !policy!.SupportsAsync)
+        {
+            errors.Add($"UseAsync = true requires a policy that supports asynchronous rearrangement; '{Policy}' does not");
+        }
+        return errors;
+    }
+
+    /// <summary>Advice that does not stop the start (logged by <see cref="EplbState"/>).</summary>
+    public IReadOnlyList<string> Warnings()
+    {
+        var warnings = new List<string>();
+        if (WindowSize > StepInterval)
+            warnings.Add($"WindowSize ({WindowSize}) > StepInterval ({StepInterval}): loads recorded under the previous " +
+                         "placement are counted as if under the new one");
+        return warnings;
+    }
+}

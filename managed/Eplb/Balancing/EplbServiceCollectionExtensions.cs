@@ -1,0 +1,43 @@
+using Eplb;
+using Microsoft.Extensions.Configuration;
+using Microsoft.Extensions.Options;
+
+namespace Microsoft.Extensions.DependencyInjection;
+
+/// <summary>Registers Eplb with a .NET host.</summary>
+public static class EplbServiceCollectionExtensions
+{
+    /// <summary>
+    /// Binds <see cref="EplbOptions"/> to <paramref name="configuration"/> (e.g. the "Eplb" section of
+    /// appsettings.json, environment variables <c>Eplb__WindowSize</c>, command-line
+    /// <c>--Eplb:WindowSize</c>), validates them when the host starts (one exception listing every
+    /// violation) and registers the validator.
+    /// </summary>
+    public static OptionsBuilder<EplbOptions> AddEplb(this IServiceCollection services, IConfiguration configuration)
+    {
+        ArgumentNullException.ThrowIfNull(services);
+        ArgumentNullException.ThrowIfNull(configuration);
+        services.AddSingleton<IValidateOptions<EplbOptions>, EplbOptionsValidator>();
+        return services.AddOptions<EplbOptions>().Bind(configuration).ValidateOnStart();
+    }
+
+    /// <summary>Registers EPLB options configured in code, validated the same way.</summary>
+    public static OptionsBuilder<EplbOptions> AddEplb(this IServiceCollection services, Action<EplbOptions> configure)
+    {
+        ArgumentNullException.ThrowIfNull(services);
+        ArgumentNullException.ThrowIfNull(configure);
+        services.AddSingleton<IValidateOptions<EplbOptions>, EplbOptionsValidator>();
+        return services.AddOptions<EplbOptions>().Configure(configure).ValidateOnStart();
+    }
+}
+
+/// <summary>Validates <see cref="EplbOptions"/>: every violation of SPEC 3.1 in one result.</summary>
+public sealed class EplbOptionsValidator : IValidateOptions<EplbOptions>
+{
+    /// <inheritdoc/>
+    public ValidateOptionsResult Validate(string? name, EplbOptions options)
+    {
+        var violations = options.Violations();
+        return violations.Count == 0 ? ValidateOptionsResult.Success : ValidateOptionsResult.Fail(violations);
+    }
+}

@@ -1,0 +1,15 @@
+// CUDA expert-load window push (SPEC 3.2). Mirrors cpu/window.hpp.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace eplb::cuda {
+
+cudaError_t load_window_push(int32_t* pass_counters, int32_t* window, int64_t* window_sums, int64_t count, int32_t slot,
+                             cudaStream_t stream);
+
+cudaError_t load_window_discard(int32_t* pass_counters, int64_t count, cudaStream_t stream);
+
+}  // namespace eplb::cuda

@@ -1,0 +1,81 @@
+using System.Diagnostics;
+using System.IO.Compression;
+using NUnit.Framework;
+
+namespace Eplb.Tests;
+
+/// <summary>
+/// The Eplb NuGet package as a host application meets it: packed fresh, restored by the sample app
+/// (samples/Eplb.Sample: appsettings.json + AddEplb, a placement, one routing call), built and run.
+/// </summary>
+public class PackagingTests
+{
+    private static string Configuration =>
+        AppContext.BaseDirectory.Contains($"{Path.DirectorySeparatorChar}Debug{Path.DirectorySeparatorChar}") ? "Debug" : "Release";
+
+    private static (int ExitCode, string Output) Dotnet(string workingDirectory, params string[] args)
+    {
+        var start = new ProcessStartInfo(Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") ?? "dotnet")
+        {
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+            WorkingDirectory = workingDirectory,
+        };
+        foreach (var arg in args) start.ArgumentList.Add(arg);
+        start.Environment["DOTNET_CLI_TELEMETRY_OPTOUT"] = "1";
+        start.Environment["DOTNET_NOLOGO"] = "1";
+        using var process = Process.Start(start)!;
+        var stdout = process.StandardOutput.ReadToEndAsync();
+        var stderr = process.StandardError.ReadToEnd();
+        process.WaitForExit();
+        return (process.ExitCode, stdout.Result + stderr);
+    }
+
+    [Test]
+    public void SampleAppRunsAgainstTheFreshlyPackedPackage()
+    {
+        var repo = TestSupport.RepoRoot;
+        var native = Environment.GetEnvironmentVariable("EPLB_NATIVE_BUILD_DIR") is { Length: > 0 } dir ? dir : Path.Combine(repo, "build", "native");
+        if (!File.Exists(Path.Combine(native, "lib", "libeplb.so"))) Assert.Ignore($"no native build in {native} (run ./build.sh)");
+        // A version of its own, so the restore cannot pick up an older package from the cache.
+        var version = $"{File.ReadAllText(Path.Combine(repo, "VERSION")).Trim()}-test.{DateTime.UtcNow:yyyyMMddHHmmssfff}";
+        var scratch = Directory.CreateTempSubdirectory("eplb-pack-");
+        var cached = Path.Combine(Environment.GetEnvironmentVariable("NUGET_PACKAGES") ??
+                                  Path.Combine(Environment.GetFolderPath(Environment.SpecialFolder.UserProfile), ".nuget", "packages"), "eplb", version);
+        try
+        {
+            var feed = Path.Combine(scratch.FullName, "feed");
+            var (code, output) = Dotnet(repo, "pack", Path.Combine(repo, "managed", "Eplb", "Eplb.csproj"), "-c", Configuration, "--no-build",
+                "-o", feed, $"-p:Version={version}", $"-p:EplbNativeBuildDir={native}");
+            Assert.That(code, Is.Zero, output);
+            var package = Path.Combine(feed, $"Eplb.{version}.nupkg");
+            using (var zip = ZipFile.OpenRead(package))
+            {
+                var entries = zip.Entries.Select(e => e.FullName).ToList();
+                Assert.That(entries, Does.Contain("runtimes/linux-x64/native/libeplb.so"));
+                Assert.That(entries, Does.Contain("lib/net10.0/Eplb.dll"));
+                Assert.That(entries, Does.Contain("lib/net10.0/Eplb.xml"), "XML docs ship with the package");
+            }
+
+            // The sample, copied out of the tree so its restore and build leave the checkout alone.
+            var app = Path.Combine(scratch.FullName, "sample");
+            Directory.CreateDirectory(app);
+            foreach (var file in Directory.GetFiles(Path.Combine(repo, "samples", "Eplb.Sample")))
+                File.Copy(file, Path.Combine(app, Path.GetFileName(file)));
+            (code, output) = Dotnet(app, "build", "-c", "Release", "-o", Path.Combine(app, "out"), $"-p:EplbPackageVersion={version}",
+                $"-p:RestoreAdditionalProjectSources={feed}", "-p:TreatWarningsAsErrors=false");
+            Assert.That(code, Is.Zero, output);
+            Assert.That(File.Exists(Path.Combine(app, "out", "runtimes", "linux-x64", "native", "libeplb.so")), Is.True,
+                "the native library comes from the package's runtimes folder");
+
+            (code, output) = Dotnet(Path.Combine(app, "out"), Path.Combine(app, "out", "Eplb.Sample.dll"));
+            Assert.That(code, Is.Zero, output);
+            Assert.That(output, Does.Contain("policy=locality").And.Contain("routed=512 tokens x top-k=512"));
+        }
+        finally
+        {
+            scratch.Delete(recursive: true);
+            if (Directory.Exists(cached)) Directory.Delete(cached, recursive: true);
+        }
+    }
+}
