@@ -85,11 +85,15 @@ internal static class SimulateCommand
 
         var table = new Table().Title($"eplb simulate: {options.Loads[0].Layers} layers x {options.Loads[0].Experts} experts, " +
                                       $"{options.Gpus} GPUs / {options.Nodes} nodes, R = {options.Replicas}, {options.Tokens} tokens x {options.TopK} per pass")
-            .AddColumns("", "balancedness", "node-local", "rearrangements", "slots moved", "bytes moved (full scale)", "ms / pass");
+            .Border(TableBorder.Simple)
+            .AddColumns("", "balancedness", "local", "rearr.", "slots", "bytes*", "ms/pass");
+        foreach (var column in table.Columns) column.NoWrap();
         foreach (var run in result!.Runs)
             table.AddRow(run.Name, $"{run.Balancedness:F3}", $"{run.NodeLocalFraction:P1}", run.Rearrangements.ToString(), run.SlotsMoved.ToString("N0"),
-                Bytes(run.FullScaleBytesMoved), $"{run.SecondsPerStep * 1000:F2}");
+                Bytes(run.FullScaleBytesMoved), $"{run.SecondsPerStep * 1000:F1}");
         AnsiConsole.Write(table);
+        AnsiConsole.MarkupLine("local: node-local fraction of routed tokens; slots, bytes*: slots changed and bytes moved by rearrangements,");
+        AnsiConsole.MarkupLine("* at the real expert size (DeepSeek-V3 FP8 with scales; the simulated ranks move scaled-down weights)");
         AnsiConsole.MarkupLine($"backend [bold]{Backend(result.Backend)}[/], {options.Steps} passes per run, " +
                                $"{options.Routing.ToString().ToLowerInvariant()} routing, {(options.UseAsync ? "async" : "sync")} EPLB (window {options.WindowSize}, interval {options.StepInterval}), " +
                                $"loads: {Markup.Escape(string.Join(" -> ", files.Select(Path.GetFileNameWithoutExtension)))}");
