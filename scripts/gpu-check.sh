@@ -83,6 +83,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   done
   for peer in "$ROOT"/native/bench/peers/*.py; do
     [ -f "$peer" ] || continue
+    case $(basename "$peer") in _*) continue ;; esac  # shared modules, not peers
     name=$(basename "$peer" .py)
     if PYTHONUNBUFFERED=1 python3 "$peer" --lib "$BUILD/lib/libeplb.so" >"$OUT/$name.md" 2>&1; then
       row "$name" "ok" "$OUT/$name.md"

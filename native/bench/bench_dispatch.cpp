@@ -85,13 +85,10 @@ void print_row(const char* op, int64_t tokens, int ranks, int64_t rows, const Ti
 }  // namespace
 
 int main() {
-    require_device();
-    cudaStream_t cuda = nullptr;
-    BENCH_CUDA(cudaStreamCreateWithFlags(&cuda, cudaStreamNonBlocking));
-    eplb_stream_t* stream = nullptr;
-    BENCH_EPLB(eplb_stream_wrap_cuda(cuda, &stream));
-    const double copy = copy_bandwidth(cuda);
-    std::printf("# dispatch benchmark on %s; copy bandwidth %.0f GB/s\n", device_name().c_str(), copy / 1e9);
+    Session session("dispatch");
+    cudaStream_t cuda = session.cuda;
+    eplb_stream_t* stream = session.stream;
+    const double copy = session.copy;
     std::printf("# hidden %lld bf16, top-%d of %d experts, block %d; rank 0 of the given ranks measured\n\n",
                 (long long)kHidden, kTopK, kExperts, kBlock);
     std::printf("| op | T | ranks | rows | call us | graph us | GB/s | of copy |\n");
@@ -186,7 +183,5 @@ int main() {
                         (void*)d_ids, (void*)d_x, (void*)d_weights, (void*)d_out})
             BENCH_CUDA(cudaFree(p));
     }
-    BENCH_EPLB(eplb_stream_destroy(stream));
-    BENCH_CUDA(cudaStreamDestroy(cuda));
     return 0;
 }

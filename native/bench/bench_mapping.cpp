@@ -8,13 +8,11 @@
 using namespace eplb::bench;
 
 int main() {
-    require_device();
-    cudaStream_t cuda = nullptr;
-    BENCH_CUDA(cudaStreamCreateWithFlags(&cuda, cudaStreamNonBlocking));
-    eplb_stream_t* stream = nullptr;
-    BENCH_EPLB(eplb_stream_wrap_cuda(cuda, &stream));
-    const double copy = copy_bandwidth(cuda);
-    std::printf("# mapping benchmark on %s; copy bandwidth %.0f GB/s\n\n", device_name().c_str(), copy / 1e9);
+    Session session("mapping");
+    cudaStream_t cuda = session.cuda;
+    eplb_stream_t* stream = session.stream;
+    const double copy = session.copy;
+    std::printf("\n");
     std::printf("| T | K | N | R | us | GB/s | of copy |\n|---:|---:|---:|---:|---:|---:|---:|\n");
     std::mt19937 rng(7);
     for (int64_t tokens : {1, 128, 4096, 16384, 65536}) {
@@ -52,7 +50,5 @@ int main() {
                 BENCH_CUDA(cudaFree(p));
         }
     }
-    BENCH_EPLB(eplb_stream_destroy(stream));
-    BENCH_CUDA(cudaStreamDestroy(cuda));
     return 0;
 }

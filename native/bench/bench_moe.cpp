@@ -51,13 +51,11 @@ void fill_random_bf16(uint16_t* device, size_t count, float scale, std::mt19937&
 }  // namespace
 
 int main() {
-    require_device();
-    cudaStream_t cuda = nullptr;
-    BENCH_CUDA(cudaStreamCreateWithFlags(&cuda, cudaStreamNonBlocking));
-    eplb_stream_t* stream = nullptr;
-    BENCH_EPLB(eplb_stream_wrap_cuda(cuda, &stream));
-    const double copy = copy_bandwidth(cuda);
-    std::printf("# Mega MoE benchmark on %s; copy bandwidth %.0f GB/s\n\n", device_name().c_str(), copy / 1e9);
+    Session session("Mega MoE");
+    cudaStream_t cuda = session.cuda;
+    eplb_stream_t* stream = session.stream;
+    const double copy = session.copy;
+    std::printf("\n");
     std::printf("| layer | experts | T | tile | grid | fused us | unfused us | weights GB/s | of copy | TFLOP/s | "
                 "fused speed-up | same bits |\n");
     std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
@@ -158,7 +156,5 @@ int main() {
         for (void* p : {(void*)w1, (void*)w2, (void*)x, (void*)out, (void*)out_unfused, (void*)ids, (void*)weights})
             BENCH_CUDA(cudaFree(p));
     }
-    BENCH_EPLB(eplb_stream_destroy(stream));
-    BENCH_CUDA(cudaStreamDestroy(cuda));
     return 0;
 }

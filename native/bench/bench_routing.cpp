@@ -45,13 +45,11 @@ T* upload(const std::vector<T>& values) {
 }  // namespace
 
 int main() {
-    require_device();
-    cudaStream_t cuda = nullptr;
-    BENCH_CUDA(cudaStreamCreateWithFlags(&cuda, cudaStreamNonBlocking));
-    eplb_stream_t* stream = nullptr;
-    BENCH_EPLB(eplb_stream_wrap_cuda(cuda, &stream));
-    const double copy = copy_bandwidth(cuda);
-    std::printf("# routing benchmark on %s; copy bandwidth %.0f GB/s\n\n", device_name().c_str(), copy / 1e9);
+    Session session("routing");
+    cudaStream_t cuda = session.cuda;
+    eplb_stream_t* stream = session.stream;
+    const double copy = session.copy;
+    std::printf("\n");
     std::printf("EPLB map (R = N + %d, TokenHash) and load recording on; logits ~ N(0, 1), bias ~ N(0, 0.1).\n\n",
                 kRedundant);
     std::printf("| op | T | N | K | us | GB/s | of copy |\n|---|---:|---:|---:|---:|---:|---:|\n");
@@ -120,7 +118,5 @@ int main() {
         }
     }
     for (void* p : {(void*)logits, (void*)token_ids, (void*)ids, (void*)weights}) BENCH_CUDA(cudaFree(p));
-    BENCH_EPLB(eplb_stream_destroy(stream));
-    BENCH_CUDA(cudaStreamDestroy(cuda));
     return 0;
 }

@@ -87,4 +87,26 @@ inline std::string device_name() {
            std::to_string(info.compute_capability_minor) + ", " + std::to_string(info.sm_count) + " SMs)";
 }
 
+// What every benchmark starts with: a device (else exit 77), a non-blocking CUDA stream wrapped as
+// an eplb stream, the measured copy bandwidth, and the heading line.
+struct Session {
+    cudaStream_t cuda = nullptr;
+    eplb_stream_t* stream = nullptr;
+    double copy = 0;  // bytes/s
+
+    explicit Session(const char* what) {
+        require_device();
+        BENCH_CUDA(cudaStreamCreateWithFlags(&cuda, cudaStreamNonBlocking));
+        BENCH_EPLB(eplb_stream_wrap_cuda(cuda, &stream));
+        copy = copy_bandwidth(cuda);
+        std::printf("# %s benchmark on %s; copy bandwidth %.0f GB/s\n", what, device_name().c_str(), copy / 1e9);
+    }
+    ~Session() {
+        eplb_stream_destroy(stream);
+        cudaStreamDestroy(cuda);
+    }
+    Session(const Session&) = delete;
+    Session& operator=(const Session&) = delete;
+};
+
 }  // namespace eplb::bench

@@ -125,7 +125,7 @@ EPLB_TEST(moe_cpu_golden_hand_computed) {
 EPLB_TEST(moe_cpu_reference_matches_naive_per_token_loop) {
     for (const MoeLayer& layer : random_layers(24, 70)) {
         const auto got = run_moe(EPLB_BACKEND_CPU, layer, MoePath::Fused);
-        expect_close(got, naive_moe(layer), layer.shape.hidden, describe(layer));
+        expect_close(got, naive_moe(layer), layer.shape.hidden, describe(layer), kNaiveTolerance);
         // Tokens without a local expert are exactly +0.
         for (int64_t t = 0; t < layer.tokens; ++t)
             if (!any_local(layer, t))
@@ -136,7 +136,7 @@ EPLB_TEST(moe_cpu_reference_matches_naive_per_token_loop) {
 EPLB_TEST(moe_cpu_reference_on_real_load_ids) {
     for (const std::string file : {"decode_in1000out1000", "prefill_in4096"}) {
         const MoeLayer layer = real_load_layer(file, 20, 48, 128, 64);
-        expect_close(run_moe(EPLB_BACKEND_CPU, layer, MoePath::Fused), naive_moe(layer), 128, file);
+        expect_close(run_moe(EPLB_BACKEND_CPU, layer, MoePath::Fused), naive_moe(layer), 128, file, kNaiveTolerance);
     }
 }
 
@@ -348,7 +348,7 @@ EPLB_TEST(moe_cuda_oversized_grid_returns_unavailable_instead_of_hanging) {
     // The unfused fallback computes the layer.
     EPLB_EXPECT_OK(eplb_moe_unfused(stream.get(), &layer.shape, 33, &tensors));
     EPLB_EXPECT_OK(eplb_stream_check_device_errors(stream.get(), nullptr));
-    expect_close(out.read(), naive_moe(layer), 128, "unfused fallback");
+    expect_close(out.read(), naive_moe(layer), 128, "unfused fallback", kNaiveTolerance);
 }
 
 EPLB_TEST(moe_cuda_rejects_host_pointers) {

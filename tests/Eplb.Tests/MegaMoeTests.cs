@@ -95,9 +95,15 @@ public class MegaMoeTests
         return output;
     }
 
-    // No NaN (the poison), and every element within 1e-2 of the reference relative to the larger of
-    // |want| and the RMS of the token's reference row (a sum of K rows can cancel far below its terms).
-    private static void AssertClose(ushort[] got, ushort[] want, int hidden, string what)
+    // The oracle accumulates in double where libeplb accumulates in fp32 in tile order, so its bf16
+    // activations and outputs round apart now and then: it checks the math at twice the tolerance of
+    // the same-rounding comparisons (GPU vs CPU reference).
+    private const double OracleTolerance = 2e-2;
+
+    // No NaN (the poison), and every element within the tolerance of the reference relative to the
+    // larger of |want| and the RMS of the token's reference row (a sum of K rows can cancel far below
+    // its terms), or within two bf16 steps of want.
+    private static void AssertClose(ushort[] got, ushort[] want, int hidden, string what, double tolerance = 1e-2)
     {
         Assert.That(got, Has.Length.EqualTo(want.Length));
         for (var row = 0; row * hidden < want.Length; row++)
@@ -108,9 +114,11 @@ public class MegaMoeTests
                 var i = row * hidden + n;
                 double g = FromBf16(got[i]), w = FromBf16(want[i]);
                 Assert.That(double.IsNaN(g), Is.False, $"{what}: element {i} (token {row}) is NaN: not written");
+                var step = Math.ScaleB(1.0, Math.ILogB(Math.Max(Math.Abs(w), 1e-30)) - 7);
+                if (Math.Abs(g - w) <= 2 * step) continue;
                 var scale = Math.Max(Math.Abs(w), rms);
                 var error = scale > 0 ? Math.Abs(g - w) / scale : Math.Abs(g - w);
-                Assert.That(error, Is.LessThanOrEqualTo(1e-2), $"{what}: element {i}: got {g}, want {w}");
+                Assert.That(error, Is.LessThanOrEqualTo(tolerance), $"{what}: element {i}: got {g}, want {w}");
             }
         }
     }
@@ -157,7 +165,7 @@ public class MegaMoeTests
         var random = TestSupport.NewRandom();
         var layer = RandomLayer(random, RandomShape(random), random.Next(1, 40));
         var got = RunHost(layer);
-        AssertClose(got, Oracle(layer), layer.Shape.Hidden, layer.Shape.ToString());
+        AssertClose(got, Oracle(layer), layer.Shape.Hidden, layer.Shape.ToString(), OracleTolerance);
         // Tokens without a local expert are exactly +0.
         var s = layer.Shape;
         for (var t = 0; t < layer.Tokens; t++)
@@ -186,7 +194,7 @@ public class MegaMoeTests
         var shape = MoeLayerShape.ForRank(128, 64, 8, 256, ranks: 8, rank: 5, swigluLimit: 10f);
         var ids = TestSupport.SampleTopK(random, load.Layer(25), 40, 8);
         var layer = RandomLayer(random, shape, 40, ids);
-        AssertClose(RunHost(layer), Oracle(layer), shape.Hidden, "decode_in1000out1000 layer 25, rank 5 of 8");
+        AssertClose(RunHost(layer), Oracle(layer), shape.Hidden, "decode_in1000out1000 layer 25, rank 5 of 8", OracleTolerance);
     }
 
     [Test]
@@ -205,7 +213,7 @@ public class MegaMoeTests
         using var workspace = new DeviceBuffer<byte>(Backend.Cpu, MegaMoe.WorkspaceSize(layer.Shape, 21));
         Assert.That(MegaMoe.Run(stream, layer.Shape, x, ids, weights, w1, w2, output, workspace), Is.EqualTo(MoePath.Fused));
         Assert.That(Bits(output.ToArray()), Is.EqualTo(RunHost(layer)));
-        AssertClose(Bits(output.ToArray()), Oracle(layer), 128, "device-slice form");
+        AssertClose(Bits(output.ToArray()), Oracle(layer), 128, "device-slice form", OracleTolerance);
     }
 
     [Test]
@@ -342,6 +350,6 @@ public class MegaMoeTests
         var e = Assert.Throws<EplbException>(() => RunOnCuda(layer, MoePath.Fused, max + 1));
         Assert.That(e!.Status, Is.EqualTo(EplbStatus.CooperativeLaunchUnavailable));
         var fallback = RunOnCuda(layer, MoePath.Fused, max + 1, MoeFallback.Unfused);
-        AssertClose(fallback, Oracle(layer), 128, "unfused fallback");
+        AssertClose(fallback, Oracle(layer), 128, "unfused fallback", OracleTolerance);
     }
 }

@@ -13,6 +13,8 @@ import ctypes
 import statistics
 import sys
 
+from _libeplb import LibEplb
+
 EPLB_DTYPE_F32 = 0
 EPLB_DTYPE_BF16 = 1
 TOP_K = 8
@@ -21,54 +23,19 @@ HIDDEN = 7168
 BLOCK = 128
 
 
-class Eplb:
-    """The few libeplb entry points the peer needs, on raw addresses (ctypes)."""
+class Eplb(LibEplb):
+    """The dispatch entry points the peer needs, on raw addresses (ctypes)."""
 
     def __init__(self, path):
         c = ctypes
-        lib = c.CDLL(path)
         p = c.c_void_p
-        lib.eplb_last_error_message.restype = c.c_char_p
-        lib.eplb_status_string.argtypes = [c.c_int]
-        lib.eplb_status_string.restype = c.c_char_p
-        signatures = {
-            "eplb_stream_create": [c.c_int, c.POINTER(p)],
-            "eplb_stream_wrap_cuda": [p, c.POINTER(p)],
-            "eplb_stream_destroy": [p],
-            "eplb_stream_check_device_errors": [p, c.POINTER(c.c_uint32)],
+        super().__init__(path, {
             "eplb_dispatch_align_capacity": [c.c_int64, c.c_int32, c.c_int32, c.POINTER(c.c_int64)],
             "eplb_dispatch_align": [p, p, c.c_int64, c.c_int32, c.c_int32, c.c_int32, c.c_int32, c.c_int64, p, p, p, p, p],
             "eplb_dispatch_bucket_by_rank": [p, p, c.c_int64, c.c_int32, c.c_int32, c.c_int32, p, p, p, p],
             "eplb_dispatch_permute": [p, c.c_int, p, c.c_int64, c.c_int64, c.c_int32, p, p, c.c_int64, p],
             "eplb_dispatch_combine": [p, c.c_int, p, c.c_int64, c.c_int64, p, p, c.c_int64, c.c_int32, c.c_int, p],
-        }
-        for name, argtypes in signatures.items():
-            function = getattr(lib, name)
-            function.argtypes = argtypes
-            function.restype = c.c_int
-        self.lib = lib
-
-    def check(self, status, what):
-        if status != 0:
-            message = self.lib.eplb_last_error_message().decode()
-            raise RuntimeError(f"{what}: {self.lib.eplb_status_string(status).decode()}: {message}")
-
-    def cpu_stream(self):
-        stream = ctypes.c_void_p()
-        self.check(self.lib.eplb_stream_create(0, ctypes.byref(stream)), "eplb_stream_create")
-        return stream
-
-    def wrap_cuda(self, cuda_stream):
-        stream = ctypes.c_void_p()
-        self.check(self.lib.eplb_stream_wrap_cuda(cuda_stream, ctypes.byref(stream)), "eplb_stream_wrap_cuda")
-        return stream
-
-    def destroy(self, stream):
-        self.check(self.lib.eplb_stream_destroy(stream), "eplb_stream_destroy")
-
-    def check_device(self, stream):
-        flags = ctypes.c_uint32()
-        self.check(self.lib.eplb_stream_check_device_errors(stream, ctypes.byref(flags)), "device errors")
+        })
 
     def align_capacity(self, pairs, local, block):
         capacity = ctypes.c_int64()

@@ -17,6 +17,8 @@ import ctypes
 import statistics
 import sys
 
+from _libeplb import LibEplb
+
 EXPERTS = 256
 MODELS = {
     # name: hidden, intermediate, top_k, swiglu_limit
@@ -42,46 +44,18 @@ class Tensors(ctypes.Structure):
                 ("workspace", ctypes.c_void_p), ("workspace_bytes", ctypes.c_uint64)]
 
 
-class Eplb:
-    """The few libeplb entry points the peer needs (ctypes)."""
+class Eplb(LibEplb):
+    """The Mega MoE entry points the peer needs (ctypes)."""
 
     def __init__(self, path):
         c = ctypes
-        lib = c.CDLL(path)
         p = c.c_void_p
-        lib.eplb_last_error_message.restype = c.c_char_p
-        lib.eplb_status_string.argtypes = [c.c_int]
-        lib.eplb_status_string.restype = c.c_char_p
-        signatures = {
-            "eplb_stream_create": [c.c_int, c.POINTER(p)],
-            "eplb_stream_wrap_cuda": [p, c.POINTER(p)],
-            "eplb_stream_destroy": [p],
-            "eplb_stream_check_device_errors": [p, c.POINTER(c.c_uint32)],
+        super().__init__(path, {
             "eplb_moe_workspace_size": [c.POINTER(Shape), c.c_int64, c.POINTER(c.c_uint64)],
             "eplb_mega_moe_max_grid": [p, c.POINTER(Shape), c.c_int64, c.POINTER(c.c_int32), c.POINTER(c.c_int32)],
             "eplb_mega_moe": [p, c.POINTER(Shape), c.c_int64, c.POINTER(Tensors), c.c_int32],
             "eplb_moe_unfused": [p, c.POINTER(Shape), c.c_int64, c.POINTER(Tensors)],
-        }
-        for name, argtypes in signatures.items():
-            function = getattr(lib, name)
-            function.argtypes = argtypes
-            function.restype = c.c_int
-        self.lib = lib
-
-    def check(self, status, what):
-        if status != 0:
-            message = self.lib.eplb_last_error_message().decode()
-            raise RuntimeError(f"{what}: {self.lib.eplb_status_string(status).decode()}: {message}")
-
-    def cpu_stream(self):
-        stream = ctypes.c_void_p()
-        self.check(self.lib.eplb_stream_create(0, ctypes.byref(stream)), "eplb_stream_create")
-        return stream
-
-    def wrap_cuda(self, cuda_stream):
-        stream = ctypes.c_void_p()
-        self.check(self.lib.eplb_stream_wrap_cuda(cuda_stream, ctypes.byref(stream)), "eplb_stream_wrap_cuda")
-        return stream
+        })
 
     def workspace_size(self, shape, tokens):
         size = ctypes.c_uint64()

@@ -13,6 +13,8 @@ import ctypes
 import statistics
 import sys
 
+from _libeplb import LibEplb
+
 import torch
 import torch.nn.functional as F
 
@@ -42,31 +44,18 @@ class RouterConfig(ctypes.Structure):
                 ("scale_in_weights", ctypes.c_int32), ("routed_scaling_factor", ctypes.c_float)]
 
 
-class Eplb:
-    """The few libeplb entry points the peer needs."""
+class Eplb(LibEplb):
+    """The routing entry points the peer needs."""
 
     def __init__(self, path):
-        self.lib = ctypes.CDLL(path)
-        p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
-        self.lib.eplb_last_error_message.restype = ctypes.c_char_p
-        self.lib.eplb_stream_wrap_cuda.argtypes = [p, ctypes.POINTER(p)]
-        self.lib.eplb_stream_destroy.argtypes = [p]
-        self.lib.eplb_stream_check_device_errors.argtypes = [p, ctypes.POINTER(ctypes.c_uint32)]
-        self.lib.eplb_route_topk.argtypes = [p, ctypes.POINTER(RouterConfig), p, p, i64, ctypes.POINTER(ExpertMap), p, p, p]
-        self.lib.eplb_route_hash.argtypes = [p, ctypes.POINTER(RouterConfig), p, p, p, i64, i64, ctypes.POINTER(ExpertMap), p,
-                                             p, p]
-        for name in ("eplb_stream_wrap_cuda", "eplb_stream_destroy", "eplb_stream_check_device_errors", "eplb_route_topk",
-                     "eplb_route_hash"):
-            getattr(self.lib, name).restype = i32
-
-    def check(self, status, what):
-        if status != 0:
-            raise RuntimeError(f"{what}: status {status}: {self.lib.eplb_last_error_message().decode()}")
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        super().__init__(path, {
+            "eplb_route_topk": [p, ctypes.POINTER(RouterConfig), p, p, i64, ctypes.POINTER(ExpertMap), p, p, p],
+            "eplb_route_hash": [p, ctypes.POINTER(RouterConfig), p, p, p, i64, i64, ctypes.POINTER(ExpertMap), p, p, p],
+        })
 
     def wrap(self, stream):
-        handle = ctypes.c_void_p()
-        self.check(self.lib.eplb_stream_wrap_cuda(ctypes.c_void_p(stream.cuda_stream), ctypes.byref(handle)), "wrap")
-        return handle
+        return self.wrap_cuda(stream.cuda_stream)
 
 
 def median_us(fn, warmup=20, runs=200):

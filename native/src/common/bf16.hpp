@@ -5,29 +5,10 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/float_bits.hpp"
 #include "common/hostdevice.hpp"
 
 namespace eplb {
-
-EPLB_HD uint32_t float_bits(float value) {
-#if defined(__CUDA_ARCH__)
-    return __float_as_uint(value);
-#else
-    uint32_t bits;
-    std::memcpy(&bits, &value, sizeof(bits));
-    return bits;
-#endif
-}
-
-EPLB_HD float float_from_bits(uint32_t bits) {
-#if defined(__CUDA_ARCH__)
-    return __uint_as_float(bits);
-#else
-    float value;
-    std::memcpy(&value, &bits, sizeof(value));
-    return value;
-#endif
-}
 
 EPLB_HD float bf16_to_float(uint16_t bits) { return float_from_bits(uint32_t(bits) << 16); }
 

@@ -8,20 +8,13 @@
 #include <cstring>
 
 #include "common/bf16.hpp"
+#include "common/dispatch.hpp"
 #include "common/hostdevice.hpp"
 
 namespace eplb {
 
-// One step of the combine, acc + w * y with the product and the sum each rounded (no fused
-// multiply-add): the rule of eplb_dispatch_combine, so the fused kernel, the unfused path and the
-// CPU give the same bits. (The library's C++ is built without FP contraction.)
-EPLB_HD float combine_step(float acc, float w, float y) {
-#if defined(__CUDA_ARCH__)
-    return __fadd_rn(acc, __fmul_rn(w, y));
-#else
-    return acc + w * y;
-#endif
-}
+// The combine step is dispatch.hpp's weighted_add (acc + w * y, product and sum each rounded): the
+// rule of eplb_dispatch_combine, so the fused kernel, the unfused path and the CPU give the same bits.
 
 // The clamped SwiGLU of one intermediate element, in fp32: silu(min(g, L)) * clamp(u, -L, L) when
 // limit > 0 (DeepSeek-V4 and GPT-OSS clamp the gate from above only), silu(g) * u otherwise.

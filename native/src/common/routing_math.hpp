@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/float_bits.hpp"
 #include "common/hostdevice.hpp"
 #include "eplb/eplb_routing.h"
 
@@ -77,26 +78,6 @@ EPLB_HD float ffloor(float a) {
 #endif
 }
 
-EPLB_HD uint32_t float_bits(float value) {
-#if defined(__CUDA_ARCH__)
-    return __float_as_uint(value);
-#else
-    uint32_t bits;
-    std::memcpy(&bits, &value, sizeof(bits));
-    return bits;
-#endif
-}
-
-EPLB_HD float bits_float(uint32_t bits) {
-#if defined(__CUDA_ARCH__)
-    return __uint_as_float(bits);
-#else
-    float value;
-    std::memcpy(&value, &bits, sizeof(value));
-    return value;
-#endif
-}
-
 EPLB_HD bool is_nan(float value) { return value != value; }
 
 // Smallest x whose e^x is a normal float: -126 ln 2 = -87.33654..., rounded up so that the reduced
@@ -120,7 +101,7 @@ EPLB_HD float exp_nonpositive(float x) {
     p = ffma(p, r, 1.6666665459e-1f);
     p = ffma(p, r, 5.0000001201e-1f);
     const float y = fadd(ffma(p, z, r), 1.0f);
-    const float two_to_k = bits_float(static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23);  // k in [-126, 0]
+    const float two_to_k = float_from_bits(static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23);  // k in [-126, 0]
     return fmul(y, two_to_k);
 }
 
@@ -186,7 +167,7 @@ EPLB_HD uint32_t order_key(float value) {
     return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-EPLB_HD float key_value(uint32_t key) { return bits_float((key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key); }
+EPLB_HD float key_value(uint32_t key) { return float_from_bits((key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key); }
 
 // -inf for NaN; everything else unchanged.
 EPLB_HD float nan_to_neg_inf(float value) { return is_nan(value) ? -INFINITY : value; }

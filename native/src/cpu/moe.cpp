@@ -107,7 +107,7 @@ void moe_combine(const MoeProblem& p) {
             if (row < 0) continue;
             const float w = p.topk_weights[t * p.top_k + k];
             const uint16_t* y = p.expert_out + int64_t(row) * hidden;
-            for (int64_t n = 0; n < hidden; ++n) sum[size_t(n)] = combine_step(sum[size_t(n)], w, bf16_to_float(y[n]));
+            for (int64_t n = 0; n < hidden; ++n) sum[size_t(n)] = weighted_add(sum[size_t(n)], w, bf16_to_float(y[n]));
         }
         for (int64_t n = 0; n < hidden; ++n) p.output[t * hidden + n] = float_to_bf16(sum[size_t(n)]);
     }

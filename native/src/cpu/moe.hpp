@@ -18,7 +18,7 @@ void moe_gemm1_swiglu(const MoeProblem& p, bool gathered);
 void moe_gemm2(const MoeProblem& p);
 
 // Combine: output[t] = bf16(sum over ascending k of w[t,k] * expert_out[positions[t,k]]) in fp32,
-// product and sum each rounded (combine_step); 0 for a token with no local pair.
+// product and sum each rounded (weighted_add); 0 for a token with no local pair.
 void moe_combine(const MoeProblem& p);
 
 // The reference: route, GEMM1 on gathered rows, GEMM2, combine.

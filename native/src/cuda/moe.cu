@@ -494,8 +494,8 @@ __device__ void combine_phase(const MoeProblem& p, int64_t first, int64_t stride
             const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                sum[2 * j] = combine_step(sum[2 * j], w, bf16_to_float(uint16_t(words[j] & 0xffffu)));
-                sum[2 * j + 1] = combine_step(sum[2 * j + 1], w, bf16_to_float(uint16_t(words[j] >> 16)));
+                sum[2 * j] = weighted_add(sum[2 * j], w, bf16_to_float(uint16_t(words[j] & 0xffffu)));
+                sum[2 * j + 1] = weighted_add(sum[2 * j + 1], w, bf16_to_float(uint16_t(words[j] >> 16)));
             }
         }
         uint4 out;
