@@ -20,7 +20,7 @@ internal static class SimulationPlot
         loads.Title("Tokens routed to each GPU per pass (mean over layers)");
         loads.XLabel("GPU");
         loads.YLabel("tokens per pass");
-        loads.ShowLegend();
+        loads.ShowLegend(Alignment.UpperRight);
 
         var timeline = multiplot.GetPlot(1);
         foreach (var run in result.Runs)
@@ -32,7 +32,7 @@ internal static class SimulationPlot
         timeline.XLabel("pass");
         timeline.YLabel("mean / max GPU load");
         timeline.Axes.SetLimitsY(0, 1);
-        timeline.ShowLegend();
+        timeline.ShowLegend(Alignment.LowerRight);
         multiplot.SavePng(path, 1200, 1000);
     }
 
