@@ -22,7 +22,7 @@ public static class Program
         var parse = root.Parse(args);
         if (parse.Errors.Count > 0)
         {
-            Console.Error.WriteLine($"eplb: {parse.Errors[0].Message}");
+            Console.Error.WriteLine($"eplb: {OneLine(parse.Errors[0].Message)}");
             return BadInput;
         }
         try
@@ -31,10 +31,14 @@ public static class Program
         }
         catch (Exception e) when (IsUserError(e))
         {
-            Console.Error.WriteLine($"eplb: {e.Message}");
+            Console.Error.WriteLine($"eplb: {OneLine(e.Message)}");
             return BadInput;
         }
     }
+
+    /// <summary>A message on one line (System.CommandLine lists allowed values on separate lines).</summary>
+    internal static string OneLine(string message) =>
+        string.Join(' ', message.Split(['\r', '\n', '\t'], StringSplitOptions.RemoveEmptyEntries).Select(part => part.Trim()));
 
     /// <summary>Failures caused by the user's input or machine rather than by a bug.</summary>
     internal static bool IsUserError(Exception e) =>
