@@ -5,6 +5,7 @@ in `signatures`, and turns a non-zero status into a RuntimeError with libeplb's 
 """
 
 import ctypes
+import statistics
 
 
 class LibEplb:
@@ -53,3 +54,19 @@ class LibEplb:
     def check_device(self, stream):
         flags = ctypes.c_uint32()
         self.check(self.lib.eplb_stream_check_device_errors(stream, ctypes.byref(flags)), "device errors")
+
+
+def median_us(torch, fn, warmup=10, runs=100):
+    """Median of `runs` CUDA-event timings of fn() in microseconds, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) * 1000.0)
+    return statistics.median(times)

@@ -10,10 +10,9 @@ simulated EP ranks (32 slots) and 1 rank (all local), T in {128, 4096, 16384}, b
 """
 import argparse
 import ctypes
-import statistics
 import sys
 
-from _libeplb import LibEplb
+from _libeplb import LibEplb, median_us
 
 EPLB_DTYPE_F32 = 0
 EPLB_DTYPE_BF16 = 1
@@ -57,22 +56,6 @@ class Eplb(LibEplb):
     def combine(self, stream, y_dtype, y, y_rows, hidden, positions, weights, tokens, top_k, out_dtype, out):
         self.check(self.lib.eplb_dispatch_combine(stream, y_dtype, y, y_rows, hidden, positions, weights, tokens, top_k,
                                                   out_dtype, out), "eplb_dispatch_combine")
-
-
-def median_us(torch, fn, warmup=10, runs=100):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start = torch.cuda.Event(enable_timing=True)
-        stop = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) * 1000.0)
-    return statistics.median(times)
 
 
 def copy_bandwidth(torch):
