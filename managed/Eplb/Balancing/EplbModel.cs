@@ -90,6 +90,19 @@ public sealed class EplbModel : IDisposable
         return total;
     }
 
+    /// <summary>Per-layer GPU loads <c>[L][G]</c> of per-slot loads <c>[L * R]</c>: each rank's slots added up (SPEC 1).</summary>
+    public double[][] GpuLoads(ReadOnlySpan<long> physical)
+    {
+        if (physical.Length != Layers * Slots) throw new ArgumentException($"{physical.Length} values for {Layers} x {Slots} slots", nameof(physical));
+        var loads = new double[Layers][];
+        for (var l = 0; l < Layers; l++)
+        {
+            var gpu = loads[l] = new double[Gpus];
+            for (var s = 0; s < Slots; s++) gpu[s / SlotsPerRank] += physical[l * Slots + s];
+        }
+        return loads;
+    }
+
     /// <summary>
     /// Folds per-slot loads <c>[L * R]</c> into logical loads through the placement in force: the
     /// slots of one expert add up (SPEC 3.2).
@@ -110,8 +123,6 @@ public sealed class EplbModel : IDisposable
 
     internal RankState RankOf(int rank) =>
         _ranks.FirstOrDefault(r => r.Model.Rank == rank) ?? throw new ArgumentOutOfRangeException(nameof(rank), $"rank {rank} is not local to this process");
-
-    internal ReadOnlySpan<int> CurrentPhy2Log(int layer) => _phy2Log[layer];
 
     /// <summary>Pushes this pass's counters into the window (or drops them for a dummy pass).</summary>
     internal void EndPass(bool dummy)

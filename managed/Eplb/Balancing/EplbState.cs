@@ -230,18 +230,9 @@ public sealed class EplbState : IDisposable
             if (model.Layers == 0) continue;
             var physical = model.PassPhysicalLoad();
             _transport.AllReduceSum(physical);
-            double sumMean = 0, sumMax = 0;
-            var perRank = new double[model.Gpus];
-            var gpu = new double[model.Gpus];
-            for (var l = 0; l < model.Layers; l++)
-            {
-                Array.Clear(gpu);
-                for (var s = 0; s < model.Slots; s++) gpu[s / model.SlotsPerRank] += physical[l * model.Slots + s];
-                sumMean += gpu.Average();
-                sumMax += gpu.Max();
-                for (var g = 0; g < model.Gpus; g++) perRank[g] += gpu[g];
-            }
-            var balancedness = sumMax > 0 ? sumMean / sumMax : 0;
+            var gpu = model.GpuLoads(physical);
+            var balancedness = Balancedness(gpu);
+            var perRank = Enumerable.Range(0, model.Gpus).Select(g => gpu.Sum(layer => layer[g])).ToArray();
             LastLoggedBalancedness = balancedness;
             _logger.LogInformation(
                 "EPLB {Model} step {Step}: avg_tokens={AvgTokens:F2}, max_tokens={MaxTokens:F2}, balancedness={Balancedness:F4}, steps until next rearrangement: {Steps}",

@@ -177,7 +177,6 @@ public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory?
         private readonly RankBuffers[] _buffers;
         private readonly int _perRank;
         private readonly double[] _gpuLoad;
-        private readonly double[] _layerLoad;
         private readonly double[] _gpuLoadSum;
         private readonly double[] _perStep;
         private readonly System.Diagnostics.Stopwatch _busy = new();
@@ -221,7 +220,6 @@ public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory?
             _perRank = options.Tokens / gpus;
             _buffers = _ranks.Select(r => new RankBuffers(r.Backend, _perRank, options.TopK, experts)).ToArray();
             _gpuLoad = new double[gpus];
-            _layerLoad = new double[gpus];
             _gpuLoadSum = new double[gpus];
             _perStep = new double[options.Steps];
         }
@@ -259,13 +257,11 @@ public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory?
             var pass = _model.PassPhysicalLoad();
             double stepMean = 0, stepMax = 0;
             Array.Clear(_gpuLoad);
-            for (var layer = 0; layer < _model.Layers; layer++)
+            foreach (var layerLoad in _model.GpuLoads(pass))
             {
-                Array.Clear(_layerLoad);
-                for (var s = 0; s < _model.Slots; s++) _layerLoad[s / _model.SlotsPerRank] += pass[layer * _model.Slots + s];
-                stepMean += _layerLoad.Average();
-                stepMax += _layerLoad.Max();
-                for (var g = 0; g < _layerLoad.Length; g++) _gpuLoad[g] += _layerLoad[g];
+                stepMean += layerLoad.Average();
+                stepMax += layerLoad.Max();
+                for (var g = 0; g < layerLoad.Length; g++) _gpuLoad[g] += layerLoad[g];
             }
             _sumMean += stepMean;
             _sumMax += stepMax;
