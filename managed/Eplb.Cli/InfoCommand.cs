@@ -1,5 +1,6 @@
 using System.CommandLine;
 using System.Text.Json;
+using Eplb.Runtime;
 
 namespace Eplb.Cli;
 

@@ -2,6 +2,8 @@ using System.CommandLine;
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json;
+using Eplb.Load;
+using Eplb.Placement;
 
 namespace Eplb.Cli;
 
@@ -25,7 +27,7 @@ internal static class PlanCommand
         var expertBytes = new Option<long>("--expert-bytes")
         {
             Description = "Bytes of one expert of one layer, for the bytes-to-move figure (default: DeepSeek-V3 FP8 weights and block scales)",
-            DefaultValueFactory = _ => Placement.DeepSeekV3ExpertBytes,
+            DefaultValueFactory = _ => ExpertPlacement.DeepSeekV3ExpertBytes,
         };
         var output = new Option<string>("--out") { Description = "Placement file to write (JSON)", Required = true };
         var command = new Command("plan", "Plan an expert placement from a load dump and write it for SGLang's --init-expert-location")
@@ -61,12 +63,12 @@ internal static class PlanCommand
         // policy's time, not the JIT's or the thread pool's.
         var warm = Enumerable.Range(0, Math.Min(2, load.Layers)).ToArray();
         policy.Plan(load.Select(warm), request,
-            current != null ? Placement.FromPhy2Log(warm.Select(l => current.Phy2Log(l).ToArray()).ToList(), load.Experts, request.Gpus, request.Nodes) : null);
+            current != null ? ExpertPlacement.FromPhy2Log(warm.Select(l => current.Phy2Log(l).ToArray()).ToList(), load.Experts, request.Gpus, request.Nodes) : null);
         var clock = Stopwatch.StartNew();
         var placement = policy.Plan(load, request, current);
         var elapsedMs = clock.Elapsed.TotalMilliseconds;
 
-        var before = current ?? Placement.Initial(load.Layers, load.Experts, request.Slots, request.Gpus, request.Nodes);
+        var before = current ?? ExpertPlacement.Initial(load.Layers, load.Experts, request.Slots, request.Gpus, request.Nodes);
         var perLayer = placement.BalancednessPerLayer(load);
         var balancedness = placement.Balancedness(load);
         var nodeLocal = placement.NodeLocalFraction(load, load.Experts % request.Groups == 0 ? request.Groups : 1);
@@ -95,7 +97,7 @@ internal static class PlanCommand
     /// [L][R], optional <c>layer_ids</c>). Rows are matched to the load's kept layers by layer id when
     /// the file has ids, else by position (all layers of the dump, or only the kept ones).
     /// </summary>
-    private static Placement ReadPlacement(string path, ExpertLoad raw, ExpertLoad load, PlacementRequest request)
+    private static ExpertPlacement ReadPlacement(string path, ExpertLoad raw, ExpertLoad load, PlacementRequest request)
     {
         if (!File.Exists(path)) throw new FileNotFoundException($"placement file '{path}' does not exist", path);
         JsonDocument document;
@@ -157,7 +159,7 @@ internal static class PlanCommand
                 throw new InvalidDataException($"{path}: {selected[0].Length} slots per layer, but --replicas is {request.Slots}");
             try
             {
-                return Placement.FromPhy2Log(selected, load.Experts, request.Gpus, request.Nodes);
+                return ExpertPlacement.FromPhy2Log(selected, load.Experts, request.Gpus, request.Nodes);
             }
             catch (ArgumentException e)
             {
@@ -166,7 +168,7 @@ internal static class PlanCommand
         }
     }
 
-    private static void Write(Utf8JsonWriter w, Placement p, ExpertLoad load, string policy, PlacementRequest request,
+    private static void Write(Utf8JsonWriter w, ExpertPlacement p, ExpertLoad load, string policy, PlacementRequest request,
         double balancedness, double[] perLayer, double nodeLocal, double elapsedMs)
     {
         w.WriteStartObject();

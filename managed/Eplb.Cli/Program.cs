@@ -1,5 +1,6 @@
-using System.CommandLine;
 using System.CommandLine.Invocation;
+using System.CommandLine;
+using Eplb.Interop;
 
 namespace Eplb.Cli;
 

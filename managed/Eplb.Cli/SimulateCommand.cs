@@ -1,5 +1,8 @@
 using System.CommandLine;
 using System.Text.Json;
+using Eplb.Load;
+using Eplb.Placement;
+using Eplb.Runtime;
 using Eplb.Simulation;
 using Spectre.Console;
 

@@ -6,7 +6,7 @@ namespace Eplb;
 /// <summary>
 /// A bfloat16 value: the upper 16 bits of an IEEE 754 single (1 sign, 8 exponent, 7 fraction
 /// bits), the activation type of DeepSeek-class models. .NET 10 has no bfloat16 type, so this
-/// is the element type of bf16 <see cref="DeviceBuffer{T}"/>s; its layout is the raw 16 bits
+/// is the element type of bf16 device buffers and kernels; its layout is the raw 16 bits
 /// (<c>uint16_t</c> on the C ABI). Conversions from <see cref="float"/> round to nearest, ties to
 /// even, as libeplb's kernels and torch do.
 /// </summary>

@@ -1,7 +1,10 @@
 // A host app using the Eplb package: options from appsettings.json through AddEplb, a placement for
 // a DeepSeek-V3-shaped load, and one routing call with the EPLB mapping and load recording.
-using Eplb;
+using Eplb.Balancing;
 using Eplb.Kernels;
+using Eplb.Load;
+using Eplb.Placement;
+using Eplb.Runtime;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Options;
@@ -21,7 +24,7 @@ var load = new ExpertLoad(layers, experts, values);
 var slots = experts + options.NumRedundantExperts;
 var request = new PlacementRequest(slots, options.NumGroups, options.NumNodes, gpus);
 var placement = PlacementPolicies.Get(options.Policy).Plan(load, request);
-var initial = Placement.Initial(layers, experts, slots, gpus, options.NumNodes);
+var initial = ExpertPlacement.Initial(layers, experts, slots, gpus, options.NumNodes);
 Console.WriteLine($"policy={options.Policy} balancedness {initial.Balancedness(load):F3} -> {placement.Balancedness(load):F3}");
 
 // Route 64 tokens of layer 0 on the default backend, with that layer's EPLB tables.

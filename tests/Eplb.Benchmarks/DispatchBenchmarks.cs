@@ -1,5 +1,4 @@
 using BenchmarkDotNet.Attributes;
-using Eplb.Kernels;
 
 namespace Eplb.Benchmarks;
 

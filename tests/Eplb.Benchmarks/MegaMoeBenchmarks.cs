@@ -1,5 +1,4 @@
 using BenchmarkDotNet.Attributes;
-using Eplb.Kernels;
 
 namespace Eplb.Benchmarks;
 
@@ -48,8 +47,8 @@ public class MegaMoeBenchmarks
     }
 
     [Benchmark(Baseline = true)]
-    public MoePath Fused() => MegaMoe.Run(Shape, _x, _ids, _weights, _w1, _w2, _output);
+    public MoeBackend Fused() => MegaMoe.Run(Shape, _x, _ids, _weights, _w1, _w2, _output);
 
     [Benchmark]
-    public MoePath Unfused() => MegaMoe.Run(Shape, _x, _ids, _weights, _w1, _w2, _output, path: MoePath.Unfused);
+    public MoeBackend Unfused() => MegaMoe.Run(Shape, _x, _ids, _weights, _w1, _w2, _output, moeBackend: MoeBackend.Unfused);
 }

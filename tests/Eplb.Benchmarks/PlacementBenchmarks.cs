@@ -14,7 +14,7 @@ public class PlacementBenchmarks
 {
     private ExpertLoad _load = null!;
     private PlacementRequest _request = null!;
-    private Placement _current = null!;
+    private ExpertPlacement _current = null!;
 
     /// <summary>R / G / nodes.</summary>
     [Params("288/32/4", "320/40/5", "288/72/9")]
@@ -34,11 +34,11 @@ public class PlacementBenchmarks
     }
 
     [Benchmark(Baseline = true)]
-    public Placement DeepSeek() => PlacementPolicies.DeepSeek.Plan(_load, _request);
+    public ExpertPlacement DeepSeek() => PlacementPolicies.DeepSeek.Plan(_load, _request);
 
     [Benchmark]
-    public Placement Locality() => PlacementPolicies.Locality.Plan(_load, _request);
+    public ExpertPlacement Locality() => PlacementPolicies.Locality.Plan(_load, _request);
 
     [Benchmark]
-    public Placement Incremental() => PlacementPolicies.Incremental.Plan(_load, _request, _current);
+    public ExpertPlacement Incremental() => PlacementPolicies.Incremental.Plan(_load, _request, _current);
 }

@@ -1,6 +1,4 @@
 using BenchmarkDotNet.Attributes;
-using Eplb.Interop;
-using Eplb.Migration;
 
 namespace Eplb.Benchmarks;
 

@@ -50,7 +50,7 @@ public class CliPlanTests
         // The file is the deepseek plan, and its figures are those of SPEC 1.
         var load = TestSupport.RealLoad("decode_in1000out1000");
         var expected = PlacementPolicies.DeepSeek.Plan(load, new PlacementRequest(288, 8, 4, 32));
-        var p = Placement.FromPhy2Log(phy2log, 256, 32, 4);
+        var p = ExpertPlacement.FromPhy2Log(phy2log, 256, 32, 4);
         Assert.That(p.Phy2LogTable.ToArray(), Is.EqualTo(expected.Phy2LogTable.ToArray()));
         Assert.That(root.GetProperty("balancedness").GetDouble(), Is.EqualTo(PlacementOracle.Balancedness(p, load)).Within(1e-12));
         Assert.That(root.GetProperty("balancedness_per_layer").EnumerateArray().Select(v => v.GetDouble()), Is.EqualTo(p.BalancednessPerLayer(load)).Within(1e-12));

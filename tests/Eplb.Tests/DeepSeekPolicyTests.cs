@@ -53,7 +53,7 @@ public class DeepSeekPolicyTests
         Assert.That(p.LogCnt(0).ToArray(), Is.EqualTo(new[] { 3, 1, 1, 1, 2, 2, 1, 1 }));
         Assert.That(p.Balancedness(load), Is.EqualTo(251.75 / (2000.0 / 3 + 1)).Within(1e-9));
         Assert.That(p.Balancedness(load), Is.EqualTo(0.377).Within(0.0005));
-        var initial = Placement.Initial(1, 8, 12, 4, 2);
+        var initial = ExpertPlacement.Initial(1, 8, 12, 4, 2);
         Assert.That(initial.Balancedness(load), Is.EqualTo(251.75 / 502).Within(1e-12));
         Assert.That(p.Balancedness(load), Is.LessThan(initial.Balancedness(load)));
         // The same expert twice on one GPU is a known property of the reference (expert 4 on GPU 2).
@@ -223,7 +223,7 @@ public class DeepSeekPolicyTests
     {
         var load = TestSupport.RealLoad("decode_in1800out100");
         var request = new PlacementRequest(288, 8, 4, 32);
-        var current = Placement.Initial(load.Layers, 256, 288, 32, 4);
+        var current = ExpertPlacement.Initial(load.Layers, 256, 288, 32, 4);
         var plain = DeepSeek.Plan(load, request);
         var kept = DeepSeek.Plan(load, request, current);
         Assert.That(kept.Balancedness(load), Is.EqualTo(plain.Balancedness(load)).Within(1e-12));

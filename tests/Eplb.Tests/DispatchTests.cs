@@ -1,4 +1,3 @@
-using Eplb.Kernels;
 using NUnit.Framework;
 
 namespace Eplb.Tests;

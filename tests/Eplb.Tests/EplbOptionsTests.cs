@@ -19,7 +19,7 @@ public class EplbOptionsTests
         Assert.That(options.LogBalancednessInterval, Is.EqualTo(1));
         Assert.That(options.UseAsync, Is.True);
         Assert.That(options.Policy, Is.EqualTo("deepseek"));
-        Assert.That(options.Communicator, Is.EqualTo(EplbCommunicator.Auto));
+        Assert.That(options.Communicator, Is.EqualTo(TransportKind.Auto));
         Assert.That(options.ReplicaSelection, Is.EqualTo(ReplicaSelection.TokenHash));
         Assert.That(options.Violations(), Is.Empty);
     }
@@ -83,9 +83,9 @@ public class EplbOptionsTests
     {
         var disabled = new EplbOptions { Enabled = false, NumRedundantExperts = 8 };
         Assert.That(disabled.Violations(), Has.One.Contains("requires EPLB enabled"));
-        var nccl = new EplbOptions { Communicator = EplbCommunicator.Nccl, UseAsync = true, AllowNcclWithAsync = true };
+        var nccl = new EplbOptions { Communicator = TransportKind.Nccl, UseAsync = true, AllowNcclWithAsync = true };
         Assert.That(nccl.Violations(), Is.Empty);
-        var syncNccl = new EplbOptions { Communicator = EplbCommunicator.Nccl, UseAsync = false };
+        var syncNccl = new EplbOptions { Communicator = TransportKind.Nccl, UseAsync = false };
         Assert.That(syncNccl.Violations(), Is.Empty);
     }
 
@@ -111,7 +111,7 @@ public class EplbOptionsTests
     {
         public string Name => "sync-only";
         public bool SupportsAsync => false;
-        public Placement Plan(ExpertLoad load, PlacementRequest request, Placement? current = null) =>
+        public ExpertPlacement Plan(ExpertLoad load, PlacementRequest request, ExpertPlacement? current = null) =>
             PlacementPolicies.DeepSeek.Plan(load, request, current);
     }
 }

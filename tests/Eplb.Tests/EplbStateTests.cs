@@ -1,6 +1,3 @@
-using Eplb.Kernels;
-using Eplb.Migration;
-using Eplb.Simulation;
 using Microsoft.Extensions.Logging;
 using NUnit.Framework;
 
@@ -87,7 +84,7 @@ internal sealed class FaultyTransport(int ranks) : IExpertTransport
     public int Failures { get; set; } = int.MaxValue;
     public int Ranks => _inner.Ranks;
     public IReadOnlyList<int> LocalRanks => _inner.LocalRanks;
-    public EplbCommunicator Kind => EplbCommunicator.InProcess;
+    public TransportKind Kind => TransportKind.InProcess;
 
     public void Transfer(IReadOnlyList<ExpertTransfer> batch, Func<int, IReadOnlyList<ExpertTensor>> weightsOf,
         Func<int, IReadOnlyList<ExpertTensor>> stagingOf, CancellationToken cancellation)
@@ -344,7 +341,7 @@ public class EplbStateTests
         var error = Assert.Throws<Microsoft.Extensions.Options.OptionsValidationException>(() =>
             new EplbState(new EplbOptions { WindowSize = -1, StepInterval = 0 }, transport))!;
         Assert.That(error.Failures, Has.Count.EqualTo(2));
-        Assert.Throws<ArgumentException>(() => new EplbState(new EplbOptions { Communicator = EplbCommunicator.Nccl, UseAsync = false }, transport));
+        Assert.Throws<ArgumentException>(() => new EplbState(new EplbOptions { Communicator = TransportKind.Nccl, UseAsync = false }, transport));
     }
 
     [Test, Category("GPU")]

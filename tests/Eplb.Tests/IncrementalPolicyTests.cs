@@ -60,7 +60,7 @@ public class IncrementalPolicyTests
     public void WithoutACurrentPlacementItStartsFromTheInitialOne()
     {
         var load = TestSupport.RealLoad("prefill_in512").Select([0, 10, 20]);
-        var initial = Placement.Initial(3, 256, 288, 32, 4);
+        var initial = ExpertPlacement.Initial(3, 256, 288, 32, 4);
         var p = PlacementPolicies.Incremental.Plan(load, FourNodes);
         Assert.That(p.Phy2LogTable.ToArray(), Is.EqualTo(PlacementPolicies.Incremental.Plan(load, FourNodes, initial).Phy2LogTable.ToArray()));
         Assert.That(p.Balancedness(load), Is.GreaterThanOrEqualTo(PlacementPolicies.Locality.Plan(load, FourNodes).Balancedness(load) - 0.01));
@@ -84,7 +84,7 @@ public class IncrementalPolicyTests
     public void TheCurrentPlacementMustMatchTheRequest()
     {
         var load = TestSupport.RealLoad("prefill_in512").Select([0]);
-        var e = Assert.Throws<ArgumentException>(() => PlacementPolicies.Incremental.Plan(load, FourNodes, Placement.Initial(1, 256, 320, 32, 4)))!;
+        var e = Assert.Throws<ArgumentException>(() => PlacementPolicies.Incremental.Plan(load, FourNodes, ExpertPlacement.Initial(1, 256, 320, 32, 4)))!;
         Assert.That(e.Message, Does.Contain("320").And.Contain("288"));
     }
 }

@@ -1,6 +1,5 @@
 using System.Reflection;
 using System.Runtime.InteropServices;
-using Eplb.Interop;
 using NUnit.Framework;
 
 namespace Eplb.Tests;

@@ -61,7 +61,7 @@ public class LocalityPolicyTests
     public void CurrentPlacementOnlyReordersSlotsInsideEachGpu()
     {
         var load = TestSupport.RealLoad("prefill_in512").Select([0, 1, 2]);
-        var current = Placement.Initial(3, 256, 288, 32, 4);
+        var current = ExpertPlacement.Initial(3, 256, 288, 32, 4);
         var plain = PlacementPolicies.Locality.Plan(load, FourNodes);
         var kept = PlacementPolicies.Locality.Plan(load, FourNodes, current);
         Assert.That(kept.Balancedness(load), Is.EqualTo(plain.Balancedness(load)).Within(1e-12));

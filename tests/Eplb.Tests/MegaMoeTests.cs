@@ -1,4 +1,3 @@
-using Eplb.Kernels;
 using NUnit.Framework;
 
 namespace Eplb.Tests;
@@ -123,7 +122,7 @@ public class MegaMoeTests
         }
     }
 
-    private static ushort[] RunHost(Layer l, Backend backend = Backend.Cpu, MoePath path = MoePath.Fused)
+    private static ushort[] RunHost(Layer l, Backend backend = Backend.Cpu, MoeBackend path = MoeBackend.MegaMoe)
     {
         var output = Enumerable.Repeat(BFloat16.FromBits(0xFFFF), l.Tokens * l.Shape.Hidden).ToArray();
         var ran = MegaMoe.Run(l.Shape, l.X, l.Ids, l.Weights, l.W1, l.W2, output, backend, path);
@@ -155,7 +154,7 @@ public class MegaMoeTests
         var want = new float[64];
         want[0] = 1.25f;          // 0.5 * 2.5
         want[1] = 1.25f - 5f;     // 0.5 * 2.5 + 0.25 * -20
-        foreach (var path in new[] { MoePath.Fused, MoePath.Unfused })
+        foreach (var path in new[] { MoeBackend.MegaMoe, MoeBackend.Unfused })
             Assert.That(RunHost(layer, Backend.Cpu, path).Select(FromBf16), Is.EqualTo(want), path.ToString());
     }
 
@@ -182,7 +181,7 @@ public class MegaMoeTests
         for (var i = 0; i < 5; i++)
         {
             var layer = RandomLayer(random, RandomShape(random), random.Next(1, 30));
-            Assert.That(RunHost(layer, Backend.Cpu, MoePath.Unfused), Is.EqualTo(RunHost(layer)));
+            Assert.That(RunHost(layer, Backend.Cpu, MoeBackend.Unfused), Is.EqualTo(RunHost(layer)));
         }
     }
 
@@ -211,7 +210,7 @@ public class MegaMoeTests
         using var output = new DeviceBuffer<BFloat16>(Backend.Cpu, 21 * 128);
         output.Fill(BFloat16.FromBits(0xFFFF));
         using var workspace = new DeviceBuffer<byte>(Backend.Cpu, MegaMoe.WorkspaceSize(layer.Shape, 21));
-        Assert.That(MegaMoe.Run(stream, layer.Shape, x, ids, weights, w1, w2, output, workspace), Is.EqualTo(MoePath.Fused));
+        Assert.That(MegaMoe.Run(stream, layer.Shape, x, ids, weights, w1, w2, output, workspace), Is.EqualTo(MoeBackend.MegaMoe));
         Assert.That(Bits(output.ToArray()), Is.EqualTo(RunHost(layer)));
         AssertClose(Bits(output.ToArray()), Oracle(layer), 128, "device-slice form", OracleTolerance);
     }
@@ -287,7 +286,7 @@ public class MegaMoeTests
 
     // --- GPU ------------------------------------------------------------------------------------
 
-    private static ushort[] RunOnCuda(Layer l, MoePath path, int gridBlocks = 0, MoeFallback fallback = MoeFallback.Throw)
+    private static ushort[] RunOnCuda(Layer l, MoeBackend path, int gridBlocks = 0, MoeFallback fallback = MoeFallback.Throw)
     {
         using var stream = new ComputeStream(Backend.Cuda);
         using var x = new DeviceBuffer<BFloat16>(Backend.Cuda, l.X);
@@ -298,11 +297,11 @@ public class MegaMoeTests
         using var output = new DeviceBuffer<BFloat16>(Backend.Cuda, (long)l.Tokens * l.Shape.Hidden);
         output.Fill(BFloat16.FromBits(0xFFFF));  // bf16 NaN: an unwritten element shows
         using var workspace = new DeviceBuffer<byte>(Backend.Cuda, MegaMoe.WorkspaceSize(l.Shape, l.Tokens));
-        if (path == MoePath.Unfused)
+        if (path == MoeBackend.Unfused)
             MegaMoe.RunUnfused(stream, l.Shape, x, ids, weights, w1, w2, output, workspace);
         else
             Assert.That(MegaMoe.Run(stream, l.Shape, x, ids, weights, w1, w2, output, workspace, fallback, gridBlocks),
-                Is.EqualTo(fallback == MoeFallback.Throw ? MoePath.Fused : MoePath.Unfused));
+                Is.EqualTo(fallback == MoeFallback.Throw ? MoeBackend.MegaMoe : MoeBackend.Unfused));
         stream.CheckDeviceErrors();
         return Bits(output.ToArray(stream));
     }
@@ -316,11 +315,11 @@ public class MegaMoeTests
         {
             var layer = RandomLayer(random, RandomShape(random), i == 0 ? 1 : random.Next(1, 300));
             var want = RunHost(layer);
-            var fused = RunOnCuda(layer, MoePath.Fused);
+            var fused = RunOnCuda(layer, MoeBackend.MegaMoe);
             AssertClose(fused, want, layer.Shape.Hidden, "fused " + layer.Shape);
-            var unfused = RunOnCuda(layer, MoePath.Unfused);
+            var unfused = RunOnCuda(layer, MoeBackend.Unfused);
             Assert.That(unfused, Is.EqualTo(fused), "the two GPU paths share tiles and accumulation order");
-            Assert.That(RunOnCuda(layer, MoePath.Fused), Is.EqualTo(fused), "bitwise repeatable");
+            Assert.That(RunOnCuda(layer, MoeBackend.MegaMoe), Is.EqualTo(fused), "bitwise repeatable");
         }
     }
 
@@ -334,7 +333,7 @@ public class MegaMoeTests
         foreach (var tokens in new[] { 1, 128, 777 })
         {
             var layer = RandomLayer(random, shape, tokens, TestSupport.SampleTopK(random, load.Layer(40), tokens, 8));
-            AssertClose(RunOnCuda(layer, MoePath.Fused), RunHost(layer), shape.Hidden, $"T={tokens}");
+            AssertClose(RunOnCuda(layer, MoeBackend.MegaMoe), RunHost(layer), shape.Hidden, $"T={tokens}");
         }
     }
 
@@ -347,9 +346,9 @@ public class MegaMoeTests
         using var stream = new ComputeStream(Backend.Cuda);
         var max = MegaMoe.MaxCooperativeGrid(stream, layer.Shape, 33, out _);
         Assert.That(max, Is.GreaterThan(0));
-        var e = Assert.Throws<EplbException>(() => RunOnCuda(layer, MoePath.Fused, max + 1));
+        var e = Assert.Throws<EplbException>(() => RunOnCuda(layer, MoeBackend.MegaMoe, max + 1));
         Assert.That(e!.Status, Is.EqualTo(EplbStatus.CooperativeLaunchUnavailable));
-        var fallback = RunOnCuda(layer, MoePath.Fused, max + 1, MoeFallback.Unfused);
+        var fallback = RunOnCuda(layer, MoeBackend.MegaMoe, max + 1, MoeFallback.Unfused);
         AssertClose(fallback, Oracle(layer), 128, "unfused fallback", OracleTolerance);
     }
 }

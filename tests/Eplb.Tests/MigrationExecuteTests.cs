@@ -1,5 +1,3 @@
-using Eplb.Migration;
-using Eplb.Simulation;
 using NUnit.Framework;
 
 namespace Eplb.Tests;

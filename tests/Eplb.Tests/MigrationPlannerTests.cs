@@ -1,4 +1,3 @@
-using Eplb.Migration;
 using NUnit.Framework;
 
 namespace Eplb.Tests;

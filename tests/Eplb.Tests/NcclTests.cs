@@ -1,4 +1,3 @@
-using Eplb.Migration;
 using Microsoft.Extensions.Logging;
 using NUnit.Framework;
 
@@ -8,7 +7,7 @@ namespace Eplb.Tests;
 public class NcclTests
 {
     private static NcclEnvironmentContext Firing(MoeBackend moe = MoeBackend.MegaMoe) =>
-        new(DataParallelSize: 2, EplbEnabled: true, EplbCommunicator.Nccl, UseAsync: false, AllToAllBackend.Other, moe);
+        new(DataParallelSize: 2, EplbEnabled: true, TransportKind.Nccl, UseAsync: false, AllToAllBackend.Other, moe);
 
     [Test]
     public void MegaMoeSetsEightEvenWithSyncEplb()
@@ -28,10 +27,10 @@ public class NcclTests
         Assert.That(environment["NCCL_MAX_CTAS"], Is.EqualTo("8"));
     }
 
-    [TestCase(1, true, EplbCommunicator.Nccl, TestName = "single data-parallel rank")]
-    [TestCase(2, false, EplbCommunicator.Nccl, TestName = "EPLB disabled")]
-    [TestCase(2, true, EplbCommunicator.InProcess, TestName = "communicator not NCCL-based")]
-    public void AnyMissingConditionLeavesTheEnvironmentAlone(int dataParallel, bool enabled, EplbCommunicator communicator)
+    [TestCase(1, true, TransportKind.Nccl, TestName = "single data-parallel rank")]
+    [TestCase(2, false, TransportKind.Nccl, TestName = "EPLB disabled")]
+    [TestCase(2, true, TransportKind.InProcess, TestName = "communicator not NCCL-based")]
+    public void AnyMissingConditionLeavesTheEnvironmentAlone(int dataParallel, bool enabled, TransportKind communicator)
     {
         var context = Firing() with { DataParallelSize = dataParallel, EplbEnabled = enabled, Communicator = communicator };
         var environment = new Dictionary<string, string?>();
@@ -70,16 +69,29 @@ public class NcclTests
     public void MissingLibraryIsNamed()
     {
         if (NativeLibraryExists("libnccl.so.2")) Assert.Ignore("libnccl.so.2 is installed here");
-        var error = Assert.Throws<DllNotFoundException>(() => _ = NcclTransport.Version)!;
+        var error = Assert.Throws<NcclNotFoundException>(() => _ = NcclTransport.Version)!;
+        Assert.That(error, Is.InstanceOf<DllNotFoundException>());
         Assert.That(error.Message, Does.Contain("libnccl.so.2").And.Contain("in-process communicator"));
+        Assert.That(error.Message, Does.Contain("EPLB_NCCL_PATH").And.Contain("nvidia-nccl-cu12").And.Contain("libnccl2"));
     }
 
     [Test]
-    public void CommunicatorNeedsTheEnvironmentRulesFirst()
+    public void TheTransportAppliesTheEnvironmentRuleBeforeItLoadsNccl()
     {
-        NcclEnvironment.ResetForTests();
-        var error = Assert.Throws<InvalidOperationException>(() => new NcclTransport(new NcclUniqueId(new byte[128]), 0, 1))!;
-        Assert.That(error.Message, Does.Contain("NcclEnvironment.Apply"));
+        if (NativeLibraryExists("libnccl.so.2")) Assert.Ignore("libnccl.so.2 is installed here: the communicator would be created");
+        var environment = new Dictionary<string, string?>();
+        Assert.Throws<NcclNotFoundException>(() => new NcclTransport(new NcclUniqueId(new byte[128]), 0, 1, Firing(), null, environment));
+        Assert.That(environment["NCCL_MAX_CTAS"], Is.EqualTo("8"), "set before libnccl.so.2 was loaded");
+        Assert.That(NcclEnvironment.HasRun, Is.True);
+    }
+
+    [Test]
+    public void NcclFailuresCarryTheResult()
+    {
+        var error = new NcclException("ncclSend", NcclResult.RemoteError, "remote process exited or there was a network error");
+        Assert.That((error.Call, error.Result, error.ResultText),
+            Is.EqualTo(("ncclSend", NcclResult.RemoteError, "remote process exited or there was a network error")));
+        Assert.That(error.Message, Does.StartWith("ncclSend failed: NCCL error 6 (RemoteError)"));
     }
 
     [Test, Category("GPU")]
@@ -87,8 +99,7 @@ public class NcclTests
     {
         TestSupport.RequireCuda();
         if (!NativeLibraryExists("libnccl.so.2")) Assert.Ignore("libnccl.so.2 is not installed");
-        NcclEnvironment.Apply(Firing(), environment: new Dictionary<string, string?>());
-        using var transport = new NcclTransport(NcclTransport.CreateUniqueId(), 0, 1);
+        using var transport = new NcclTransport(NcclTransport.CreateUniqueId(), 0, 1, Firing(), null, new Dictionary<string, string?>());
         var values = new long[] { 3, 5, long.MaxValue / 4 };
         transport.AllReduceSum(values);
         Assert.That(values, Is.EqualTo(new long[] { 3, 5, long.MaxValue / 4 }));

@@ -2,11 +2,11 @@ using NUnit.Framework;
 
 namespace Eplb.Tests;
 
-/// <summary>SPEC 1 written out independently of <see cref="Placement"/>: invariants and metrics from phy2log alone.</summary>
+/// <summary>SPEC 1 written out independently of <see cref="ExpertPlacement"/>: invariants and metrics from phy2log alone.</summary>
 internal static class PlacementOracle
 {
     /// <summary>Every invariant of SPEC 1, checked from the raw tables.</summary>
-    public static void AssertValid(Placement p, int layers, int experts, int slots, int gpus)
+    public static void AssertValid(ExpertPlacement p, int layers, int experts, int slots, int gpus)
     {
         Assert.That((p.Layers, p.Experts, p.Slots, p.Gpus), Is.EqualTo((layers, experts, slots, gpus)));
         Assert.That(p.SlotsPerGpu * gpus, Is.EqualTo(slots));
@@ -43,7 +43,7 @@ internal static class PlacementOracle
     }
 
     /// <summary>Sum over layers of mean / sum over layers of max.</summary>
-    public static double Balancedness(Placement p, ExpertLoad load)
+    public static double Balancedness(ExpertPlacement p, ExpertLoad load)
     {
         double mean = 0, max = 0;
         for (var l = 0; l < p.Layers; l++)
@@ -55,7 +55,7 @@ internal static class PlacementOracle
         return max > 0 ? mean / max : 0;
     }
 
-    public static bool HasDuplicateOnGpu(Placement p)
+    public static bool HasDuplicateOnGpu(ExpertPlacement p)
     {
         for (var l = 0; l < p.Layers; l++)
         {
@@ -70,7 +70,7 @@ internal static class PlacementOracle
     }
 
     /// <summary>Whether, in every layer, each group has a node that holds a replica of every one of its experts.</summary>
-    public static bool GroupsHaveAHomeNode(Placement p, int groups)
+    public static bool GroupsHaveAHomeNode(ExpertPlacement p, int groups)
     {
         var groupSize = p.Experts / groups;
         var slotsPerNode = p.Slots / p.Nodes;

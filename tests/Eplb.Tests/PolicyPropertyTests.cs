@@ -40,7 +40,7 @@ public class PolicyPropertyTests
                 var request = new PlacementRequest(slots, groups, nodes, gpus) { NoDuplicateOnGpu = trial % 2 == 1 };
                 var current = trial >= 4 ? PlacementTests.RandomPlacement(random, layers, experts, slots, gpus, nodes) : null;
                 if (request.NoDuplicateOnGpu && (long)gpus * experts < slots) continue;
-                Placement p;
+                ExpertPlacement p;
                 try
                 {
                     p = policy.Plan(load, request, current);

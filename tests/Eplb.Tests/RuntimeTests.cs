@@ -1,5 +1,4 @@
 using System.Runtime.InteropServices;
-using Eplb.Interop;
 using NUnit.Framework;
 
 namespace Eplb.Tests;

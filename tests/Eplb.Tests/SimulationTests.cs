@@ -1,5 +1,4 @@
 using System.Text.Json;
-using Eplb.Simulation;
 using NUnit.Framework;
 
 namespace Eplb.Tests;

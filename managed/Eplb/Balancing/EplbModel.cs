@@ -1,7 +1,10 @@
-using Eplb.Interop;
+using Eplb.Kernels;
+using Eplb.Load;
 using Eplb.Migration;
+using Eplb.Placement;
+using Eplb.Runtime;
 
-namespace Eplb;
+namespace Eplb.Balancing;
 
 /// <summary>
 /// The EPLB state of one model (a main model or a draft model) on the ranks of this process: the
@@ -15,7 +18,7 @@ public sealed class EplbModel : IDisposable
     private readonly int[][] _phy2Log;
     private readonly int _windowSize;
     private int _windowSlot;
-    private Placement _placement;
+    private ExpertPlacement _placement;
 
     internal EplbModel(string name, IReadOnlyList<IMixtureOfExperts> localRanks, int gpus, int nodes, int windowSize, int maxReplicas,
         ReplicaSelection selection)
@@ -29,7 +32,7 @@ public sealed class EplbModel : IDisposable
         SlotsPerRank = first.NumLocalPhysicalExperts;
         MaxReplicas = maxReplicas;
         _windowSize = windowSize;
-        _placement = Placement.Initial(Layers, Experts, Slots, gpus, nodes, maxReplicas);
+        _placement = ExpertPlacement.Initial(Layers, Experts, Slots, gpus, nodes, maxReplicas);
         _phy2Log = Enumerable.Range(0, Layers).Select(l => _placement.Phy2Log(l).ToArray()).ToArray();
         _ranks = localRanks.Select(r => new RankState(this, r, selection)).ToArray();
     }
@@ -56,7 +59,7 @@ public sealed class EplbModel : IDisposable
     public int MaxReplicas { get; }
 
     /// <summary>The placement in force: every layer's committed slot assignment.</summary>
-    public Placement Placement => _placement;
+    public ExpertPlacement Placement => _placement;
 
     /// <summary>Passes recorded in the window so far (at most the window size).</summary>
     public int WindowFill { get; private set; }
@@ -157,7 +160,7 @@ public sealed class EplbModel : IDisposable
             rank.Model.UpdateExpertMap(layer, phy2log);
         }
         _phy2Log[layer] = phy2log;
-        _placement = Placement.FromPhy2Log(_phy2Log, Experts, Gpus, _placement.Nodes, MaxReplicas);
+        _placement = ExpertPlacement.FromPhy2Log(_phy2Log, Experts, Gpus, _placement.Nodes, MaxReplicas);
     }
 
     /// <summary>Releases the device tables, the window and the staging buffers.</summary>
@@ -205,18 +208,10 @@ public sealed class EplbModel : IDisposable
         public DeviceBuffer<long> Sums { get; }
         public IReadOnlyList<EplbLayerState> LayerStates { get; }
 
-        public unsafe void EndPass(bool dummy, int slot)
+        public void EndPass(bool dummy, int slot)
         {
-            using var streamLease = Model.Stream.Lease(out var stream);
-            using var passLease = Counters.AsSlice().Lease(out var pass);
-            if (dummy)
-            {
-                EplbException.ThrowIfFailed(NativeMethods.eplb_load_window_discard(stream, pass, Counters.Length));
-                return;
-            }
-            using var windowLease = _window.AsSlice().Lease(out var window);
-            using var sumsLease = Sums.AsSlice().Lease(out var sums);
-            EplbException.ThrowIfFailed(NativeMethods.eplb_load_window_push(stream, pass, window, sums, Counters.Length, _owner._windowSize, slot));
+            if (dummy) LoadWindow.Discard(Model.Stream, Counters);
+            else LoadWindow.Push(Model.Stream, Counters, _window, Sums, _owner._windowSize, slot);
         }
 
         /// <summary>One layer's worth of staging, allocated once per tensor layout and reused layer by layer.</summary>

@@ -1,15 +1,9 @@
-namespace Eplb;
+using Eplb.Kernels;
+using Eplb.Migration;
+using Eplb.Placement;
+using Microsoft.Extensions.Options;
 
-/// <summary>How EPLB moves expert weights between ranks.</summary>
-public enum EplbCommunicator
-{
-    /// <summary>In-process for simulated ranks, NCCL for real multi-GPU runs.</summary>
-    Auto = 0,
-    /// <summary>All ranks live in this process (tests, the simulator): buffer copies.</summary>
-    InProcess = 1,
-    /// <summary>NCCL point-to-point send/recv between processes (libnccl.so.2, loaded at run time).</summary>
-    Nccl = 2,
-}
+namespace Eplb.Balancing;
 
 /// <summary>
 /// EPLB settings (SPEC 3.1), bound from configuration (<c>services.AddEplb(configuration.GetSection("Eplb"))</c>)
@@ -48,7 +42,7 @@ public sealed class EplbOptions
     public string Policy { get; set; } = "deepseek";
 
     /// <summary>How weights move. NCCL with async is refused unless <see cref="AllowNcclWithAsync"/>.</summary>
-    public EplbCommunicator Communicator { get; set; } = EplbCommunicator.Auto;
+    public TransportKind Communicator { get; set; } = TransportKind.Auto;
 
     /// <summary>
     /// The documented override for NCCL with async rearrangement: NCCL kernels on a second stream can
@@ -95,9 +89,9 @@ public sealed class EplbOptions
         if (NumGroups <= 0) errors.Add($"NumGroups must be > 0 (got {NumGroups})");
         if (NumNodes <= 0) errors.Add($"NumNodes must be > 0 (got {NumNodes})");
         if (MaxReplicas < 0) errors.Add($"MaxReplicas must be >= 0 (got {MaxReplicas})");
-        if (!Enum.IsDefined(Communicator)) errors.Add($"Communicator '{Communicator}' is not one of {string.Join(", ", Enum.GetNames<EplbCommunicator>())}");
+        if (!Enum.IsDefined(Communicator)) errors.Add($"Communicator '{Communicator}' is not one of {string.Join(", ", Enum.GetNames<TransportKind>())}");
         if (!Enum.IsDefined(ReplicaSelection)) errors.Add($"ReplicaSelection '{ReplicaSelection}' is not one of {string.Join(", ", Enum.GetNames<ReplicaSelection>())}");
-        if (UseAsync && Communicator == EplbCommunicator.Nccl && !AllowNcclWithAsync)
+        if (UseAsync && Communicator == TransportKind.Nccl && !AllowNcclWithAsync)
             errors.Add("Communicator = Nccl is refused with UseAsync = true (NCCL on a second stream conflicts with the forward " +
                        "stream and cooperative kernels); use UseAsync = false, or set AllowNcclWithAsync = true deliberately");
         if (string.IsNullOrWhiteSpace(Policy))
@@ -123,5 +117,16 @@ public sealed class EplbOptions
             warnings.Add($"WindowSize ({WindowSize}) > StepInterval ({StepInterval}): loads recorded under the previous " +
                          "placement are counted as if under the new one");
         return warnings;
+    }
+}
+
+/// <summary>Validates <see cref="EplbOptions"/>: every violation of SPEC 3.1 in one result.</summary>
+public sealed class EplbOptionsValidator : IValidateOptions<EplbOptions>
+{
+    /// <inheritdoc/>
+    public ValidateOptionsResult Validate(string? name, EplbOptions options)
+    {
+        var violations = options.Violations();
+        return violations.Count == 0 ? ValidateOptionsResult.Success : ValidateOptionsResult.Fail(violations);
     }
 }

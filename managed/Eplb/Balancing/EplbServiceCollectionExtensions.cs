@@ -1,10 +1,14 @@
-using Eplb;
+using Eplb.Balancing;
 using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.Options;
 
 namespace Microsoft.Extensions.DependencyInjection;
 
-/// <summary>Registers Eplb with a .NET host.</summary>
+/// <summary>
+/// Registers Eplb with a .NET host. In <c>Microsoft.Extensions.DependencyInjection</c> by the .NET
+/// convention for <c>AddX</c> extensions (so <c>services.AddEplb</c> needs no extra using); the one
+/// file of managed/ whose namespace is not its folder's.
+/// </summary>
 public static class EplbServiceCollectionExtensions
 {
     /// <summary>
@@ -28,16 +32,5 @@ public static class EplbServiceCollectionExtensions
         ArgumentNullException.ThrowIfNull(configure);
         services.AddSingleton<IValidateOptions<EplbOptions>, EplbOptionsValidator>();
         return services.AddOptions<EplbOptions>().Configure(configure).ValidateOnStart();
-    }
-}
-
-/// <summary>Validates <see cref="EplbOptions"/>: every violation of SPEC 3.1 in one result.</summary>
-public sealed class EplbOptionsValidator : IValidateOptions<EplbOptions>
-{
-    /// <inheritdoc/>
-    public ValidateOptionsResult Validate(string? name, EplbOptions options)
-    {
-        var violations = options.Violations();
-        return violations.Count == 0 ? ValidateOptionsResult.Success : ValidateOptionsResult.Fail(violations);
     }
 }

@@ -1,9 +1,12 @@
+using Eplb.Kernels;
+using Eplb.Load;
 using Eplb.Migration;
-using Microsoft.Extensions.Logging;
+using Eplb.Placement;
 using Microsoft.Extensions.Logging.Abstractions;
+using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Options;
 
-namespace Eplb;
+namespace Eplb.Balancing;
 
 /// <summary>
 /// The EPLB loop (SPEC 3.2): call <see cref="Step"/> once per forward pass. It pushes the pass's
@@ -40,7 +43,7 @@ public sealed class EplbState : IDisposable
         ArgumentNullException.ThrowIfNull(transport);
         var violations = options.Violations();
         if (violations.Count > 0) throw new OptionsValidationException(nameof(EplbOptions), typeof(EplbOptions), violations);
-        var communicator = options.Communicator == EplbCommunicator.Auto ? transport.Kind : options.Communicator;
+        var communicator = options.Communicator == TransportKind.Auto ? transport.Kind : options.Communicator;
         if (communicator != transport.Kind)
             throw new ArgumentException($"Communicator = {options.Communicator} but the transport is {transport.Kind}", nameof(transport));
         _options = options;
@@ -269,7 +272,7 @@ public sealed class EplbState : IDisposable
         private readonly CancellationTokenSource _cancel = new();
         private readonly SemaphoreSlim _committed = new(0);
         private readonly ManualResetEventSlim _staged = new(false);
-        private Placement? _target;
+        private ExpertPlacement? _target;
         private LayerMigrationPlan[] _plans = [];
         private Task? _worker;
         private volatile int _stagedLayer = -1;
@@ -302,7 +305,7 @@ public sealed class EplbState : IDisposable
             };
             var started = System.Diagnostics.Stopwatch.StartNew();
             var current = model.Placement;
-            Placement target;
+            ExpertPlacement target;
             try
             {
                 target = owner._policy.Plan(load, request, current);

@@ -1,4 +1,6 @@
-namespace Eplb;
+using Eplb.Load;
+
+namespace Eplb.Balancing;
 
 /// <summary>
 /// Records which logical experts the tokens chose, per MoE layer, for offline planning: every

@@ -1,6 +1,8 @@
+using Eplb.Kernels;
 using Eplb.Migration;
+using Eplb.Runtime;
 
-namespace Eplb;
+namespace Eplb.Balancing;
 
 /// <summary>
 /// What EPLB needs from one rank of an MoE model (vLLM's <c>MixtureOfExperts</c>, SPEC 3.3): its MoE

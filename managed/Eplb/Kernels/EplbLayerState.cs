@@ -1,6 +1,7 @@
 using Eplb.Interop;
+using Eplb.Runtime;
 
-namespace Eplb;
+namespace Eplb.Kernels;
 
 /// <summary>How a token picks one of an expert's replicas (SPEC 4.3).</summary>
 public enum ReplicaSelection

@@ -1,4 +1,5 @@
 using Eplb.Interop;
+using Eplb.Runtime;
 
 namespace Eplb.Kernels;
 

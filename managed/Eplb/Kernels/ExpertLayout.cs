@@ -1,3 +1,5 @@
+using Eplb.Runtime;
+
 namespace Eplb.Kernels;
 
 /// <summary>

@@ -1,4 +1,5 @@
 using Eplb.Interop;
+using Eplb.Runtime;
 
 namespace Eplb.Kernels;
 
@@ -58,13 +59,16 @@ public readonly record struct MoeLayerShape(int Hidden, int Intermediate, int To
     };
 }
 
-/// <summary>Which implementation computed a MoE layer.</summary>
-public enum MoePath
+/// <summary>The MoE expert backend: which implementation computes a MoE layer.</summary>
+public enum MoeBackend
 {
-    /// <summary>The cooperative fused kernel (one launch).</summary>
-    Fused = 0,
-    /// <summary>Separate kernels: dispatch align and permute, grouped GEMM1 + SwiGLU, grouped GEMM2, dispatch combine.</summary>
-    Unfused = 1,
+    /// <summary>
+    /// Separate kernels: dispatch align and permute, grouped GEMM1 + SwiGLU, grouped GEMM2, dispatch
+    /// combine (no cooperative launch).
+    /// </summary>
+    Unfused = 0,
+    /// <summary>The cooperative fused Mega MoE kernel: one launch, every SM must be free for its grid.</summary>
+    MegaMoe = 1,
 }
 
 /// <summary>What <see cref="MegaMoe.Run(ComputeStream, MoeLayerShape, DeviceSlice{BFloat16}, DeviceSlice{int}, DeviceSlice{float}, DeviceSlice{BFloat16}, DeviceSlice{BFloat16}, DeviceSlice{BFloat16}, DeviceSlice{byte}, MoeFallback, int)"/> does when the fused kernel cannot launch.</summary>
@@ -138,7 +142,7 @@ public static unsafe class MegaMoe
     /// <summary>
     /// Computes the layer with the fused kernel and, when it cannot launch and
     /// <paramref name="fallback"/> allows, with the unfused path; queued on <paramref name="stream"/>.
-    /// Returns the path that ran.
+    /// Returns the backend that ran.
     /// </summary>
     /// <param name="stream">Where the work is queued; every view lives on its backend.</param>
     /// <param name="shape">The layer on this rank.</param>
@@ -152,19 +156,19 @@ public static unsafe class MegaMoe
     /// <param name="fallback">What to do when the fused kernel cannot launch.</param>
     /// <param name="gridBlocks">0 for the largest co-resident grid, or a forced grid size (tuning, tests).</param>
     /// <exception cref="ArgumentException">A size, backend or pointer is wrong; nothing is written.</exception>
-    public static MoePath Run(ComputeStream stream, MoeLayerShape shape, DeviceSlice<BFloat16> x, DeviceSlice<int> topkIds,
+    public static MoeBackend Run(ComputeStream stream, MoeLayerShape shape, DeviceSlice<BFloat16> x, DeviceSlice<int> topkIds,
         DeviceSlice<float> topkWeights, DeviceSlice<BFloat16> w1, DeviceSlice<BFloat16> w2, DeviceSlice<BFloat16> output,
         DeviceSlice<byte> workspace, MoeFallback fallback = MoeFallback.Unfused, int gridBlocks = 0)
     {
         try
         {
             RunFused(stream, shape, x, topkIds, topkWeights, w1, w2, output, workspace, gridBlocks);
-            return MoePath.Fused;
+            return MoeBackend.MegaMoe;
         }
         catch (EplbException e) when (e.Status == EplbStatus.CooperativeLaunchUnavailable && fallback == MoeFallback.Unfused)
         {
             RunUnfused(stream, shape, x, topkIds, topkWeights, w1, w2, output, workspace);
-            return MoePath.Unfused;
+            return MoeBackend.Unfused;
         }
     }
 
@@ -195,15 +199,16 @@ public static unsafe class MegaMoe
     /// <summary>
     /// Host-memory form: computes the layer on <paramref name="backend"/> (CPU: directly on the spans,
     /// with a temporary workspace; CUDA: copies to the device, runs, checks the device error word and
-    /// copies the output back). Returns the path that ran.
+    /// copies the output back). <paramref name="moeBackend"/> picks the implementation (the CPU reference
+    /// of the fused kernel by default). Returns the backend that ran.
     /// </summary>
     /// <exception cref="ArgumentException">A size is wrong; nothing is written.</exception>
-    public static MoePath Run(MoeLayerShape shape, ReadOnlySpan<BFloat16> x, ReadOnlySpan<int> topkIds, ReadOnlySpan<float> topkWeights,
+    public static MoeBackend Run(MoeLayerShape shape, ReadOnlySpan<BFloat16> x, ReadOnlySpan<int> topkIds, ReadOnlySpan<float> topkWeights,
         ReadOnlySpan<BFloat16> w1, ReadOnlySpan<BFloat16> w2, Span<BFloat16> output, Backend backend = Backend.Cpu,
-        MoePath path = MoePath.Fused, MoeFallback fallback = MoeFallback.Unfused)
+        MoeBackend moeBackend = MoeBackend.MegaMoe, MoeFallback fallback = MoeFallback.Unfused)
     {
         var tokens = CheckLengths(shape, x.Length, topkIds.Length, topkWeights.Length, w1.Length, w2.Length, output.Length);
-        if (backend == Backend.Cuda) return RunOnDevice(shape, tokens, x, topkIds, topkWeights, w1, w2, output, path, fallback);
+        if (backend == Backend.Cuda) return RunOnDevice(shape, tokens, x, topkIds, topkWeights, w1, w2, output, moeBackend, fallback);
 
         using var workspace = new DeviceBuffer<byte>(Backend.Cpu, WorkspaceSize(shape, tokens));
         var native = shape.ToNative();
@@ -224,16 +229,16 @@ public static unsafe class MegaMoe
                 workspace = workspacePointer,
                 workspace_bytes = (ulong)workspace.Length,
             };
-            if (path == MoePath.Unfused)
+            if (moeBackend == MoeBackend.Unfused)
                 EplbException.ThrowIfFailed(NativeMethods.eplb_moe_unfused(stream, &native, tokens, &tensors));
             else
                 EplbException.ThrowIfFailed(NativeMethods.eplb_mega_moe(stream, &native, tokens, &tensors, 0));
         }
-        return path;
+        return moeBackend;
     }
 
-    private static MoePath RunOnDevice(MoeLayerShape shape, long tokens, ReadOnlySpan<BFloat16> x, ReadOnlySpan<int> topkIds,
-        ReadOnlySpan<float> topkWeights, ReadOnlySpan<BFloat16> w1, ReadOnlySpan<BFloat16> w2, Span<BFloat16> output, MoePath path,
+    private static MoeBackend RunOnDevice(MoeLayerShape shape, long tokens, ReadOnlySpan<BFloat16> x, ReadOnlySpan<int> topkIds,
+        ReadOnlySpan<float> topkWeights, ReadOnlySpan<BFloat16> w1, ReadOnlySpan<BFloat16> w2, Span<BFloat16> output, MoeBackend moeBackend,
         MoeFallback fallback)
     {
         using var stream = new ComputeStream(Backend.Cuda);
@@ -244,8 +249,8 @@ public static unsafe class MegaMoe
         using var w2Buffer = new DeviceBuffer<BFloat16>(Backend.Cuda, w2);
         using var outBuffer = new DeviceBuffer<BFloat16>(Backend.Cuda, output.Length);
         using var workspace = new DeviceBuffer<byte>(Backend.Cuda, WorkspaceSize(shape, tokens));
-        var ran = MoePath.Unfused;
-        if (path == MoePath.Unfused)
+        var ran = MoeBackend.Unfused;
+        if (moeBackend == MoeBackend.Unfused)
             RunUnfused(stream, shape, xBuffer, ids, weights, w1Buffer, w2Buffer, outBuffer, workspace);
         else
             ran = Run(stream, shape, xBuffer, ids, weights, w1Buffer, w2Buffer, outBuffer, workspace, fallback);

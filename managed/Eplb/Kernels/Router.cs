@@ -1,5 +1,6 @@
 using System.Text;
 using Eplb.Interop;
+using Eplb.Runtime;
 
 namespace Eplb.Kernels;
 

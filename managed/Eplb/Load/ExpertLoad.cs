@@ -2,7 +2,7 @@ using System.Globalization;
 using System.Text;
 using System.Text.Json;
 
-namespace Eplb;
+namespace Eplb.Load;
 
 /// <summary>
 /// Expert load <c>weight[L][N]</c>: non-negative token counts routed to each logical expert of each

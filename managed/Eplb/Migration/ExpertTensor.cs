@@ -1,4 +1,4 @@
-using Eplb.Interop;
+using Eplb.Runtime;
 
 namespace Eplb.Migration;
 
@@ -7,19 +7,16 @@ namespace Eplb.Migration;
 /// owns bytes <c>[j * BytesPerExpert, (j + 1) * BytesPerExpert)</c> of the underlying buffer. An expert's
 /// weights and scales are several tensors; migration moves all of them together (SGLang #17158).
 /// </summary>
-public sealed unsafe class ExpertTensor
+public sealed class ExpertTensor
 {
-    private readonly BufferHandle _buffer;
-    private readonly long _byteOffset;
+    private readonly DeviceSlice<byte> _bytes;
 
-    private ExpertTensor(string name, BufferHandle buffer, long byteOffset, long bytesPerExpert, int slots, Backend backend)
+    private ExpertTensor(string name, DeviceSlice<byte> bytes, int slots)
     {
         Name = name;
-        _buffer = buffer;
-        _byteOffset = byteOffset;
-        BytesPerExpert = bytesPerExpert;
+        _bytes = bytes;
+        BytesPerExpert = bytes.Length / slots;
         Slots = slots;
-        Backend = backend;
     }
 
     /// <summary>Wraps <paramref name="data"/> as <paramref name="slots"/> experts of equal size.</summary>
@@ -28,10 +25,10 @@ public sealed unsafe class ExpertTensor
     {
         ArgumentException.ThrowIfNullOrEmpty(name);
         ArgumentOutOfRangeException.ThrowIfLessThan(slots, 1);
-        var buffer = data.Buffer ?? throw new ArgumentNullException(nameof(data));
+        if (data.IsNull) throw new ArgumentNullException(nameof(data));
         if (data.Length == 0 || data.Length % slots != 0)
             throw new ArgumentException($"tensor '{name}' has {data.Length} elements, which do not split into {slots} experts", nameof(data));
-        return new ExpertTensor(name, buffer.Handle, data.Offset * sizeof(T), data.Length / slots * sizeof(T), slots, buffer.Backend);
+        return new ExpertTensor(name, data.AsBytes(), slots);
     }
 
     /// <summary>The tensor's name ("w13", "w2", "w13_scale", ...).</summary>
@@ -44,7 +41,7 @@ public sealed unsafe class ExpertTensor
     public int Slots { get; }
 
     /// <summary>The backend holding the data.</summary>
-    public Backend Backend { get; }
+    public Backend Backend => _bytes.Backend;
 
     /// <summary>Whether <paramref name="other"/> has the same name and per-expert size (same layout).</summary>
     public bool SameLayout(ExpertTensor other) => other.Name == Name && other.BytesPerExpert == BytesPerExpert;
@@ -59,12 +56,7 @@ public sealed unsafe class ExpertTensor
         ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(sourceSlot, source.Slots);
         ArgumentOutOfRangeException.ThrowIfNegative(slot);
         ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(slot, Slots);
-        using var destinationLease = new HandleLease(_buffer);
-        using var sourceLease = new HandleLease(source._buffer);
-        eplb_stream_t* streamPointer = null;
-        using var streamLease = stream is null ? default : stream.Lease(out streamPointer);
-        EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_copy(_buffer.Pointer, (ulong)(_byteOffset + slot * BytesPerExpert),
-            source._buffer.Pointer, (ulong)(source._byteOffset + sourceSlot * source.BytesPerExpert), (ulong)BytesPerExpert, streamPointer));
+        Slot(slot).CopyFrom(source.Slot(sourceSlot), stream);
     }
 
     /// <summary>Reads one expert's bytes (tests and diagnostics).</summary>
@@ -72,21 +64,9 @@ public sealed unsafe class ExpertTensor
     {
         ArgumentOutOfRangeException.ThrowIfNegative(slot);
         ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(slot, Slots);
-        var bytes = new byte[BytesPerExpert];
-        using var lease = new HandleLease(_buffer);
-        fixed (byte* pointer = bytes)
-            EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_read(_buffer.Pointer, (ulong)(_byteOffset + slot * BytesPerExpert), pointer,
-                (ulong)BytesPerExpert, null));
-        return bytes;
+        return Slot(slot).ToArray();
     }
 
-    /// <summary>The device address of a slot and its lease (for NCCL, which takes raw pointers).</summary>
-    internal HandleLease LeaseSlot(int slot, out nint address)
-    {
-        var lease = new HandleLease(_buffer);
-        eplb_buffer_info_t info;
-        EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_get_info(_buffer.Pointer, &info));
-        address = (nint)((byte*)info.data + _byteOffset + slot * BytesPerExpert);
-        return lease;
-    }
+    /// <summary>The bytes of one local slot.</summary>
+    internal DeviceSlice<byte> Slot(int slot) => _bytes.Slice(slot * BytesPerExpert, BytesPerExpert);
 }

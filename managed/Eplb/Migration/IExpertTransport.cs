@@ -1,4 +1,17 @@
+using Eplb.Runtime;
+
 namespace Eplb.Migration;
+
+/// <summary>How EPLB moves expert weights between ranks.</summary>
+public enum TransportKind
+{
+    /// <summary>In-process for simulated ranks, NCCL for real multi-GPU runs.</summary>
+    Auto = 0,
+    /// <summary>All ranks live in this process (tests, the simulator): buffer copies.</summary>
+    InProcess = 1,
+    /// <summary>NCCL point-to-point send/recv between processes (libnccl.so.2, loaded at run time).</summary>
+    Nccl = 2,
+}
 
 /// <summary>
 /// Moves expert weights between ranks and agrees on small values across processes. One
@@ -14,7 +27,7 @@ public interface IExpertTransport : IDisposable
     IReadOnlyList<int> LocalRanks { get; }
 
     /// <summary>What kind of communicator this is.</summary>
-    EplbCommunicator Kind { get; }
+    TransportKind Kind { get; }
 
     /// <summary>
     /// Executes one batch of transfers: for each one touching a local rank, every tensor of the
@@ -52,7 +65,7 @@ public sealed class InProcessTransport : IExpertTransport
     public IReadOnlyList<int> LocalRanks => _ranks;
 
     /// <inheritdoc/>
-    public EplbCommunicator Kind => EplbCommunicator.InProcess;
+    public TransportKind Kind => TransportKind.InProcess;
 
     /// <inheritdoc/>
     public void Transfer(IReadOnlyList<ExpertTransfer> batch, Func<int, IReadOnlyList<ExpertTensor>> weightsOf,

@@ -1,5 +1,6 @@
 using System.Runtime.InteropServices;
-using Eplb.Interop;
+using Eplb.Runtime;
+using Microsoft.Extensions.Logging;
 
 namespace Eplb.Migration;
 
@@ -16,6 +17,61 @@ public readonly struct NcclUniqueId
 
     /// <summary>The raw id.</summary>
     public byte[] Bytes { get; }
+}
+
+/// <summary>The result codes of NCCL (<c>ncclResult_t</c>).</summary>
+public enum NcclResult
+{
+    /// <summary>ncclSuccess.</summary>
+    Success = 0,
+    /// <summary>ncclUnhandledCudaError: a CUDA call inside NCCL failed.</summary>
+    UnhandledCudaError = 1,
+    /// <summary>ncclSystemError: a system call (socket, memory, shared memory) failed.</summary>
+    SystemError = 2,
+    /// <summary>ncclInternalError: a bug in NCCL, or memory corruption.</summary>
+    InternalError = 3,
+    /// <summary>ncclInvalidArgument: a bad argument (a pointer, a count, a rank).</summary>
+    InvalidArgument = 4,
+    /// <summary>ncclInvalidUsage: the calls are in a wrong order or the ranks disagree.</summary>
+    InvalidUsage = 5,
+    /// <summary>ncclRemoteError: a peer failed or went away.</summary>
+    RemoteError = 6,
+    /// <summary>ncclInProgress: a non-blocking call has not finished.</summary>
+    InProgress = 7,
+}
+
+/// <summary>An NCCL call failed; <see cref="Result"/> and <see cref="ResultText"/> are NCCL's own.</summary>
+public sealed class NcclException : Exception
+{
+    /// <summary>Creates the exception for a failed NCCL call.</summary>
+    public NcclException(string call, NcclResult result, string resultText)
+        : base($"{call} failed: NCCL error {(int)result} ({result}): {resultText}")
+    {
+        Call = call;
+        Result = result;
+        ResultText = resultText;
+    }
+
+    /// <summary>The NCCL function that failed ("ncclSend").</summary>
+    public string Call { get; }
+
+    /// <summary>The <c>ncclResult_t</c> it returned.</summary>
+    public NcclResult Result { get; }
+
+    /// <summary>NCCL's text for the result (<c>ncclGetErrorString</c>).</summary>
+    public string ResultText { get; }
+}
+
+/// <summary>
+/// libnccl.so.2 could not be loaded (or lacks a function EPLB needs). The message says what to
+/// install and which variable points at it.
+/// </summary>
+public sealed class NcclNotFoundException : DllNotFoundException
+{
+    internal NcclNotFoundException(string path, string message) : base(message) => Path = path;
+
+    /// <summary>The file that was tried (<c>EPLB_NCCL_PATH</c>, or libnccl.so.2 through the loader's search path).</summary>
+    public string Path { get; }
 }
 
 /// <summary>
@@ -55,27 +111,31 @@ internal static unsafe class Nccl
         private fixed byte _bytes[UniqueIdBytes];
     }
 
-    /// <summary>The loaded API; throws <see cref="DllNotFoundException"/> naming the library when it is missing.</summary>
+    /// <summary>The variable that names the NCCL library file.</summary>
+    public const string PathVariable = "EPLB_NCCL_PATH";
+
+    /// <summary>The loaded API; throws <see cref="NcclNotFoundException"/> naming the library when it is missing.</summary>
     public static Api Load() => Functions.Value;
 
     public static void Check(int result, string call)
     {
         if (result == 0) return;
         var text = Marshal.PtrToStringUTF8((nint)Load().GetErrorString(result)) ?? "unknown";
-        throw new EplbException(EplbStatus.CudaError, $"{call} failed: NCCL error {result}: {text}");
+        throw new NcclException(call, (NcclResult)result, text);
     }
 
     private static Api LoadApi()
     {
-        var path = Environment.GetEnvironmentVariable("EPLB_NCCL_PATH") is { Length: > 0 } custom ? custom : LibraryFile;
+        var path = Environment.GetEnvironmentVariable(PathVariable) is { Length: > 0 } custom ? custom : LibraryFile;
         if (!NativeLibrary.TryLoad(path, out var handle))
-            throw new DllNotFoundException(
+            throw new NcclNotFoundException(path,
                 $"{path} could not be loaded: NCCL is needed for the NCCL communicator (multi-GPU weight transfers). " +
-                "Install NCCL 2 (e.g. the libnccl2 package or PyTorch's nvidia-nccl-cu12 wheel), put it on LD_LIBRARY_PATH, " +
-                "or set EPLB_NCCL_PATH to the library file; single-process runs can use the in-process communicator.");
+                "Install NCCL 2: the pip wheel nvidia-nccl-cu12 (or nvidia-nccl-cu13 for CUDA 13; PyTorch ships it, under " +
+                "site-packages/nvidia/nccl/lib) or the libnccl2 package; then put its folder on LD_LIBRARY_PATH or set " +
+                $"{PathVariable} to the library file. Single-process runs can use the in-process communicator.");
         nint Export(string name) => NativeLibrary.TryGetExport(handle, name, out var address)
             ? address
-            : throw new EntryPointNotFoundException($"{path} has no {name}: NCCL >= 2.7 is required");
+            : throw new NcclNotFoundException(path, $"{path} has no {name}: NCCL >= 2.7 is required (set {PathVariable} to a newer libnccl.so.2)");
         return new Api
         {
             GetVersion = (delegate* unmanaged[Cdecl]<int*, int>)Export("ncclGetVersion"),
@@ -95,8 +155,9 @@ internal static unsafe class Nccl
 /// <summary>
 /// One rank of a multi-process NCCL group: sends and receives expert weights with grouped
 /// <c>ncclSend</c>/<c>ncclRecv</c> per batch on a CUDA stream, and all-reduces the load counters.
-/// Create it only after <see cref="NcclEnvironment.Apply"/> (NCCL reads NCCL_MAX_CTAS when the
-/// communicator is created).
+/// Its constructor applies the NCCL environment rule (<see cref="NcclEnvironment.Apply"/>) before it
+/// creates the communicator, because NCCL reads NCCL_MAX_CTAS then; a host whose own NCCL
+/// communicators come first applies the rule itself, earlier (applying it twice changes nothing).
 /// </summary>
 public sealed unsafe class NcclTransport : IExpertTransport
 {
@@ -113,7 +174,7 @@ public sealed unsafe class NcclTransport : IExpertTransport
         return new NcclUniqueId(bytes);
     }
 
-    /// <summary>The NCCL version (e.g. 22005 for 2.20.5); throws when libnccl.so.2 is missing.</summary>
+    /// <summary>The NCCL version (e.g. 22005 for 2.20.5); throws <see cref="NcclNotFoundException"/> when libnccl.so.2 is missing.</summary>
     public static int Version
     {
         get
@@ -124,25 +185,30 @@ public sealed unsafe class NcclTransport : IExpertTransport
         }
     }
 
-    /// <summary>Joins the group as <paramref name="rank"/> of <paramref name="ranks"/> on the current CUDA device.</summary>
-    /// <exception cref="InvalidOperationException">The NCCL environment rules have not run yet.</exception>
-    /// <exception cref="DllNotFoundException">libnccl.so.2 is not installed.</exception>
-    public NcclTransport(NcclUniqueId id, int rank, int ranks)
+    /// <summary>
+    /// Joins the group as <paramref name="rank"/> of <paramref name="ranks"/> on the current CUDA
+    /// device, after applying the NCCL environment rule for <paramref name="environment"/>.
+    /// </summary>
+    /// <exception cref="NcclNotFoundException">libnccl.so.2 is not installed.</exception>
+    /// <exception cref="NcclException">NCCL could not create the communicator.</exception>
+    public NcclTransport(NcclUniqueId id, int rank, int ranks, NcclEnvironmentContext environment, ILogger? logger = null)
+        : this(id, rank, ranks, environment, logger, null)
     {
-        if (!NcclEnvironment.HasRun)
-            throw new InvalidOperationException("run NcclEnvironment.Apply before creating an NCCL communicator: NCCL reads NCCL_MAX_CTAS at creation");
+    }
+
+    /// <summary>As the public constructor, with the environment variables in a dictionary (tests).</summary>
+    internal NcclTransport(NcclUniqueId id, int rank, int ranks, NcclEnvironmentContext environment, ILogger? logger,
+        IDictionary<string, string?>? environmentVariables)
+    {
+        ArgumentNullException.ThrowIfNull(environment);
         ArgumentOutOfRangeException.ThrowIfLessThan(ranks, 1);
         ArgumentOutOfRangeException.ThrowIfNegative(rank);
         ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(rank, ranks);
         if (id.Bytes is null) throw new ArgumentException("the NCCL unique id is empty", nameof(id));
+        NcclEnvironment.Apply(environment, logger, environmentVariables);
         _nccl = Nccl.Load();
         _stream = new ComputeStream(Backend.Cuda);
-        using (_stream.Lease(out var streamPointer))
-        {
-            void* cuda;
-            EplbException.ThrowIfFailed(NativeMethods.eplb_stream_get_cuda_stream(streamPointer, &cuda));
-            _cudaStream = (nint)cuda;
-        }
+        _cudaStream = _stream.CudaStream;
         Nccl.NcclUniqueIdBlob blob;
         fixed (byte* source = id.Bytes) Buffer.MemoryCopy(source, &blob, Nccl.UniqueIdBytes, Nccl.UniqueIdBytes);
         nint comm;
@@ -159,7 +225,7 @@ public sealed unsafe class NcclTransport : IExpertTransport
     public IReadOnlyList<int> LocalRanks { get; }
 
     /// <inheritdoc/>
-    public EplbCommunicator Kind => EplbCommunicator.Nccl;
+    public TransportKind Kind => TransportKind.Nccl;
 
     /// <inheritdoc/>
     public void Transfer(IReadOnlyList<ExpertTransfer> batch, Func<int, IReadOnlyList<ExpertTensor>> weightsOf,
@@ -177,16 +243,12 @@ public sealed unsafe class NcclTransport : IExpertTransport
             {
                 if (transfer.SourceRank == me)
                     foreach (var tensor in weightsOf(me))
-                    {
-                        using var lease = tensor.LeaseSlot(transfer.SourceSlot, out var address);
-                        Nccl.Check(_nccl.Send(address, (nuint)tensor.BytesPerExpert, Nccl.Int8, transfer.DestinationRank, _comm, _cudaStream), "ncclSend");
-                    }
+                        Nccl.Check(tensor.Slot(transfer.SourceSlot).WithAddress(address =>
+                            _nccl.Send(address, (nuint)tensor.BytesPerExpert, Nccl.Int8, transfer.DestinationRank, _comm, _cudaStream)), "ncclSend");
                 if (transfer.DestinationRank == me)
                     foreach (var tensor in stagingOf(me))
-                    {
-                        using var lease = tensor.LeaseSlot(transfer.DestinationSlot, out var address);
-                        Nccl.Check(_nccl.Recv(address, (nuint)tensor.BytesPerExpert, Nccl.Int8, transfer.SourceRank, _comm, _cudaStream), "ncclRecv");
-                    }
+                        Nccl.Check(tensor.Slot(transfer.DestinationSlot).WithAddress(address =>
+                            _nccl.Recv(address, (nuint)tensor.BytesPerExpert, Nccl.Int8, transfer.SourceRank, _comm, _cudaStream)), "ncclRecv");
             }
             groupOpen = false;
             Nccl.Check(_nccl.GroupEnd(), "ncclGroupEnd");
@@ -203,8 +265,9 @@ public sealed unsafe class NcclTransport : IExpertTransport
     {
         if (values.IsEmpty) return;
         using var buffer = new DeviceBuffer<long>(Backend.Cuda, values);
-        using (buffer.AsSlice().Lease(out var pointer))
-            Nccl.Check(_nccl.AllReduce((nint)pointer, (nint)pointer, (nuint)values.Length, Nccl.Int64, Nccl.Sum, _comm, _cudaStream), "ncclAllReduce");
+        var count = (nuint)values.Length;
+        Nccl.Check(buffer.AsSlice().WithAddress(address => _nccl.AllReduce(address, address, count, Nccl.Int64, Nccl.Sum, _comm, _cudaStream)),
+            "ncclAllReduce");
         buffer.CopyTo(values, 0, _stream);
     }
 
@@ -212,8 +275,8 @@ public sealed unsafe class NcclTransport : IExpertTransport
     public int AllReduceMin(int value)
     {
         using var buffer = new DeviceBuffer<int>(Backend.Cuda, [value]);
-        using (buffer.AsSlice().Lease(out var pointer))
-            Nccl.Check(_nccl.AllReduce((nint)pointer, (nint)pointer, 1, Nccl.Int32, Nccl.Min, _comm, _cudaStream), "ncclAllReduce");
+        Nccl.Check(buffer.AsSlice().WithAddress(address => _nccl.AllReduce(address, address, 1, Nccl.Int32, Nccl.Min, _comm, _cudaStream)),
+            "ncclAllReduce");
         return buffer.ToArray(_stream)[0];
     }
 

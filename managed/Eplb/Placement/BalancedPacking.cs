@@ -1,4 +1,4 @@
-namespace Eplb;
+namespace Eplb.Placement;
 
 /// <summary>
 /// DeepSeek's <c>balanced_packing</c> (deepseek-ai/EPLB <c>eplb.py</c>) with the tie rules of SPEC 2.1:

@@ -1,4 +1,6 @@
-namespace Eplb;
+using Eplb.Load;
+
+namespace Eplb.Placement;
 
 /// <summary>
 /// DeepSeek's expert-parallel load balancer (deepseek-ai/EPLB <c>rebalance_experts</c>) with exact
@@ -22,7 +24,7 @@ public sealed class DeepSeekPolicy : IPlacementPolicy
     /// GPU of its node and packing skips GPUs that hold it. Both leave the result equal to the
     /// reference whenever the reference already satisfies them.
     /// </remarks>
-    public Placement Plan(ExpertLoad load, PlacementRequest request, Placement? current = null)
+    public ExpertPlacement Plan(ExpertLoad load, PlacementRequest request, ExpertPlacement? current = null)
     {
         ArgumentNullException.ThrowIfNull(request);
         request.Validate(load, current);
@@ -30,7 +32,7 @@ public sealed class DeepSeekPolicy : IPlacementPolicy
         var phy2log = new int[(long)load.Layers * request.Slots];
         LayerParallel.For(load.Layers, request.MaxDegreeOfParallelism, () => new Workspace(shape),
             (l, ws) => ws.Rebalance(load.Layer(l), phy2log.AsSpan(l * shape.Slots, shape.Slots)));
-        var placement = Placement.Create(load.Layers, load.Experts, request.Slots, request.Gpus, request.Nodes, request.MaxReplicas, phy2log, Name);
+        var placement = ExpertPlacement.Create(load.Layers, load.Experts, request.Slots, request.Gpus, request.Nodes, request.MaxReplicas, phy2log, Name);
         return current != null && request.PreserveSlots ? placement.WithSlotsPreservedFrom(current) : placement;
     }
 

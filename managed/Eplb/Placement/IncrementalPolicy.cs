@@ -1,4 +1,6 @@
-namespace Eplb;
+using Eplb.Load;
+
+namespace Eplb.Placement;
 
 /// <summary>
 /// <c>incremental</c> (SPEC 2.3, vLLM #24069): transfer-aware rebalancing. It first plans afresh
@@ -28,12 +30,12 @@ public sealed class IncrementalPolicy : IPlacementPolicy
     public IPlacementPolicy Reference { get; }
 
     /// <inheritdoc/>
-    public Placement Plan(ExpertLoad load, PlacementRequest request, Placement? current = null)
+    public ExpertPlacement Plan(ExpertLoad load, PlacementRequest request, ExpertPlacement? current = null)
     {
         ArgumentNullException.ThrowIfNull(request);
         request.Validate(load, current);
         var n = load.Experts;
-        current ??= Placement.Initial(load.Layers, n, request.Slots, request.Gpus, request.Nodes, request.MaxReplicas);
+        current ??= ExpertPlacement.Initial(load.Layers, n, request.Slots, request.Gpus, request.Nodes, request.MaxReplicas);
         var fresh = Reference.Plan(load, request with { PreserveSlots = true }, current);
 
         var freshMax = new double[load.Layers];
@@ -111,13 +113,13 @@ public sealed class IncrementalPolicy : IPlacementPolicy
             sumMax += freshMax[l] - searches[l]!.MaxLoad;
             fresh.Phy2Log(l).CopyTo(phy2log.AsSpan(l * request.Slots, request.Slots));
         }
-        return Placement.Create(layers, n, request.Slots, request.Gpus, request.Nodes, request.MaxReplicas, phy2log, Name);
+        return ExpertPlacement.Create(layers, n, request.Slots, request.Gpus, request.Nodes, request.MaxReplicas, phy2log, Name);
     }
 
     private static double Priority(LayerSearch search) => -search.MoveGain / Math.Max(search.MoveCost, 0.25);
 
     /// <summary>Each expert's home node: the node holding most slots of its group in the layer (lowest on ties).</summary>
-    private static int[] Homes(Placement placement, int layer, int groups, int[] home)
+    private static int[] Homes(ExpertPlacement placement, int layer, int groups, int[] home)
     {
         var n = placement.Experts;
         var groupSize = n / groups;
@@ -136,7 +138,7 @@ public sealed class IncrementalPolicy : IPlacementPolicy
         return home;
     }
 
-    private static bool HasDuplicate(Placement placement, int layer)
+    private static bool HasDuplicate(ExpertPlacement placement, int layer)
     {
         var row = placement.Phy2Log(layer);
         var perGpu = placement.SlotsPerGpu;

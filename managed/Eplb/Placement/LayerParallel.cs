@@ -1,4 +1,4 @@
-namespace Eplb;
+namespace Eplb.Placement;
 
 /// <summary>Runs independent per-layer work across threads, with one workspace per thread.</summary>
 internal static class LayerParallel

@@ -1,4 +1,4 @@
-namespace Eplb;
+namespace Eplb.Placement;
 
 /// <summary>
 /// Local search on one layer's placement that lowers the heaviest GPU's load (SPEC 1: balancedness

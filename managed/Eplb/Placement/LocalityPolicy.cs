@@ -1,4 +1,6 @@
-namespace Eplb;
+using Eplb.Load;
+
+namespace Eplb.Placement;
 
 /// <summary>
 /// <c>locality</c> (SPEC 2.3): the primary copy of every expert stays on its group's node, as in
@@ -31,7 +33,7 @@ public sealed class LocalityPolicy : IPlacementPolicy
     public double AwayPrice { get; init; } = 0.2;
 
     /// <inheritdoc/>
-    public Placement Plan(ExpertLoad load, PlacementRequest request, Placement? current = null)
+    public ExpertPlacement Plan(ExpertLoad load, PlacementRequest request, ExpertPlacement? current = null)
     {
         ArgumentNullException.ThrowIfNull(request);
         request.Validate(load, current);
@@ -40,7 +42,7 @@ public sealed class LocalityPolicy : IPlacementPolicy
         var phy2log = new int[(long)load.Layers * request.Slots];
         LayerParallel.For(load.Layers, request.MaxDegreeOfParallelism, () => new Workspace(n, request, cap, AwayPrice),
             (l, ws) => ws.Plan(load.Layer(l), phy2log.AsSpan(l * request.Slots, request.Slots)));
-        var placement = Placement.Create(load.Layers, n, request.Slots, request.Gpus, request.Nodes, request.MaxReplicas, phy2log, Name);
+        var placement = ExpertPlacement.Create(load.Layers, n, request.Slots, request.Gpus, request.Nodes, request.MaxReplicas, phy2log, Name);
         return current != null && request.PreserveSlots ? placement.WithSlotsPreservedFrom(current) : placement;
     }
 

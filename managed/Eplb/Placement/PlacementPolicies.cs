@@ -1,4 +1,6 @@
-namespace Eplb;
+using Eplb.Load;
+
+namespace Eplb.Placement;
 
 /// <summary>A placement policy: turns an expert load into a placement (SPEC 2).</summary>
 public interface IPlacementPolicy
@@ -12,7 +14,7 @@ public interface IPlacementPolicy
     /// <param name="current">The placement in force, if any: used for slot preservation and by transfer-aware policies.</param>
     /// <returns>A valid placement with <c>load.Layers</c> layers.</returns>
     /// <exception cref="ArgumentException">The request violates a precondition (the message names the values).</exception>
-    Placement Plan(ExpertLoad load, PlacementRequest request, Placement? current = null);
+    ExpertPlacement Plan(ExpertLoad load, PlacementRequest request, ExpertPlacement? current = null);
 
     /// <summary>
     /// Whether the policy may run on EPLB's background worker (async rearrangement, SPEC 3.1): a

@@ -1,4 +1,6 @@
-namespace Eplb;
+using Eplb.Load;
+
+namespace Eplb.Placement;
 
 /// <summary>
 /// What a placement policy is asked for (SPEC 2): R slots per layer on G ranks in <see cref="Nodes"/>
@@ -48,7 +50,7 @@ public sealed record PlacementRequest(int Slots, int Groups, int Nodes, int Gpus
     /// Checks the request against a load of N experts (SPEC 2.1 preconditions) and an optional current placement.
     /// </summary>
     /// <exception cref="ArgumentException">The first violated rule, naming the values.</exception>
-    public void Validate(ExpertLoad load, Placement? current = null)
+    public void Validate(ExpertLoad load, ExpertPlacement? current = null)
     {
         ArgumentNullException.ThrowIfNull(load);
         var n = load.Experts;

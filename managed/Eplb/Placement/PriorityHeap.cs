@@ -1,4 +1,4 @@
-namespace Eplb;
+namespace Eplb.Placement;
 
 /// <summary>
 /// A binary heap of item ids over caller-owned keys, ordered by key and then by id: the top is the

@@ -1,4 +1,4 @@
-namespace Eplb;
+namespace Eplb.Placement;
 
 /// <summary>SPEC 2.2 on one rank's slots (vLLM <c>preserve_intragpu_slots</c>).</summary>
 internal static class SlotPreservation

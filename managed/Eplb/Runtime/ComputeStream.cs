@@ -1,6 +1,6 @@
 using Eplb.Interop;
 
-namespace Eplb;
+namespace Eplb.Runtime;
 
 /// <summary>
 /// An ordered queue of work on one backend (<c>eplb_stream_t</c>). CPU streams run work at once on
@@ -15,7 +15,7 @@ public sealed unsafe class ComputeStream : IDisposable
     /// <summary>Creates a stream on the backend (CUDA: a non-blocking stream on the current device).</summary>
     public ComputeStream(Backend backend)
     {
-        _handle = StreamHandle.Create(backend);
+        _handle = StreamHandle.Create((eplb_backend_t)backend);
         Backend = backend;
     }
 
@@ -40,8 +40,8 @@ public sealed unsafe class ComputeStream : IDisposable
     /// <summary>Waits until all queued work has finished; reports asynchronous CUDA errors.</summary>
     public void Synchronize()
     {
-        using var lease = new HandleLease(_handle);
-        EplbException.ThrowIfFailed(NativeMethods.eplb_stream_synchronize(_handle.Pointer));
+        using var leases = new LeaseScope();
+        EplbException.ThrowIfFailed(NativeMethods.eplb_stream_synchronize(leases.Stream(this)));
     }
 
     /// <summary>
@@ -51,9 +51,24 @@ public sealed unsafe class ComputeStream : IDisposable
     /// </summary>
     public void CheckDeviceErrors()
     {
-        using var lease = new HandleLease(_handle);
+        using var leases = new LeaseScope();
         uint flags;
-        EplbException.ThrowIfFailed(NativeMethods.eplb_stream_check_device_errors(_handle.Pointer, &flags));
+        EplbException.ThrowIfFailed(NativeMethods.eplb_stream_check_device_errors(leases.Stream(this), &flags));
+    }
+
+    /// <summary>The native stream (leased through <see cref="LeaseScope"/>).</summary>
+    internal StreamHandle Handle => _handle;
+
+    /// <summary>The <c>cudaStream_t</c> the stream queues on (for libraries that take one, such as NCCL).</summary>
+    internal nint CudaStream
+    {
+        get
+        {
+            using var leases = new LeaseScope();
+            void* cuda;
+            EplbException.ThrowIfFailed(NativeMethods.eplb_stream_get_cuda_stream(leases.Stream(this), &cuda));
+            return (nint)cuda;
+        }
     }
 
     internal HandleLease Lease(out eplb_stream_t* pointer)

@@ -1,7 +1,6 @@
-using System.Runtime.CompilerServices;
 using Eplb.Interop;
 
-namespace Eplb;
+namespace Eplb.Runtime;
 
 /// <summary>
 /// A typed array in memory owned by libeplb: host memory on <see cref="Backend.Cpu"/>, device memory
@@ -12,7 +11,9 @@ namespace Eplb;
 public sealed unsafe class DeviceBuffer<T> : IDisposable where T : unmanaged
 {
     private readonly BufferHandle _handle;
-    private readonly nint _data;
+    private readonly T* _data;
+    private readonly bool _ownsHandle;
+    private DeviceBuffer<byte>? _bytes;
 
     /// <summary>Allocates <paramref name="length"/> uninitialised elements on the backend.</summary>
     public DeviceBuffer(Backend backend, long length)
@@ -20,14 +21,25 @@ public sealed unsafe class DeviceBuffer<T> : IDisposable where T : unmanaged
         ArgumentOutOfRangeException.ThrowIfNegative(length);
         Backend = backend;
         Length = length;
-        _handle = BufferHandle.Create(backend, checked((ulong)length * (ulong)sizeof(T)));
+        _handle = BufferHandle.Create((eplb_backend_t)backend, checked((ulong)length * (ulong)sizeof(T)));
+        _ownsHandle = true;
         eplb_buffer_info_t info;
-        EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_get_info(_handle.Pointer, &info));
-        _data = (nint)info.data;
+        using (var leases = new LeaseScope())
+            EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_get_info(leases.Buffer(_handle), &info));
+        _data = (T*)info.data;
     }
 
     /// <summary>Allocates a buffer on the backend holding a copy of <paramref name="values"/>.</summary>
     public DeviceBuffer(Backend backend, ReadOnlySpan<T> values) : this(backend, values.Length) => CopyFrom(values);
+
+    // Another element type's view of a buffer's memory; it does not own (or release) the buffer.
+    private DeviceBuffer(BufferHandle handle, T* data, long length, Backend backend)
+    {
+        _handle = handle;
+        _data = data;
+        Length = length;
+        Backend = backend;
+    }
 
     /// <summary>The backend whose memory holds the elements.</summary>
     public Backend Backend { get; }
@@ -44,23 +56,18 @@ public sealed unsafe class DeviceBuffer<T> : IDisposable where T : unmanaged
     /// <summary>A view of the whole buffer.</summary>
     public DeviceSlice<T> AsSlice() => new(this);
 
+    /// <summary>The buffer's memory as bytes (a view that lives as long as this buffer; disposing it does nothing).</summary>
+    public DeviceBuffer<byte> AsBytes() => _bytes ??= new DeviceBuffer<byte>(_handle, (byte*)_data, SizeInBytes, Backend);
+
     /// <summary>Copies host values into the buffer at <paramref name="offset"/> (complete on return).</summary>
     public void CopyFrom(ReadOnlySpan<T> source, long offset = 0, ComputeStream? stream = null)
     {
         CheckRange(offset, source.Length, nameof(source));
         if (source.IsEmpty) return;
-        using var bufferLease = new HandleLease(_handle);
-        var streamLease = LeaseStream(stream, out var streamPointer);
-        try
-        {
-            fixed (T* pointer = source)
-                EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_write(_handle.Pointer, (ulong)(offset * sizeof(T)), pointer,
-                    (ulong)((long)source.Length * sizeof(T)), streamPointer));
-        }
-        finally
-        {
-            streamLease.Dispose();
-        }
+        using var leases = new LeaseScope();
+        fixed (T* pointer = source)
+            EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_write(leases.Buffer(_handle), Bytes(offset), pointer, Bytes(source.Length),
+                leases.Stream(stream)));
     }
 
     /// <summary>Copies elements starting at <paramref name="offset"/> into host memory, after the stream's queued work.</summary>
@@ -68,18 +75,10 @@ public sealed unsafe class DeviceBuffer<T> : IDisposable where T : unmanaged
     {
         CheckRange(offset, destination.Length, nameof(destination));
         if (destination.IsEmpty) return;
-        using var bufferLease = new HandleLease(_handle);
-        var streamLease = LeaseStream(stream, out var streamPointer);
-        try
-        {
-            fixed (T* pointer = destination)
-                EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_read(_handle.Pointer, (ulong)(offset * sizeof(T)), pointer,
-                    (ulong)((long)destination.Length * sizeof(T)), streamPointer));
-        }
-        finally
-        {
-            streamLease.Dispose();
-        }
+        using var leases = new LeaseScope();
+        fixed (T* pointer = destination)
+            EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_read(leases.Buffer(_handle), Bytes(offset), pointer, Bytes(destination.Length),
+                leases.Stream(stream)));
     }
 
     /// <summary>Copies the whole buffer into a new array.</summary>
@@ -99,18 +98,9 @@ public sealed unsafe class DeviceBuffer<T> : IDisposable where T : unmanaged
         ArgumentNullException.ThrowIfNull(source);
         source.CheckRange(sourceOffset, count, nameof(sourceOffset));
         CheckRange(offset, count, nameof(offset));
-        using var destinationLease = new HandleLease(_handle);
-        using var sourceLease = new HandleLease(source._handle);
-        var streamLease = LeaseStream(stream, out var streamPointer);
-        try
-        {
-            EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_copy(_handle.Pointer, (ulong)(offset * sizeof(T)), source._handle.Pointer,
-                (ulong)(sourceOffset * sizeof(T)), (ulong)(count * sizeof(T)), streamPointer));
-        }
-        finally
-        {
-            streamLease.Dispose();
-        }
+        using var leases = new LeaseScope();
+        EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_copy(leases.Buffer(_handle), Bytes(offset), leases.Buffer(source._handle),
+            Bytes(sourceOffset), Bytes(count), leases.Stream(stream)));
     }
 
     /// <summary>Sets <paramref name="count"/> elements from <paramref name="offset"/> (all when count is -1) to <paramref name="value"/>.</summary>
@@ -120,29 +110,16 @@ public sealed unsafe class DeviceBuffer<T> : IDisposable where T : unmanaged
         CheckRange(offset, count, nameof(offset));
         if (sizeof(T) is not (1 or 2 or 4 or 8))
             throw new NotSupportedException($"Fill supports elements of 1, 2, 4 or 8 bytes, not {typeof(T).Name} ({sizeof(T)} bytes)");
-        using var bufferLease = new HandleLease(_handle);
-        var streamLease = LeaseStream(stream, out var streamPointer);
-        try
-        {
-            EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_fill(_handle.Pointer, (ulong)(offset * sizeof(T)), (ulong)count, &value,
-                (uint)sizeof(T), streamPointer));
-        }
-        finally
-        {
-            streamLease.Dispose();
-        }
+        using var leases = new LeaseScope();
+        EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_fill(leases.Buffer(_handle), Bytes(offset), (ulong)count, &value, (uint)sizeof(T),
+            leases.Stream(stream)));
     }
 
-    /// <summary>The native buffer, for byte-level copies (see <see cref="Migration.ExpertTensor"/>).</summary>
+    /// <summary>The native buffer (leased through <see cref="LeaseScope"/>).</summary>
     internal BufferHandle Handle => _handle;
 
-    /// <summary>The element address for kernels (valid while leased; see <see cref="DeviceSlice{T}"/>).</summary>
-    internal HandleLease Lease(long offset, out T* pointer)
-    {
-        var lease = new HandleLease(_handle);
-        pointer = (T*)_data + offset;
-        return lease;
-    }
+    /// <summary>The first element; valid while the handle is leased.</summary>
+    internal T* Data => _data;
 
     internal void CheckRange(long offset, long count, string name)
     {
@@ -151,18 +128,13 @@ public sealed unsafe class DeviceBuffer<T> : IDisposable where T : unmanaged
                 $"range [{offset}, {offset} + {count}) lies outside the buffer of {Length} {typeof(T).Name} elements");
     }
 
-    private static HandleLease LeaseStream(ComputeStream? stream, out eplb_stream_t* pointer)
-    {
-        if (stream is null)
-        {
-            pointer = null;
-            return default;
-        }
-        return stream.Lease(out pointer);
-    }
+    private static ulong Bytes(long elements) => (ulong)(elements * sizeof(T));
 
     /// <summary>Releases the memory. Queued work that still uses it must have finished.</summary>
-    public void Dispose() => _handle.Dispose();
+    public void Dispose()
+    {
+        if (_ownsHandle) _handle.Dispose();
+    }
 
     /// <inheritdoc/>
     public override string ToString() => $"DeviceBuffer<{typeof(T).Name}>[{Length}] on {Backend}";
@@ -233,13 +205,43 @@ public readonly struct DeviceSlice<T> where T : unmanaged
     public void Fill(T value, ComputeStream? stream = null) =>
         (Buffer ?? throw new InvalidOperationException("default DeviceSlice has no buffer")).Fill(value, Offset, Length, stream);
 
+    /// <summary>
+    /// Copies the elements of <paramref name="source"/> (any backend; lengths must match) into this
+    /// range, queued on <paramref name="stream"/> (asynchronous on CUDA streams).
+    /// </summary>
+    public void CopyFrom(DeviceSlice<T> source, ComputeStream? stream = null)
+    {
+        var buffer = Buffer ?? throw new InvalidOperationException("default DeviceSlice has no buffer");
+        var from = source.Buffer ?? throw new ArgumentNullException(nameof(source));
+        if (source.Length != Length)
+            throw new ArgumentException($"source has {source.Length} elements, the slice {Length}", nameof(source));
+        buffer.CopyFrom(from, source.Offset, Offset, Length, stream);
+    }
+
+    /// <summary>The viewed elements as bytes.</summary>
+    public DeviceSlice<byte> AsBytes()
+    {
+        var buffer = Buffer ?? throw new InvalidOperationException("default DeviceSlice has no buffer");
+        var size = System.Runtime.CompilerServices.Unsafe.SizeOf<T>();
+        return buffer.AsBytes().Slice(Offset * size, Length * size);
+    }
+
     /// <summary>A view of the whole buffer.</summary>
     public static implicit operator DeviceSlice<T>(DeviceBuffer<T> buffer) => new(buffer);
+
+    /// <summary>Calls <paramref name="use"/> with the address of the first element, the buffer leased meanwhile (for libraries that take raw device pointers, such as NCCL).</summary>
+    internal unsafe TResult WithAddress<TResult>(Func<nint, TResult> use)
+    {
+        using var leases = new LeaseScope();
+        return use((nint)leases.Pointer(this));
+    }
 
     internal unsafe HandleLease Lease(out T* pointer)
     {
         var buffer = Buffer ?? throw new InvalidOperationException("default DeviceSlice has no buffer");
-        return buffer.Lease(Offset, out pointer);
+        var lease = new HandleLease(buffer.Handle);
+        pointer = buffer.Data + Offset;
+        return lease;
     }
 
     /// <inheritdoc/>

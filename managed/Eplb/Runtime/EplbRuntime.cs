@@ -1,7 +1,7 @@
 using System.Runtime.InteropServices;
 using Eplb.Interop;
 
-namespace Eplb;
+namespace Eplb.Runtime;
 
 /// <summary>Where kernels run and buffers live.</summary>
 public enum Backend
@@ -86,18 +86,21 @@ public static class EplbRuntime
     }
 
     /// <summary>Whether the backend can run on this machine.</summary>
-    public static bool IsAvailable(Backend backend) => UnavailableReason(backend) is null;
+    public static bool IsAvailable(Backend backend) => Availability(backend).Reason is null;
 
     /// <summary>Why the backend cannot run here ("built without CUDA", "no CUDA device: ..."), or null when it can.</summary>
-    public static unsafe string? UnavailableReason(Backend backend)
+    public static string? UnavailableReason(Backend backend) => Availability(backend).Reason;
+
+    // The status of eplb_backend_available and, when it is not OK, why.
+    private static unsafe (EplbStatus Status, string? Reason) Availability(Backend backend)
     {
         var status = NativeMethods.eplb_backend_available((eplb_backend_t)backend);
         return status switch
         {
-            eplb_status_t.EPLB_STATUS_OK => null,
-            eplb_status_t.EPLB_STATUS_NOT_COMPILED => "built without CUDA",
+            eplb_status_t.EPLB_STATUS_OK => (EplbStatus.Ok, null),
+            eplb_status_t.EPLB_STATUS_NOT_COMPILED => (EplbStatus.NotCompiled, "built without CUDA"),
             // The native message already reads "no CUDA device: <CUDA error>".
-            _ => Marshal.PtrToStringUTF8((nint)NativeMethods.eplb_last_error_message()) ?? "no CUDA device",
+            _ => ((EplbStatus)status, Marshal.PtrToStringUTF8((nint)NativeMethods.eplb_last_error_message()) ?? "no CUDA device"),
         };
     }
 
@@ -122,10 +125,8 @@ public static class EplbRuntime
             case "cpu":
                 return Backend.Cpu;
             case "cuda":
-                var reason = UnavailableReason(Backend.Cuda);
-                if (reason != null)
-                    throw new EplbException(reason.StartsWith("built") ? EplbStatus.NotCompiled : EplbStatus.NoDevice,
-                        $"backend 'cuda' was requested but cannot run here: {reason}");
+                var (status, reason) = Availability(Backend.Cuda);
+                if (reason != null) throw new EplbException(status, $"backend 'cuda' was requested but cannot run here: {reason}");
                 return Backend.Cuda;
             default:
                 throw new ArgumentException($"unknown backend '{requested}': use auto, cpu or cuda");

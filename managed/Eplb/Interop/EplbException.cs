@@ -1,8 +1,7 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
-using Eplb.Interop;
 
-namespace Eplb;
+namespace Eplb.Interop;
 
 /// <summary>Result codes of libeplb, mirroring <c>eplb_status_t</c>.</summary>
 public enum EplbStatus

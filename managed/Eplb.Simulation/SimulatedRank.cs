@@ -1,4 +1,7 @@
+using Eplb.Balancing;
+using Eplb.Kernels;
 using Eplb.Migration;
+using Eplb.Runtime;
 
 namespace Eplb.Simulation;
 

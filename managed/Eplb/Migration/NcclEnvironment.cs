@@ -1,6 +1,7 @@
+using Eplb.Kernels;
 using Microsoft.Extensions.Logging;
 
-namespace Eplb;
+namespace Eplb.Migration;
 
 /// <summary>The all-to-all backend the serving engine uses (only DeepEP low-latency matters for NCCL_MAX_CTAS).</summary>
 public enum AllToAllBackend
@@ -11,23 +12,14 @@ public enum AllToAllBackend
     DeepEpLowLatency = 1,
 }
 
-/// <summary>The MoE expert backend.</summary>
-public enum MoeBackend
-{
-    /// <summary>Dispatch kernels + grouped GEMM + combine (no cooperative launch).</summary>
-    Unfused = 0,
-    /// <summary>The cooperative fused Mega MoE kernel (every SM must be free for its grid).</summary>
-    MegaMoe = 1,
-}
-
 /// <summary>The facts the NCCL environment rule looks at (SPEC 3.4).</summary>
 /// <param name="DataParallelSize">Data-parallel ranks.</param>
 /// <param name="EplbEnabled">Whether EPLB runs.</param>
-/// <param name="Communicator">The EPLB weight-transfer communicator.</param>
+/// <param name="Communicator">How EPLB moves weights between ranks.</param>
 /// <param name="UseAsync">Whether rearrangement is asynchronous.</param>
 /// <param name="AllToAll">The all-to-all backend.</param>
 /// <param name="Moe">The MoE backend.</param>
-public sealed record NcclEnvironmentContext(int DataParallelSize, bool EplbEnabled, EplbCommunicator Communicator, bool UseAsync,
+public sealed record NcclEnvironmentContext(int DataParallelSize, bool EplbEnabled, TransportKind Communicator, bool UseAsync,
     AllToAllBackend AllToAll, MoeBackend Moe);
 
 /// <summary>What <see cref="NcclEnvironment.Apply"/> did.</summary>
@@ -60,17 +52,14 @@ public static class NcclEnvironment
     private static int _applied;
     private static int _logged;
 
-    /// <summary>Whether <see cref="Apply"/> has run in this process (NCCL communicators require it).</summary>
+    /// <summary>Whether <see cref="Apply"/> has run in this process (an <see cref="NcclTransport"/> runs it before its communicator).</summary>
     public static bool HasRun => Volatile.Read(ref _applied) != 0;
-
-    /// <summary>Forgets that the rules ran (tests only).</summary>
-    internal static void ResetForTests() => Interlocked.Exchange(ref _applied, 0);
 
     /// <summary>Whether the rule's conditions hold for the context.</summary>
     public static bool ConditionsHold(NcclEnvironmentContext context)
     {
         ArgumentNullException.ThrowIfNull(context);
-        var nccl = context.Communicator == EplbCommunicator.Nccl;
+        var nccl = context.Communicator == TransportKind.Nccl;
         var deepEpAsync = context.AllToAll == AllToAllBackend.DeepEpLowLatency && context.UseAsync;
         return context.DataParallelSize > 1 && context.EplbEnabled && nccl && (deepEpAsync || context.Moe == MoeBackend.MegaMoe);
     }

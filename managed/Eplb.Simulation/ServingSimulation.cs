@@ -1,5 +1,9 @@
+using Eplb.Balancing;
 using Eplb.Kernels;
+using Eplb.Load;
 using Eplb.Migration;
+using Eplb.Placement;
+using Eplb.Runtime;
 using Microsoft.Extensions.Logging;
 
 namespace Eplb.Simulation;
@@ -77,7 +81,7 @@ public sealed record SimulationOptions
     public int MaxParallelRuns { get; init; } = Environment.ProcessorCount;
 
     /// <summary>Bytes of one real expert, for the full-scale transfer figure (DeepSeek-V3 FP8 by default).</summary>
-    public long FullScaleExpertBytes { get; init; } = Placement.DeepSeekV3ExpertBytes;
+    public long FullScaleExpertBytes { get; init; } = ExpertPlacement.DeepSeekV3ExpertBytes;
 }
 
 /// <summary>One run's figures: no EPLB or one policy.</summary>

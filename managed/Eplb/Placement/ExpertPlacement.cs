@@ -1,6 +1,7 @@
 using System.Globalization;
+using Eplb.Load;
 
-namespace Eplb;
+namespace Eplb.Placement;
 
 /// <summary>
 /// An expert placement for a whole model (SPEC 1): for each of <see cref="Layers"/> MoE layers, which
@@ -9,13 +10,13 @@ namespace Eplb;
 /// every instance satisfies the invariants (each expert at least once, rows of R slots, R/G slots per
 /// rank, <c>phy2log</c>, <c>logcnt</c> and <c>log2phy</c> consistent, <c>logcnt &lt;= MaxReplicas</c>).
 /// </summary>
-public sealed class Placement
+public sealed class ExpertPlacement
 {
     private readonly int[] _phy2log;  // [L][R]
     private readonly int[] _logcnt;   // [L][N]
     private int[]? _log2phy;          // [L][N][Kmax], ascending, -1 padded; built on first use
 
-    private Placement(int layers, int experts, int slots, int gpus, int nodes, int maxReplicas, int[] phy2log, int[] logcnt)
+    private ExpertPlacement(int layers, int experts, int slots, int gpus, int nodes, int maxReplicas, int[] phy2log, int[] logcnt)
     {
         Layers = layers;
         Experts = experts;
@@ -120,7 +121,7 @@ public sealed class Placement
     /// <param name="nodes">Nodes.</param>
     /// <param name="maxReplicas">Kmax; 0 derives <c>ceil(R/N)</c>.</param>
     /// <exception cref="ArgumentException">A size is out of range or inconsistent.</exception>
-    public static Placement Initial(int layers, int experts, int slots, int gpus, int nodes = 1, int maxReplicas = 0)
+    public static ExpertPlacement Initial(int layers, int experts, int slots, int gpus, int nodes = 1, int maxReplicas = 0)
     {
         ValidateShape(layers, experts, slots, gpus, nodes, maxReplicas);
         var phy2log = new int[(long)layers * slots];
@@ -137,7 +138,7 @@ public sealed class Placement
     /// <param name="nodes">Nodes; G must be a multiple of it.</param>
     /// <param name="maxReplicas">Kmax; 0 derives the largest replica count. A row needing more replicas is an error.</param>
     /// <exception cref="ArgumentException">No or ragged rows, an id outside <c>[0, N)</c>, an expert without a slot, or bad sizes.</exception>
-    public static Placement FromPhy2Log(IReadOnlyList<int[]> phy2log, int experts, int gpus, int nodes = 1, int maxReplicas = 0)
+    public static ExpertPlacement FromPhy2Log(IReadOnlyList<int[]> phy2log, int experts, int gpus, int nodes = 1, int maxReplicas = 0)
     {
         ArgumentNullException.ThrowIfNull(phy2log);
         var layers = phy2log.Count;
@@ -159,7 +160,7 @@ public sealed class Placement
     /// <summary>
     /// Builds and validates a placement that takes ownership of <paramref name="phy2log"/> (<c>[L][R]</c>, row-major).
     /// </summary>
-    internal static Placement Create(int layers, int experts, int slots, int gpus, int nodes, int maxReplicas, int[] phy2log, string what)
+    internal static ExpertPlacement Create(int layers, int experts, int slots, int gpus, int nodes, int maxReplicas, int[] phy2log, string what)
     {
         var logcnt = new int[(long)layers * experts];
         var largest = 0;
@@ -183,7 +184,7 @@ public sealed class Placement
         if (maxReplicas > 0 && largest > maxReplicas)
             throw new ArgumentException($"{what}: an expert has {largest} replicas, more than maxReplicas = {maxReplicas}", nameof(maxReplicas));
         var kmax = maxReplicas > 0 ? maxReplicas : Math.Max(largest, 1);
-        return new Placement(layers, experts, slots, gpus, nodes, kmax, phy2log, logcnt);
+        return new ExpertPlacement(layers, experts, slots, gpus, nodes, kmax, phy2log, logcnt);
     }
 
     internal static void ValidateShape(int layers, int experts, int slots, int gpus, int nodes, int maxReplicas)
@@ -202,7 +203,7 @@ public sealed class Placement
 
     /// <summary>The same tables with another <see cref="MaxReplicas"/> capacity.</summary>
     /// <exception cref="ArgumentException">An expert has more replicas than <paramref name="maxReplicas"/>.</exception>
-    public Placement WithMaxReplicas(int maxReplicas)
+    public ExpertPlacement WithMaxReplicas(int maxReplicas)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(maxReplicas, 1);
         return maxReplicas == MaxReplicas ? this : Create(Layers, Experts, Slots, Gpus, Nodes, maxReplicas, _phy2log, "placement");
@@ -215,7 +216,7 @@ public sealed class Placement
     /// experts fill the remaining slots in ascending order. Balancedness is unchanged; copies are saved.
     /// </summary>
     /// <exception cref="ArgumentException"><paramref name="old"/> has another shape.</exception>
-    public Placement WithSlotsPreservedFrom(Placement old)
+    public ExpertPlacement WithSlotsPreservedFrom(ExpertPlacement old)
     {
         ArgumentNullException.ThrowIfNull(old);
         CheckSameShape(old, nameof(old));
@@ -232,7 +233,7 @@ public sealed class Placement
                     result.AsSpan(offset, perGpu), used, kept);
             }
         }
-        return new Placement(Layers, Experts, Slots, Gpus, Nodes, MaxReplicas, result, (int[])_logcnt.Clone());
+        return new ExpertPlacement(Layers, Experts, Slots, Gpus, Nodes, MaxReplicas, result, (int[])_logcnt.Clone());
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -347,7 +348,7 @@ public sealed class Placement
 
     /// <summary>The (layer, slot) pairs whose expert differs from <paramref name="other"/>.</summary>
     /// <exception cref="ArgumentException"><paramref name="other"/> has another shape.</exception>
-    public int SlotsChanged(Placement other)
+    public int SlotsChanged(ExpertPlacement other)
     {
         ArgumentNullException.ThrowIfNull(other);
         CheckSameShape(other, nameof(other));
@@ -358,7 +359,7 @@ public sealed class Placement
     }
 
     /// <summary>The slots of one layer whose expert differs from <paramref name="other"/>.</summary>
-    public int SlotsChanged(Placement other, int layer)
+    public int SlotsChanged(ExpertPlacement other, int layer)
     {
         ArgumentNullException.ThrowIfNull(other);
         CheckSameShape(other, nameof(other));
@@ -376,7 +377,7 @@ public sealed class Placement
     /// <paramref name="from"/>. Each is received once per rank and fanned out locally (SPEC 5); slots
     /// that change to an expert the rank already had are local copies and are not counted.
     /// </summary>
-    public long ExpertsToReceive(Placement from)
+    public long ExpertsToReceive(ExpertPlacement from)
     {
         ArgumentNullException.ThrowIfNull(from);
         CheckSameShape(from, nameof(from));
@@ -407,7 +408,7 @@ public sealed class Placement
     /// </summary>
     /// <param name="from">The placement in force now.</param>
     /// <param name="bytesPerExpert">Bytes of one expert of one layer (DeepSeek-V3 FP8: <see cref="DeepSeekV3ExpertBytes"/>).</param>
-    public long BytesToMove(Placement from, long bytesPerExpert)
+    public long BytesToMove(ExpertPlacement from, long bytesPerExpert)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(bytesPerExpert);
         return checked(ExpertsToReceive(from) * bytesPerExpert);
@@ -433,7 +434,7 @@ public sealed class Placement
             throw new ArgumentException($"the load is {load.Layers} x {load.Experts}, the placement {Layers} layers x {Experts} experts", nameof(load));
     }
 
-    internal void CheckSameShape(Placement other, string name)
+    internal void CheckSameShape(ExpertPlacement other, string name)
     {
         if (other.Layers != Layers || other.Experts != Experts || other.Slots != Slots || other.Gpus != Gpus)
             throw new ArgumentException(

@@ -1,7 +1,6 @@
 using System.Runtime.InteropServices;
-using Eplb.Interop;
 
-namespace Eplb;
+namespace Eplb.Interop;
 
 /// <summary>Owns one <c>eplb_buffer_t</c>; releasing calls <c>eplb_buffer_destroy</c> exactly once.</summary>
 internal sealed unsafe class BufferHandle : SafeHandle
@@ -14,10 +13,10 @@ internal sealed unsafe class BufferHandle : SafeHandle
 
     internal eplb_buffer_t* Pointer => (eplb_buffer_t*)handle;
 
-    internal static BufferHandle Create(Backend backend, ulong bytes)
+    internal static BufferHandle Create(eplb_backend_t backend, ulong bytes)
     {
         eplb_buffer_t* buffer = null;
-        EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_create((eplb_backend_t)backend, bytes, &buffer));
+        EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_create(backend, bytes, &buffer));
         var result = new BufferHandle();
         result.SetHandle((nint)buffer);
         return result;
@@ -37,10 +36,10 @@ internal sealed unsafe class StreamHandle : SafeHandle
 
     internal eplb_stream_t* Pointer => (eplb_stream_t*)handle;
 
-    internal static StreamHandle Create(Backend backend)
+    internal static StreamHandle Create(eplb_backend_t backend)
     {
         eplb_stream_t* stream = null;
-        EplbException.ThrowIfFailed(NativeMethods.eplb_stream_create((eplb_backend_t)backend, &stream));
+        EplbException.ThrowIfFailed(NativeMethods.eplb_stream_create(backend, &stream));
         var result = new StreamHandle();
         result.SetHandle((nint)stream);
         return result;

@@ -1,0 +1,61 @@
+using Eplb.Interop;
+using Eplb.Runtime;
+
+namespace Eplb.Kernels;
+
+/// <summary>
+/// The expert-load window (SPEC 3.2, <c>eplb_window.h</c>): each pass's int32 per-slot counters go
+/// into a ring of the last W passes with 64-bit running sums, queued on the stream without host
+/// synchronisation, and the counters start the next pass from zero.
+/// </summary>
+public static unsafe class LoadWindow
+{
+    /// <summary>
+    /// Pushes one pass: for every counter i, <c>sums[i] += counters[i] - window[slot][i]</c>,
+    /// <c>window[slot][i] = counters[i]</c>, <c>counters[i] = 0</c>.
+    /// </summary>
+    /// <param name="stream">Where the work is queued; every view lives on its backend.</param>
+    /// <param name="counters"><c>[n]</c> the pass's counters, read and zeroed.</param>
+    /// <param name="window"><c>[windowSize][n]</c> the ring; row <paramref name="slot"/> is replaced.</param>
+    /// <param name="sums"><c>[n]</c> the ring's 64-bit totals.</param>
+    /// <param name="windowSize">W, the passes the ring holds.</param>
+    /// <param name="slot">The ring row this pass replaces, in [0, W).</param>
+    /// <exception cref="ArgumentException">A view is missing, mis-sized or on another backend, or the slot is out of range.</exception>
+    public static void Push(ComputeStream stream, DeviceSlice<int> counters, DeviceSlice<int> window, DeviceSlice<long> sums, int windowSize, int slot)
+    {
+        ArgumentNullException.ThrowIfNull(stream);
+        ArgumentOutOfRangeException.ThrowIfLessThan(windowSize, 1);
+        if (counters.IsNull) throw new ArgumentNullException(nameof(counters));
+        if (window.IsNull) throw new ArgumentNullException(nameof(window));
+        if (sums.IsNull) throw new ArgumentNullException(nameof(sums));
+        if (window.Length != (long)windowSize * counters.Length)
+            throw new ArgumentException($"window has {window.Length} elements; {windowSize} passes of {counters.Length} counters need {(long)windowSize * counters.Length}", nameof(window));
+        if (sums.Length != counters.Length)
+            throw new ArgumentException($"sums has {sums.Length} elements, counters {counters.Length}", nameof(sums));
+        SameBackend(stream, counters.Backend, nameof(counters));
+        SameBackend(stream, window.Backend, nameof(window));
+        SameBackend(stream, sums.Backend, nameof(sums));
+        using var streamLease = stream.Lease(out var s);
+        using var countersLease = counters.Lease(out var pass);
+        using var windowLease = window.Lease(out var ring);
+        using var sumsLease = sums.Lease(out var totals);
+        EplbException.ThrowIfFailed(NativeMethods.eplb_load_window_push(s, pass, ring, totals, counters.Length, windowSize, slot));
+    }
+
+    /// <summary>Zeroes the pass's counters without recording them (a dummy pass of an idle data-parallel rank).</summary>
+    public static void Discard(ComputeStream stream, DeviceSlice<int> counters)
+    {
+        ArgumentNullException.ThrowIfNull(stream);
+        if (counters.IsNull) throw new ArgumentNullException(nameof(counters));
+        SameBackend(stream, counters.Backend, nameof(counters));
+        using var streamLease = stream.Lease(out var s);
+        using var countersLease = counters.Lease(out var pass);
+        EplbException.ThrowIfFailed(NativeMethods.eplb_load_window_discard(s, pass, counters.Length));
+    }
+
+    private static void SameBackend(ComputeStream stream, Backend backend, string name)
+    {
+        if (backend != stream.Backend)
+            throw new ArgumentException($"{name} lives on {backend} but the stream runs on {stream.Backend}", name);
+    }
+}
