@@ -16,13 +16,13 @@ internal static class PlanCommand
     public static Command Create()
     {
         var load = new Option<string>("--load") { Description = "Expert-load dump: SGLang's {\"logical_count\": [L][N] or [T][L][N]} or a bare [L][N] array", Required = true };
-        var replicas = new Option<int>("--replicas") { Description = "R, physical slots per layer (N + redundant), a multiple of --gpus", Required = true };
+        var slots = new Option<int>("--slots", "--replicas") { Description = "R, physical slots per layer (N + redundant), a multiple of --ranks", Required = true };
         var groups = new Option<int>("--groups") { Description = "Expert groups of group-limited routing (8 for DeepSeek-V3; 1 for none)", Required = true };
-        var nodes = new Option<int>("--nodes") { Description = "Nodes; --gpus must be a multiple of it", Required = true };
-        var gpus = new Option<int>("--gpus") { Description = "Expert-parallel ranks (GPUs)", Required = true };
+        var nodes = new Option<int>("--nodes") { Description = "Nodes; --ranks must be a multiple of it", Required = true };
+        var ranks = new Option<int>("--ranks", "--gpus") { Description = "G, expert-parallel ranks (GPUs)", Required = true };
         var policy = new Option<string>("--policy") { Description = $"Placement policy: {string.Join(", ", PlacementPolicies.Names)}", DefaultValueFactory = _ => "deepseek" };
         var old = new Option<string?>("--old") { Description = "The placement in force (a file this command wrote): slots are preserved, incremental starts from it" };
-        var noDuplicate = new Option<bool>("--no-duplicate-on-gpu") { Description = "Never put two replicas of one expert on one GPU" };
+        var noDuplicate = new Option<bool>("--no-duplicate-on-rank", "--no-duplicate-on-gpu") { Description = "Never put two replicas of one expert on one rank" };
         var maxReplicas = new Option<int>("--max-replicas") { Description = "Kmax, the width of logical_to_physical_map (0 derives it from the plan)" };
         var expertBytes = new Option<long>("--expert-bytes")
         {
@@ -32,16 +32,16 @@ internal static class PlanCommand
         var output = new Option<string>("--out") { Description = "Placement file to write (JSON)", Required = true };
         var command = new Command("plan", "Plan an expert placement from a load dump and write it for SGLang's --init-expert-location")
         {
-            load, replicas, groups, nodes, gpus, policy, old, noDuplicate, maxReplicas, expertBytes, output,
+            load, slots, groups, nodes, ranks, policy, old, noDuplicate, maxReplicas, expertBytes, output,
         };
-        command.SetAction(parse => Run(new Arguments(parse.GetValue(load)!, parse.GetValue(replicas), parse.GetValue(groups), parse.GetValue(nodes),
-            parse.GetValue(gpus), parse.GetValue(policy)!, parse.GetValue(old), parse.GetValue(noDuplicate), parse.GetValue(maxReplicas),
+        command.SetAction(parse => Run(new Arguments(parse.GetValue(load)!, parse.GetValue(slots), parse.GetValue(groups), parse.GetValue(nodes),
+            parse.GetValue(ranks), parse.GetValue(policy)!, parse.GetValue(old), parse.GetValue(noDuplicate), parse.GetValue(maxReplicas),
             parse.GetValue(expertBytes), parse.GetValue(output)!)));
         return command;
     }
 
-    private sealed record Arguments(string Load, int Replicas, int Groups, int Nodes, int Gpus, string Policy, string? Old,
-        bool NoDuplicateOnGpu, int MaxReplicas, long ExpertBytes, string Out);
+    private sealed record Arguments(string Load, int Slots, int Groups, int Nodes, int Ranks, string Policy, string? Old,
+        bool NoDuplicateOnRank, int MaxReplicas, long ExpertBytes, string Out);
 
     private static int Run(Arguments args)
     {
@@ -51,9 +51,9 @@ internal static class PlanCommand
         var raw = ExpertLoad.Read(args.Load);
         var load = raw.WithoutEmptyLayers(out var dropped);
         if (load.Layers == 0) throw new InvalidDataException($"{args.Load}: every layer's load is 0; there is nothing to plan");
-        var request = new PlacementRequest(args.Replicas, args.Groups, args.Nodes, args.Gpus)
+        var request = new PlacementRequest(args.Slots, args.Groups, args.Nodes, args.Ranks)
         {
-            NoDuplicateOnGpu = args.NoDuplicateOnGpu,
+            NoDuplicateOnRank = args.NoDuplicateOnRank,
             MaxReplicas = args.MaxReplicas,
         };
         request.Validate(load);
@@ -63,24 +63,24 @@ internal static class PlanCommand
         // policy's time, not the JIT's or the thread pool's.
         var warm = Enumerable.Range(0, Math.Min(2, load.Layers)).ToArray();
         policy.Plan(load.Select(warm), request,
-            current != null ? ExpertPlacement.FromPhy2Log(warm.Select(l => current.Phy2Log(l).ToArray()).ToList(), load.Experts, request.Gpus, request.Nodes) : null);
+            current != null ? ExpertPlacement.FromPhy2Log(warm.Select(l => current.Phy2Log(l).ToArray()).ToList(), load.LogicalExperts, request.Ranks, request.Nodes) : null);
         var clock = Stopwatch.StartNew();
         var placement = policy.Plan(load, request, current);
         var elapsedMs = clock.Elapsed.TotalMilliseconds;
 
-        var before = current ?? ExpertPlacement.Initial(load.Layers, load.Experts, request.Slots, request.Gpus, request.Nodes);
+        var before = current ?? ExpertPlacement.Initial(load.Layers, load.LogicalExperts, request.Slots, request.Ranks, request.Nodes);
         var perLayer = placement.BalancednessPerLayer(load);
         var balancedness = placement.Balancedness(load);
-        var nodeLocal = placement.NodeLocalFraction(load, load.Experts % request.Groups == 0 ? request.Groups : 1);
+        var nodeLocal = placement.NodeLocalFraction(load, load.LogicalExperts % request.Groups == 0 ? request.Groups : 1);
         WriteAtomically(args.Out, writer => Write(writer, placement, load, policy.Name, request, balancedness, perLayer, nodeLocal, elapsedMs));
 
-        var hierarchical = request.IsHierarchical(load.Experts) ? "hierarchical" : "global";
+        var hierarchical = request.IsHierarchical(load.LogicalExperts) ? "hierarchical" : "global";
         var slots = (long)load.Layers * request.Slots;
         var changed = placement.SlotsChanged(before);
         var bytes = placement.BytesToMove(before, args.ExpertBytes);
         var invariant = CultureInfo.InvariantCulture;
         Console.WriteLine(string.Create(invariant,
-            $"{policy.Name} ({hierarchical} layout): {load.Layers} layers x {load.Experts} experts -> R = {request.Slots} slots on {request.Gpus} GPUs, " +
+            $"{policy.Name} ({hierarchical} layout): {load.Layers} layers x {load.LogicalExperts} experts -> R = {request.Slots} slots on {request.Ranks} ranks, " +
             $"{request.Nodes} nodes, {request.Groups} groups"));
         if (dropped.Count > 0) Console.WriteLine($"left out {dropped.Count} layers with no load: {string.Join(", ", dropped)}");
         Console.WriteLine(string.Create(invariant,
@@ -156,10 +156,10 @@ internal static class PlanCommand
                 throw new InvalidDataException($"{path}: {rows.Count} layers, but the load has {raw.Layers} ({load.Layers} with load)");
             }
             if (selected.Count > 0 && selected[0].Length != request.Slots)
-                throw new InvalidDataException($"{path}: {selected[0].Length} slots per layer, but --replicas is {request.Slots}");
+                throw new InvalidDataException($"{path}: {selected[0].Length} slots per layer, but --slots is {request.Slots}");
             try
             {
-                return ExpertPlacement.FromPhy2Log(selected, load.Experts, request.Gpus, request.Nodes);
+                return ExpertPlacement.FromPhy2Log(selected, load.LogicalExperts, request.Ranks, request.Nodes);
             }
             catch (ArgumentException e)
             {
@@ -180,7 +180,7 @@ internal static class PlanCommand
         {
             w.WriteStartArray();
             var table = p.Log2Phy(l);
-            for (var e = 0; e < p.Experts; e++) WriteInts(w, table.Slice(e * p.MaxReplicas, p.MaxReplicas));
+            for (var e = 0; e < p.LogicalExperts; e++) WriteInts(w, table.Slice(e * p.MaxReplicas, p.MaxReplicas));
             w.WriteEndArray();
         }
         w.WriteEndArray();
@@ -191,10 +191,10 @@ internal static class PlanCommand
         foreach (var id in load.LayerIds) w.WriteNumberValue(id);
         w.WriteEndArray();
         w.WriteString("policy", policy);
-        w.WriteNumber("replicas", request.Slots);
+        w.WriteNumber("slots", request.Slots);
         w.WriteNumber("groups", request.Groups);
         w.WriteNumber("nodes", request.Nodes);
-        w.WriteNumber("gpus", request.Gpus);
+        w.WriteNumber("ranks", request.Ranks);
         w.WriteNumber("balancedness", balancedness);
         w.WriteStartArray("balancedness_per_layer");
         foreach (var b in perLayer) w.WriteNumberValue(b);

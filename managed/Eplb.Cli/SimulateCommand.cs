@@ -18,9 +18,9 @@ internal static class SimulateCommand
     public static Command Create()
     {
         var load = new Option<string[]>("--load") { Description = "Load dump(s) to draw routing from, one phase each (default: decode and prefill files of data/load-data, alternating)", AllowMultipleArgumentsPerToken = true };
-        var gpus = new Option<int>("--gpus") { Description = "Expert-parallel ranks", DefaultValueFactory = _ => 32 };
+        var ranks = new Option<int>("--ranks", "--gpus") { Description = "G, expert-parallel ranks (GPUs)", DefaultValueFactory = _ => 32 };
         var nodes = new Option<int>("--nodes") { Description = "Nodes the ranks span", DefaultValueFactory = _ => 4 };
-        var replicas = new Option<int>("--replicas") { Description = "Physical slots per layer with EPLB (N + redundant)", DefaultValueFactory = _ => 288 };
+        var slots = new Option<int>("--slots", "--replicas") { Description = "R, physical slots per layer with EPLB (N + redundant)", DefaultValueFactory = _ => 288 };
         var groups = new Option<int>("--groups") { Description = "Expert groups (DeepSeek-V3: 8)", DefaultValueFactory = _ => 8 };
         var steps = new Option<int>("--steps") { Description = "Forward passes per run", DefaultValueFactory = _ => 256 };
         var tokens = new Option<int>("--tokens") { Description = "Tokens per forward pass over all ranks", DefaultValueFactory = _ => 512 };
@@ -32,11 +32,11 @@ internal static class SimulateCommand
         routing.AcceptOnlyFromAmong("hash", "softmax");
         var sync = new Option<bool>("--sync") { Description = "Rearrange synchronously instead of in the background" };
         var seed = new Option<int>("--seed") { Description = "Seed of the routing draws", DefaultValueFactory = _ => 1 };
-        var plot = new Option<string?>("--plot") { Description = "Write a PNG: per-GPU load without and with EPLB, balancedness over time" };
+        var plot = new Option<string?>("--plot") { Description = "Write a PNG: per-rank load without and with EPLB, balancedness over time" };
         var json = new Option<string?>("--json") { Description = "Write the final table as JSON" };
         var command = new Command("simulate", "Simulate expert-parallel serving on the real load files: no EPLB vs each policy")
         {
-            load, gpus, nodes, replicas, groups, steps, tokens, policy, backend, routing, window, interval, sync, seed, plot, json,
+            load, ranks, nodes, slots, groups, steps, tokens, policy, backend, routing, window, interval, sync, seed, plot, json,
         };
         command.SetAction(parse =>
         {
@@ -48,9 +48,9 @@ internal static class SimulateCommand
             var options = new SimulationOptions
             {
                 Loads = files.Select(f => ExpertLoad.Read(f).WithoutEmptyLayers(out _)).ToList(),
-                Gpus = Positive(parse.GetValue(gpus), "--gpus"),
+                Ranks = Positive(parse.GetValue(ranks), "--ranks"),
                 Nodes = Positive(parse.GetValue(nodes), "--nodes"),
-                Replicas = Positive(parse.GetValue(replicas), "--replicas"),
+                Slots = Positive(parse.GetValue(slots), "--slots"),
                 Groups = Positive(parse.GetValue(groups), "--groups"),
                 Steps = Positive(parse.GetValue(steps), "--steps"),
                 Tokens = Positive(parse.GetValue(tokens), "--tokens"),
@@ -86,8 +86,8 @@ internal static class SimulateCommand
             result = simulation.Run((run, step) => tasks[run].Value = step);
         });
 
-        var table = new Table().Title($"eplb simulate: {options.Loads[0].Layers} layers x {options.Loads[0].Experts} experts, " +
-                                      $"{options.Gpus} GPUs / {options.Nodes} nodes, R = {options.Replicas}, {options.Tokens} tokens x {options.TopK} per pass")
+        var table = new Table().Title($"eplb simulate: {options.Loads[0].Layers} layers x {options.Loads[0].LogicalExperts} experts, " +
+                                      $"{options.Ranks} ranks / {options.Nodes} nodes, R = {options.Slots}, {options.Tokens} tokens x {options.TopK} per pass")
             .Border(TableBorder.Simple)
             .AddColumns("", "balancedness", "local", "rearr.", "slots", "bytes*", "ms/pass");
         foreach (var column in table.Columns) column.NoWrap();

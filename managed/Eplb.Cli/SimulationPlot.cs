@@ -3,7 +3,7 @@ using ScottPlot;
 
 namespace Eplb.Cli;
 
-/// <summary>The --plot figure: per-GPU load without and with EPLB, and balancedness pass by pass.</summary>
+/// <summary>The --plot figure: per-rank load without and with EPLB, and balancedness pass by pass.</summary>
 internal static class SimulationPlot
 {
     public static void Save(SimulationResult result, string path)
@@ -11,14 +11,14 @@ internal static class SimulationPlot
         var multiplot = new Multiplot();
         multiplot.AddPlots(2);
         var loads = multiplot.GetPlot(0);
-        var gpus = Enumerable.Range(0, result.NoEplb.GpuLoad.Length).Select(g => (double)g).ToArray();
+        var ranks = Enumerable.Range(0, result.NoEplb.RankLoad.Length).Select(g => (double)g).ToArray();
         foreach (var run in result.Runs)
         {
-            var line = loads.Add.Scatter(gpus, run.GpuLoad);
+            var line = loads.Add.Scatter(ranks, run.RankLoad);
             line.LegendText = run.Name == "no EPLB" ? "no EPLB" : $"{run.Name} (after its first rearrangement)";
         }
-        loads.Title("Tokens routed to each GPU per pass (mean over layers)");
-        loads.XLabel("GPU");
+        loads.Title("Tokens routed to each rank per pass (mean over layers)");
+        loads.XLabel("rank");
         loads.YLabel("tokens per pass");
         loads.ShowLegend(Alignment.UpperRight);
 
@@ -30,7 +30,7 @@ internal static class SimulationPlot
         }
         timeline.Title("Balancedness per pass (moving mean of 8)");
         timeline.XLabel("pass");
-        timeline.YLabel("mean / max GPU load");
+        timeline.YLabel("mean / max rank load");
         timeline.Axes.SetLimitsY(0, 1);
         timeline.ShowLegend(Alignment.LowerRight);
         multiplot.SavePng(path, 1200, 1000);

@@ -30,13 +30,13 @@ public sealed record SimulationOptions
     public required IReadOnlyList<ExpertLoad> Loads { get; init; }
 
     /// <summary>G, expert-parallel ranks (each routes its share of the tokens).</summary>
-    public int Gpus { get; init; } = 32;
+    public int Ranks { get; init; } = 32;
 
     /// <summary>Nodes the ranks span.</summary>
     public int Nodes { get; init; } = 4;
 
     /// <summary>R, physical slots per layer with EPLB (N + redundant).</summary>
-    public int Replicas { get; init; } = 288;
+    public int Slots { get; init; } = 288;
 
     /// <summary>Expert groups (DeepSeek-V3: 8).</summary>
     public int Groups { get; init; } = 8;
@@ -94,9 +94,9 @@ public sealed record SimulationOptions
 /// <param name="FullScaleBytesMoved">The same transfers at the real expert size.</param>
 /// <param name="SecondsPerStep">Wall time per pass (routing, recording, EPLB step).</param>
 /// <param name="BalancednessPerStep">Balancedness of each pass.</param>
-/// <param name="GpuLoad">Tokens per GPU per pass, averaged over the passes after the first rearrangement (all passes without EPLB).</param>
+/// <param name="RankLoad">Tokens per rank per pass, averaged over the passes after the first rearrangement (all passes without EPLB).</param>
 public sealed record SimulationRun(string Name, double Balancedness, double NodeLocalFraction, int Rearrangements, long SlotsMoved,
-    long BytesMoved, long FullScaleBytesMoved, double SecondsPerStep, double[] BalancednessPerStep, double[] GpuLoad);
+    long BytesMoved, long FullScaleBytesMoved, double SecondsPerStep, double[] BalancednessPerStep, double[] RankLoad);
 
 /// <summary>What a simulation measured.</summary>
 public sealed record SimulationResult(Backend Backend, int Steps, IReadOnlyList<SimulationRun> Runs)
@@ -125,8 +125,8 @@ public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory?
         {
             foreach (var name in names) runs.Add(new PolicyRun(options, name, loggers));
             var layers = options.Loads[0].Layers;
-            var experts = options.Loads[0].Experts;
-            var tokens = options.Tokens / options.Gpus * options.Gpus;
+            var experts = options.Loads[0].LogicalExperts;
+            var tokens = options.Tokens / options.Ranks * options.Ranks;
             var sampler = new RoutingSampler(options.Seed, options.Concentration);
             var ids = new int[tokens * options.TopK];
             var logits = options.Routing == SimulationRouting.Softmax ? new float[tokens * experts] : [];
@@ -156,15 +156,15 @@ public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory?
     {
         if (options.Loads.Count == 0) throw new ArgumentException("no load to simulate");
         var first = options.Loads[0];
-        if (options.Loads.Any(l => l.Layers != first.Layers || l.Experts != first.Experts))
+        if (options.Loads.Any(l => l.Layers != first.Layers || l.LogicalExperts != first.LogicalExperts))
             throw new ArgumentException("all loads must have the same layers x experts");
-        if (options.Gpus < 1) throw new ArgumentException($"gpus ({options.Gpus}) must be >= 1");
-        if (options.Replicas < first.Experts || options.Replicas % options.Gpus != 0)
-            throw new ArgumentException($"replicas ({options.Replicas}) must be >= experts ({first.Experts}) and a multiple of gpus ({options.Gpus})");
-        if (options.Gpus % options.Nodes != 0) throw new ArgumentException($"gpus ({options.Gpus}) must be a multiple of nodes ({options.Nodes})");
-        if (options.Tokens < options.Gpus) throw new ArgumentException($"tokens ({options.Tokens}) must be >= gpus ({options.Gpus}): every rank routes its share");
+        if (options.Ranks < 1) throw new ArgumentException($"ranks (G = {options.Ranks}) must be >= 1");
+        if (options.Slots < first.LogicalExperts) throw new ArgumentException($"slots (R = {options.Slots}) must be >= logical experts (N = {first.LogicalExperts})");
+        if (options.Slots % options.Ranks != 0) throw new ArgumentException($"slots (R = {options.Slots}) must be a multiple of ranks (G = {options.Ranks})");
+        if (options.Ranks % options.Nodes != 0) throw new ArgumentException($"ranks (G = {options.Ranks}) must be a multiple of nodes ({options.Nodes})");
+        if (options.Tokens < options.Ranks) throw new ArgumentException($"tokens ({options.Tokens}) must be >= ranks (G = {options.Ranks}): every rank routes its share");
         if (options.Steps < 1) throw new ArgumentException($"steps ({options.Steps}) must be >= 1");
-        if (options.TopK < 1 || options.TopK > first.Experts) throw new ArgumentException($"top-k ({options.TopK}) must be in [1, {first.Experts}]");
+        if (options.TopK < 1 || options.TopK > first.LogicalExperts) throw new ArgumentException($"top-k ({options.TopK}) must be in [1, {first.LogicalExperts}]");
         foreach (var policy in options.Policies) PlacementPolicies.Get(policy);
     }
 
@@ -193,38 +193,38 @@ public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory?
             _name = policy ?? "no EPLB";
             var load = options.Loads[0];
             var layers = load.Layers;
-            var experts = load.Experts;
-            var gpus = options.Gpus;
+            var experts = load.LogicalExperts;
+            var ranks = options.Ranks;
             // Without EPLB a model has exactly N experts spread evenly (when N splits over G).
-            var slots = policy is null && experts % gpus == 0 ? experts : options.Replicas;
+            var slots = policy is null && experts % ranks == 0 ? experts : options.Slots;
             var eplb = new EplbOptions
             {
                 WindowSize = policy is null ? 1 : options.WindowSize,
                 StepInterval = policy is null ? int.MaxValue : options.StepInterval,
-                NumRedundantExperts = slots - experts,
+                RedundantExperts = slots - experts,
                 Policy = policy ?? "deepseek",
                 UseAsync = options.UseAsync,
-                NumGroups = options.Groups,
-                NumNodes = options.Nodes,
+                Groups = options.Groups,
+                Nodes = options.Nodes,
             };
             int[] sizes = [options.ExpertFloats, Math.Max(1, options.ExpertFloats / 16)];  // weights and their scales
-            _ranks = Enumerable.Range(0, gpus).Select(r => new SimulatedRank(r, gpus, layers, experts, slots, sizes, options.Backend)).ToArray();
-            _transport = new InProcessTransport(gpus);
+            _ranks = Enumerable.Range(0, ranks).Select(r => new SimulatedRank(r, ranks, layers, experts, slots, sizes, options.Backend)).ToArray();
+            _transport = new InProcessTransport(ranks);
             _state = new EplbState(eplb, _transport, loggers?.CreateLogger<EplbState>());
             _model = _state.AddModel("simulated", _ranks);
             var routerOptions = new RouterOptions
             {
-                NumExperts = experts,
+                LogicalExperts = experts,
                 TopK = options.TopK,
                 Score = options.Routing == SimulationRouting.Hash ? RoutingScore.SqrtSoftplus : RoutingScore.Softmax,
                 Renormalize = true,
             };
             // One router per (rank, layer) holding that rank's EPLB view; device errors checked once per pass.
             _routers = _ranks.Select(r => r.LayerStates!.Select(state => new Router(routerOptions, state) { CheckDeviceErrors = false }).ToArray()).ToArray();
-            _perRank = options.Tokens / gpus;
+            _perRank = options.Tokens / ranks;
             _buffers = _ranks.Select(r => new RankBuffers(r.Backend, _perRank, options.TopK, experts)).ToArray();
-            _gpuLoad = new double[gpus];
-            _gpuLoadSum = new double[gpus];
+            _gpuLoad = new double[ranks];
+            _gpuLoadSum = new double[ranks];
             _perStep = new double[options.Steps];
         }
 
@@ -233,7 +233,7 @@ public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory?
         {
             _busy.Start();
             var topK = _options.TopK;
-            var experts = _model.Experts;
+            var experts = _model.LogicalExperts;
             for (var r = 0; r < _ranks.Length; r++)
             {
                 var rank = _ranks[r];
@@ -261,7 +261,7 @@ public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory?
             var pass = _model.PassPhysicalLoad();
             double stepMean = 0, stepMax = 0;
             Array.Clear(_gpuLoad);
-            foreach (var layerLoad in _model.GpuLoads(pass))
+            foreach (var layerLoad in _model.RankLoads(pass))
             {
                 stepMean += layerLoad.Average();
                 stepMax += layerLoad.Max();

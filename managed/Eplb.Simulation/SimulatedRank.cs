@@ -19,23 +19,23 @@ public sealed class SimulatedRank : IMixtureOfExperts, IDisposable
     private readonly bool _ownsStream;
 
     /// <summary>
-    /// Creates rank <paramref name="rank"/> of <paramref name="gpus"/> with the given per-expert tensor
+    /// Creates rank <paramref name="rank"/> of <paramref name="ranks"/> with the given per-expert tensor
     /// sizes (in floats), its weights laid out for <paramref name="initialPhy2Log"/> (default: slot s
     /// holds expert s % N, the placement EPLB starts from).
     /// </summary>
-    public SimulatedRank(int rank, int gpus, int layers, int experts, int slots, IReadOnlyList<int> tensorSizes, Backend backend = Backend.Cpu,
+    public SimulatedRank(int rank, int ranks, int layers, int logicalExperts, int slots, IReadOnlyList<int> tensorSizes, Backend backend = Backend.Cpu,
         ComputeStream? stream = null, IReadOnlyList<int[]>? initialPhy2Log = null)
     {
-        ArgumentOutOfRangeException.ThrowIfLessThan(gpus, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(ranks, 1);
         ArgumentOutOfRangeException.ThrowIfNegative(rank);
-        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(rank, gpus);
+        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(rank, ranks);
         ArgumentOutOfRangeException.ThrowIfNegative(layers);
-        if (slots % gpus != 0) throw new ArgumentException($"{slots} slots do not split over {gpus} ranks", nameof(slots));
+        if (slots % ranks != 0) throw new ArgumentException($"{slots} slots do not split over {ranks} ranks", nameof(slots));
         Rank = rank;
-        NumMoeLayers = layers;
-        NumLogicalExperts = experts;
-        NumPhysicalExperts = slots;
-        NumLocalPhysicalExperts = slots / gpus;
+        Layers = layers;
+        LogicalExperts = logicalExperts;
+        Slots = slots;
+        SlotsPerRank = slots / ranks;
         Backend = backend;
         _ownsStream = stream is null;
         Stream = stream ?? new ComputeStream(backend);
@@ -43,7 +43,7 @@ public sealed class SimulatedRank : IMixtureOfExperts, IDisposable
         if (initialPhy2Log != null && (initialPhy2Log.Count != layers || initialPhy2Log.Any(p => p.Length != slots)))
             throw new ArgumentException($"initialPhy2Log must hold {layers} layers of {slots} slots", nameof(initialPhy2Log));
         _phy2Log = Enumerable.Range(0, layers)
-            .Select(l => initialPhy2Log?[l].ToArray() ?? Enumerable.Range(0, slots).Select(s => s % experts).ToArray())
+            .Select(l => initialPhy2Log?[l].ToArray() ?? Enumerable.Range(0, slots).Select(s => s % logicalExperts).ToArray())
             .ToArray();
         _buffers = new DeviceBuffer<float>[layers][];
         _tensors = new ExpertTensor[layers][];
@@ -54,12 +54,12 @@ public sealed class SimulatedRank : IMixtureOfExperts, IDisposable
             for (var t = 0; t < TensorSizes.Count; t++)
             {
                 var size = TensorSizes[t];
-                var values = new float[NumLocalPhysicalExperts * size];
-                for (var j = 0; j < NumLocalPhysicalExperts; j++)
+                var values = new float[SlotsPerRank * size];
+                for (var j = 0; j < SlotsPerRank; j++)
                     for (var i = 0; i < size; i++)
-                        values[j * size + i] = ExpectedValue(_phy2Log[l][rank * NumLocalPhysicalExperts + j], l, t, i);
+                        values[j * size + i] = ExpectedValue(_phy2Log[l][rank * SlotsPerRank + j], l, t, i);
                 _buffers[l][t] = new DeviceBuffer<float>(backend, values);
-                _tensors[l][t] = ExpertTensor.Create($"w{t}", _buffers[l][t].AsSlice(), NumLocalPhysicalExperts);
+                _tensors[l][t] = ExpertTensor.Create($"w{t}", _buffers[l][t].AsSlice(), SlotsPerRank);
             }
         }
     }
@@ -71,16 +71,16 @@ public sealed class SimulatedRank : IMixtureOfExperts, IDisposable
     public int Rank { get; }
 
     /// <inheritdoc/>
-    public int NumMoeLayers { get; }
+    public int Layers { get; }
 
     /// <inheritdoc/>
-    public int NumLogicalExperts { get; }
+    public int LogicalExperts { get; }
 
     /// <inheritdoc/>
-    public int NumPhysicalExperts { get; }
+    public int Slots { get; }
 
     /// <inheritdoc/>
-    public int NumLocalPhysicalExperts { get; }
+    public int SlotsPerRank { get; }
 
     /// <inheritdoc/>
     public Backend Backend { get; }
@@ -116,9 +116,9 @@ public sealed class SimulatedRank : IMixtureOfExperts, IDisposable
     /// <summary>The expert each local slot's weights belong to (-1 when the content matches none).</summary>
     public int[] ExpertsInWeights(int layer)
     {
-        var experts = new int[NumLocalPhysicalExperts];
+        var experts = new int[SlotsPerRank];
         var contents = _buffers[layer].Select(b => b.ToArray()).ToArray();
-        for (var j = 0; j < NumLocalPhysicalExperts; j++)
+        for (var j = 0; j < SlotsPerRank; j++)
         {
             var expert = (int)Math.Round((contents[0][j * TensorSizes[0]] - layer * 100) / 1000.0);
             for (var t = 0; t < TensorSizes.Count && expert >= 0; t++)

@@ -15,16 +15,16 @@ using var host = builder.Build();
 var options = host.Services.GetRequiredService<IOptions<EplbOptions>>().Value;
 
 // A skewed load: 4 MoE layers x 256 experts, expert e of layer l gets (e * 37 + l) % 97 + 1 tokens.
-const int layers = 4, experts = 256, gpus = 32;
+const int layers = 4, experts = 256, ranks = 32;
 var values = new double[layers * experts];
 for (var l = 0; l < layers; l++)
     for (var e = 0; e < experts; e++) values[l * experts + e] = (e * 37 + l) % 97 + 1;
 var load = new ExpertLoad(layers, experts, values);
 
-var slots = experts + options.NumRedundantExperts;
-var request = new PlacementRequest(slots, options.NumGroups, options.NumNodes, gpus);
+var slots = experts + options.RedundantExperts;
+var request = new PlacementRequest(slots, options.Groups, options.Nodes, ranks);
 var placement = PlacementPolicies.Get(options.Policy).Plan(load, request);
-var initial = ExpertPlacement.Initial(layers, experts, slots, gpus, options.NumNodes);
+var initial = ExpertPlacement.Initial(layers, experts, slots, ranks, options.Nodes);
 Console.WriteLine($"policy={options.Policy} balancedness {initial.Balancedness(load):F3} -> {placement.Balancedness(load):F3}");
 
 // Route 64 tokens of layer 0 on the default backend, with that layer's EPLB tables.

@@ -38,8 +38,8 @@ public class RoutingBenchmarks
         _ids = new int[Tokens * 8];
         _weights = new float[Tokens * 8];
         _v3 = new Router(RouterOptions.DeepSeekV3);
-        _v4 = new Router(new RouterOptions { NumExperts = 256, TopK = 6, RoutedScalingFactor = 1.5f });
-        _softmax = new Router(new RouterOptions { NumExperts = 256, TopK = 8, Score = RoutingScore.Softmax });
+        _v4 = new Router(new RouterOptions { LogicalExperts = 256, TopK = 6, RoutedScalingFactor = 1.5f });
+        _softmax = new Router(new RouterOptions { LogicalExperts = 256, TopK = 8, Score = RoutingScore.Softmax });
     }
 
     [Benchmark]

@@ -24,7 +24,7 @@ public class CliPlanTests
     }
 
     private static string[] Plan(string load, string output, params string[] more) =>
-        ["plan", "--load", load, "--replicas", "288", "--groups", "8", "--nodes", "4", "--gpus", "32", "--out", output, .. more];
+        ["plan", "--load", load, "--slots", "288", "--groups", "8", "--nodes", "4", "--ranks", "32", "--out", output, .. more];
 
     [Test]
     public void WritesThePlacementWithExactlyTheDocumentedKeys()
@@ -36,16 +36,16 @@ public class CliPlanTests
         var root = json.RootElement;
         Assert.That(root.EnumerateObject().Select(p => p.Name), Is.EqualTo(new[]
         {
-            "physical_to_logical_map", "logical_to_physical_map", "logical_replica_count", "layer_ids", "policy", "replicas",
-            "groups", "nodes", "gpus", "balancedness", "balancedness_per_layer", "node_local_fraction", "elapsed_ms",
+            "physical_to_logical_map", "logical_to_physical_map", "logical_replica_count", "layer_ids", "policy", "slots",
+            "groups", "nodes", "ranks", "balancedness", "balancedness_per_layer", "node_local_fraction", "elapsed_ms",
         }));
         var phy2log = root.GetProperty("physical_to_logical_map").EnumerateArray().Select(r => r.EnumerateArray().Select(v => v.GetInt32()).ToArray()).ToList();
         Assert.That(phy2log, Has.Count.EqualTo(58));
         Assert.That(phy2log, Is.All.Length.EqualTo(288));
         Assert.That(root.GetProperty("layer_ids").EnumerateArray().Select(v => v.GetInt32()), Is.EqualTo(Enumerable.Range(3, 58)));
         Assert.That(root.GetProperty("policy").GetString(), Is.EqualTo("deepseek"));
-        Assert.That((root.GetProperty("replicas").GetInt32(), root.GetProperty("groups").GetInt32(), root.GetProperty("nodes").GetInt32(),
-            root.GetProperty("gpus").GetInt32()), Is.EqualTo((288, 8, 4, 32)));
+        Assert.That((root.GetProperty("slots").GetInt32(), root.GetProperty("groups").GetInt32(), root.GetProperty("nodes").GetInt32(),
+            root.GetProperty("ranks").GetInt32()), Is.EqualTo((288, 8, 4, 32)));
 
         // The file is the deepseek plan, and its figures are those of SPEC 1.
         var load = TestSupport.RealLoad("decode_in1000out1000");
@@ -94,6 +94,7 @@ public class CliPlanTests
         var bare = Write("bare.json", "[[0, 0, 0, 0], [4, 3, 2, 1], [1, 1, 9, 1]]");
         var steps = Write("steps.json", "{\"logical_count\": [[[4, 3, 2, 1]], [[0, 0, 0, 9]]]}");
         var output = Path.Combine(_dir, "p.json");
+        // --replicas and --gpus (the README's first names) are aliases of --slots and --ranks.
         var result = CliRunner.Run("plan", "--load", bare, "--replicas", "6", "--groups", "2", "--nodes", "1", "--gpus", "2", "--out", output);
         Assert.That(result.ExitCode, Is.Zero, result.Stderr);
         using (var json = JsonDocument.Parse(File.ReadAllBytes(output)))
@@ -126,13 +127,13 @@ public class CliPlanTests
         yield return new TestCaseData("bad.json", "[[1, -2]]", new[] { "--replicas", "288" }, "must be finite and >= 0").SetName("NegativeLoad");
         yield return new TestCaseData("bad.json", "[[1, NaN]]", new[] { "--replicas", "288" }, "malformed JSON").SetName("NaNLoad");
         yield return new TestCaseData("bad.json", "[[0, 0], [0, 0]]", new[] { "--replicas", "288" }, "nothing to plan").SetName("AllZero");
-        yield return new TestCaseData(null, null, new[] { "--replicas", "290" }, "must be a multiple of gpus (G = 32)").SetName("ReplicasNotMultipleOfGpus");
-        yield return new TestCaseData(null, null, new[] { "--replicas", "224" }, "must be >= experts (N = 256)").SetName("FewerSlotsThanExperts");
+        yield return new TestCaseData(null, null, new[] { "--replicas", "290" }, "must be a multiple of ranks (G = 32)").SetName("ReplicasNotMultipleOfGpus");
+        yield return new TestCaseData(null, null, new[] { "--replicas", "224" }, "must be >= logical experts (N = 256)").SetName("FewerSlotsThanExperts");
         yield return new TestCaseData(null, null, new[] { "--replicas", "288", "--policy", "magic" }, "unknown placement policy 'magic'").SetName("UnknownPolicy");
         yield return new TestCaseData(null, null, new[] { "--replicas", "288", "--old", "nowhere.json" }, "does not exist").SetName("MissingOld");
         yield return new TestCaseData("old.json", "{\"physical_to_logical_map\": [[0, 1]]}", new[] { "--replicas", "288", "--old", "$FILE" }, "1 layers, but the load has 61").SetName("OldWithOtherShape");
-        yield return new TestCaseData(null, null, new[] { "--replicas", "x" }, "").SetName("NonNumericReplicas");
-        yield return new TestCaseData(null, null, Array.Empty<string>(), "--replicas").SetName("MissingReplicas");
+        yield return new TestCaseData(null, null, new[] { "--replicas", "x" }, "").SetName("NonNumericSlots");
+        yield return new TestCaseData(null, null, Array.Empty<string>(), "--slots").SetName("MissingSlots");
     }
 
     [TestCaseSource(nameof(BadInputs))]

@@ -189,17 +189,17 @@ public class DeepSeekPolicyTests
     }
 
     [Test]
-    public void NoDuplicateOnGpuRemovesDuplicatesAndOtherwiseChangesNothing()
+    public void NoDuplicateOnRankRemovesDuplicatesAndOtherwiseChangesNothing()
     {
         var hot = Rows([1000, 1, 1, 1, 1, 1, 1, 1]);
-        var p = DeepSeek.Plan(hot, new PlacementRequest(12, 2, 2, 4) { NoDuplicateOnGpu = true });
+        var p = DeepSeek.Plan(hot, new PlacementRequest(12, 2, 2, 4) { NoDuplicateOnRank = true });
         PlacementOracle.AssertValid(p, 1, 8, 12, 4);
         Assert.That(PlacementOracle.HasDuplicateOnGpu(p), Is.False);
         Assert.That(p.LogCnt(0).ToArray(), Is.All.LessThanOrEqualTo(2));  // at most one per GPU of the node
         // The README golden has no duplicate: the option leaves it alone.
         var golden = Rows([90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86], [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]);
         var plain = DeepSeek.Plan(golden, new PlacementRequest(16, 4, 2, 8));
-        var strict = DeepSeek.Plan(golden, new PlacementRequest(16, 4, 2, 8) { NoDuplicateOnGpu = true });
+        var strict = DeepSeek.Plan(golden, new PlacementRequest(16, 4, 2, 8) { NoDuplicateOnRank = true });
         Assert.That(strict.Phy2LogTable.ToArray(), Is.EqualTo(plain.Phy2LogTable.ToArray()));
     }
 

@@ -14,7 +14,7 @@ public class EplbOptionsTests
         var options = new EplbOptions();
         Assert.That(options.WindowSize, Is.EqualTo(1000));
         Assert.That(options.StepInterval, Is.EqualTo(3000));
-        Assert.That(options.NumRedundantExperts, Is.Zero);
+        Assert.That(options.RedundantExperts, Is.Zero);
         Assert.That(options.LogBalancedness, Is.False);
         Assert.That(options.LogBalancednessInterval, Is.EqualTo(1));
         Assert.That(options.UseAsync, Is.True);
@@ -28,7 +28,7 @@ public class EplbOptionsTests
     public void BindsFromJsonEnvironmentAndCommandLine()
     {
         var json = Path.Combine(Path.GetTempPath(), $"eplb-{Guid.NewGuid():N}.json");
-        File.WriteAllText(json, """{"Eplb": {"WindowSize": 64, "StepInterval": 256, "Policy": "locality", "NumRedundantExperts": 32, "NumGroups": 8}}""");
+        File.WriteAllText(json, """{"Eplb": {"WindowSize": 64, "StepInterval": 256, "Policy": "locality", "RedundantExperts": 32, "Groups": 8}}""");
         Environment.SetEnvironmentVariable("EPLBTEST_Eplb__LogBalancedness", "true");
         try
         {
@@ -42,8 +42,8 @@ public class EplbOptionsTests
             Assert.That(options.WindowSize, Is.EqualTo(64));
             Assert.That(options.StepInterval, Is.EqualTo(256));
             Assert.That(options.Policy, Is.EqualTo("locality"));
-            Assert.That(options.NumRedundantExperts, Is.EqualTo(32));
-            Assert.That(options.NumGroups, Is.EqualTo(8));
+            Assert.That(options.RedundantExperts, Is.EqualTo(32));
+            Assert.That(options.Groups, Is.EqualTo(8));
             Assert.That(options.LogBalancedness, Is.True);
             Assert.That(options.UseAsync, Is.False);
             Assert.That(options.ReplicaSelection, Is.EqualTo(ReplicaSelection.RoundRobin));
@@ -62,7 +62,7 @@ public class EplbOptionsTests
         {
             ["Eplb:WindowSize"] = "0",
             ["Eplb:StepInterval"] = "-5",
-            ["Eplb:NumRedundantExperts"] = "-1",
+            ["Eplb:RedundantExperts"] = "-1",
             ["Eplb:LogBalancednessInterval"] = "0",
             ["Eplb:Policy"] = "magic",
             ["Eplb:Communicator"] = "Nccl",
@@ -72,7 +72,7 @@ public class EplbOptionsTests
         Assert.That(error.Failures, Has.Count.EqualTo(6));
         Assert.That(error.Message, Does.Contain("WindowSize must be > 0 (got 0)")
             .And.Contain("StepInterval must be > 0 (got -5)")
-            .And.Contain("NumRedundantExperts must be >= 0 (got -1)")
+            .And.Contain("RedundantExperts must be >= 0 (got -1)")
             .And.Contain("LogBalancednessInterval must be > 0 (got 0)")
             .And.Contain("Policy 'magic' is not registered")
             .And.Contain("Communicator = Nccl is refused with UseAsync = true"));
@@ -81,7 +81,7 @@ public class EplbOptionsTests
     [Test]
     public void RedundantExpertsRequireEplbAndNcclAsyncNeedsTheOverride()
     {
-        var disabled = new EplbOptions { Enabled = false, NumRedundantExperts = 8 };
+        var disabled = new EplbOptions { Enabled = false, RedundantExperts = 8 };
         Assert.That(disabled.Violations(), Has.One.Contains("requires EPLB enabled"));
         var nccl = new EplbOptions { Communicator = TransportKind.Nccl, UseAsync = true, AllowNcclWithAsync = true };
         Assert.That(nccl.Violations(), Is.Empty);

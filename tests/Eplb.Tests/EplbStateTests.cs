@@ -14,7 +14,7 @@ internal sealed class Cluster : IDisposable
     {
         _topK = topK;
         _sampler = new RoutingSampler(seed, concentration: 1e6);
-        Slots = experts + options.NumRedundantExperts;
+        Slots = experts + options.RedundantExperts;
         Ranks = Enumerable.Range(0, gpus).Select(r => new SimulatedRank(r, gpus, layers, experts, Slots, tensorSizes, backend)).ToArray();
         Transport = transport ?? new InProcessTransport(gpus);
         Logger = new ListLogger<EplbState>();
@@ -37,7 +37,7 @@ internal sealed class Cluster : IDisposable
         {
             using var idBuffer = new DeviceBuffer<int>(rank.Backend, ids.Length);
             using var physical = new DeviceBuffer<int>(rank.Backend, ids.Length);
-            for (var layer = 0; layer < rank.NumMoeLayers; layer++)
+            for (var layer = 0; layer < rank.Layers; layer++)
             {
                 _sampler.Sample(load(layer), tokensPerRank, _topK, ids);
                 idBuffer.CopyFrom(ids, 0, rank.Stream);
@@ -54,7 +54,7 @@ internal sealed class Cluster : IDisposable
         var perRank = Slots / Ranks.Length;
         foreach (var rank in Ranks)
         {
-            for (var layer = 0; layer < rank.NumMoeLayers; layer++)
+            for (var layer = 0; layer < rank.Layers; layer++)
             {
                 var expected = placement.Phy2Log(layer).Slice(rank.Rank * perRank, perRank).ToArray();
                 Assert.That(rank.ExpertsInWeights(layer), Is.EqualTo(expected), $"{when}: weights of rank {rank.Rank}, layer {layer}");
@@ -111,7 +111,7 @@ public class EplbStateTests
 
     private static EplbOptions Options(bool async, int window = 8, int interval = 8, int redundant = 4) => new()
     {
-        UseAsync = async, WindowSize = window, StepInterval = interval, NumRedundantExperts = redundant, NumGroups = 4, NumNodes = 1,
+        UseAsync = async, WindowSize = window, StepInterval = interval, RedundantExperts = redundant, Groups = 4, Nodes = 1,
     };
 
     [Test]
@@ -326,7 +326,7 @@ public class EplbStateTests
         using var draft = new SimulatedRank(0, 2, 1, 16, 20, [2]);
         using var draft1 = new SimulatedRank(1, 2, 1, 16, 20, [2]);
         var draftModel = cluster.State.AddModel("draft", [draft, draft1]);
-        Assert.That(draftModel.Experts, Is.EqualTo(16));
+        Assert.That(draftModel.LogicalExperts, Is.EqualTo(16));
         using var other0 = new SimulatedRank(0, 2, 1, 18, 22, [2]);
         using var other1 = new SimulatedRank(1, 2, 1, 18, 22, [2]);
         var error = Assert.Throws<ArgumentException>(() => cluster.State.AddModel("other", [other0, other1]))!;

@@ -68,14 +68,14 @@ public class IncrementalPolicyTests
     }
 
     [Test]
-    public void NoDuplicateOnGpuRepairsACurrentPlacementWithDuplicates()
+    public void NoDuplicateOnRankRepairsACurrentPlacementWithDuplicates()
     {
         // The deepseek plan of this load puts an expert twice on a GPU; incremental must not keep it.
         var load = ExpertLoad.FromRows([[1000, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1000]]);
         var request = new PlacementRequest(12, 2, 2, 4);
         var current = PlacementPolicies.DeepSeek.Plan(load, request);
         Assert.That(PlacementOracle.HasDuplicateOnGpu(current), Is.True);
-        var p = PlacementPolicies.Incremental.Plan(load, request with { NoDuplicateOnGpu = true }, current);
+        var p = PlacementPolicies.Incremental.Plan(load, request with { NoDuplicateOnRank = true }, current);
         PlacementOracle.AssertValid(p, 2, 8, 12, 4);
         Assert.That(PlacementOracle.HasDuplicateOnGpu(p), Is.False);
     }

@@ -11,7 +11,7 @@ public class LoadTests
     {
         var raw = ExpertLoad.Read(Path.Combine(TestSupport.LoadDataDir, name + ".json"));
         Assert.That(raw.Layers, Is.EqualTo(61));
-        Assert.That(raw.Experts, Is.EqualTo(256));
+        Assert.That(raw.LogicalExperts, Is.EqualTo(256));
         var moe = raw.WithoutEmptyLayers(out var dropped);
         Assert.That(dropped, Is.EqualTo(new[] { 0, 1, 2 }));
         Assert.That(moe.Layers, Is.EqualTo(58));

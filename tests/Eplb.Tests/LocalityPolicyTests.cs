@@ -25,10 +25,10 @@ public class LocalityPolicyTests
     }
 
     [Test]
-    public void NoDuplicateOnGpuHoldsOnRealLoads()
+    public void NoDuplicateOnRankHoldsOnRealLoads()
     {
         var load = TestSupport.RealLoad("prefill_in4096");
-        var p = PlacementPolicies.Locality.Plan(load, FourNodes with { NoDuplicateOnGpu = true });
+        var p = PlacementPolicies.Locality.Plan(load, FourNodes with { NoDuplicateOnRank = true });
         PlacementOracle.AssertValid(p, 58, 256, 288, 32);
         Assert.That(PlacementOracle.HasDuplicateOnGpu(p), Is.False);
         Assert.That(PlacementOracle.GroupsHaveAHomeNode(p, 8), Is.True);
@@ -52,7 +52,7 @@ public class LocalityPolicyTests
         foreach (var request in new[] { new PlacementRequest(288, 8, 3, 72), new PlacementRequest(320, 8, 5, 40), new PlacementRequest(288, 8, 1, 32) })
         {
             var p = PlacementPolicies.Locality.Plan(load, request);
-            PlacementOracle.AssertValid(p, 58, 256, request.Slots, request.Gpus);
+            PlacementOracle.AssertValid(p, 58, 256, request.Slots, request.Ranks);
             Assert.That(p.Balancedness(load), Is.GreaterThanOrEqualTo(PlacementPolicies.DeepSeek.Plan(load, request).Balancedness(load)), request.ToString());
         }
     }

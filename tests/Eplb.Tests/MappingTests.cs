@@ -10,14 +10,14 @@ public class MappingTests
     {
         var tokens = ids.Length / topK;
         var physical = new int[ids.Length];
-        var counters = new int[t.NumPhysical];
+        var counters = new int[t.Slots];
         for (var row = 0; row < tokens; row++)
         {
             for (var k = 0; k < topK; k++)
             {
                 var id = ids[row * topK + k];
                 var phys = -1;
-                if (row < numUnpadded && id >= 0 && id < t.NumLogical)
+                if (row < numUnpadded && id >= 0 && id < t.LogicalExperts)
                 {
                     var hashed = (ulong)row * 2654435769UL % 4294967296UL;
                     var replica = (int)(hashed % (ulong)t.LogCnt[id]);
@@ -34,8 +34,8 @@ public class MappingTests
         ReplicaSelection selection = ReplicaSelection.TokenHash)
     {
         var physical = Enumerable.Repeat(unchecked((int)0xDEADBEEF), ids.Length).ToArray();  // poisoned
-        var counters = new int[t.NumPhysical];
-        ExpertMapping.MapToPhysical(ids, topK, t.Log2Phy, t.LogCnt, t.MaxReplicas, t.NumPhysical, physical, counters, record,
+        var counters = new int[t.Slots];
+        ExpertMapping.MapToPhysical(ids, topK, t.Log2Phy, t.LogCnt, t.MaxReplicas, t.Slots, physical, counters, record,
             numUnpadded, selection, backend);
         return (physical, counters);
     }
@@ -217,7 +217,7 @@ public class MappingTests
         Assert.That(missing.Message, Does.StartWith("EPLB requires logCnt != null"));
         var sized = Assert.Throws<ArgumentException>(() => new EplbLayerState(table, counts, load, flag, 4, 3, 6))!;
         Assert.That(sized.Message, Does.Contain("log2Phy has 8 elements; the layer needs 12"));
-        Assert.That(new EplbLayerState(table, counts, load, flag, 4, 2, 6).NumPhysical, Is.EqualTo(6));
+        Assert.That(new EplbLayerState(table, counts, load, flag, 4, 2, 6).Slots, Is.EqualTo(6));
     }
 
     [Test, Category("GPU")]

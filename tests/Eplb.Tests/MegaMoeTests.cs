@@ -30,7 +30,7 @@ public class MegaMoeTests
 
     private static Layer RandomLayer(Random random, MoeLayerShape shape, int tokens, int[]? ids = null)
     {
-        ids ??= Enumerable.Range(0, tokens * shape.TopK).Select(_ => random.Next(-1, shape.NumExperts)).ToArray();
+        ids ??= Enumerable.Range(0, tokens * shape.TopK).Select(_ => random.Next(-1, shape.Slots)).ToArray();
         return new Layer(shape, tokens,
             RandomBf16(random, (long)tokens * shape.Hidden, 1.0),
             ids,
@@ -63,8 +63,8 @@ public class MegaMoeTests
             Array.Clear(sum);
             for (var k = 0; k < s.TopK; k++)
             {
-                var e = l.Ids[t * s.TopK + k] - s.FirstLocalExpert;
-                if (e < 0 || e >= s.NumLocalExperts) continue;
+                var e = l.Ids[t * s.TopK + k] - s.FirstSlot;
+                if (e < 0 || e >= s.SlotsPerRank) continue;
                 for (var j = 0; j < inter; j++)
                 {
                     double gate = 0, up = 0;
@@ -169,7 +169,7 @@ public class MegaMoeTests
         var s = layer.Shape;
         for (var t = 0; t < layer.Tokens; t++)
         {
-            var local = Enumerable.Range(0, s.TopK).Any(k => layer.Ids[t * s.TopK + k] - s.FirstLocalExpert is var e && e >= 0 && e < s.NumLocalExperts);
+            var local = Enumerable.Range(0, s.TopK).Any(k => layer.Ids[t * s.TopK + k] - s.FirstSlot is var e && e >= 0 && e < s.SlotsPerRank);
             if (!local) Assert.That(got.Skip(t * s.Hidden).Take(s.Hidden), Is.All.EqualTo((ushort)0), $"token {t}");
         }
     }
@@ -219,7 +219,7 @@ public class MegaMoeTests
     public void WorkspaceAndGridQueries()
     {
         var shape = MoeLayerShape.DeepSeekV3(ranks: 8, rank: 3);
-        Assert.That((shape.NumLocalExperts, shape.FirstLocalExpert, shape.TopK, shape.Hidden), Is.EqualTo((32, 96, 8, 7168)));
+        Assert.That((shape.SlotsPerRank, shape.FirstSlot, shape.TopK, shape.Hidden), Is.EqualTo((32, 96, 8, 7168)));
         long previous = 0;
         foreach (var tokens in new[] { 0, 1, 128, 4096 })
         {
@@ -259,7 +259,7 @@ public class MegaMoeTests
         var badTile = layer.Shape with { BlockM = 64 };
         e = Assert.Throws<ArgumentException>(() => MegaMoe.Run(badTile, layer.X, layer.Ids, layer.Weights, layer.W1, layer.W2, output));
         Assert.That(e!.Message, Does.Contain("block_m"));
-        var outside = layer.Shape with { FirstLocalExpert = 6 };
+        var outside = layer.Shape with { FirstSlot = 6 };
         Assert.Throws<ArgumentException>(() => MegaMoe.Run(outside, layer.X, layer.Ids, layer.Weights, layer.W1, layer.W2, output));
         Untouched();
 

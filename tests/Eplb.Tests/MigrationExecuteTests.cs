@@ -8,12 +8,12 @@ namespace Eplb.Tests;
 /// </summary>
 public class MigrationExecuteTests
 {
-    private static readonly (int Ranks, int Layers, int LocalSlots, int Experts)[] Shapes =
+    private static readonly (int Ranks, int Layers, int LocalSlots, int LogicalExperts)[] Shapes =
         [(2, 1, 2, 3), (2, 2, 3, 4), (2, 4, 8, 16), (4, 1, 2, 6), (4, 2, 2, 5), (4, 8, 8, 16)];
 
     private static IEnumerable<TestCaseData> Cases() =>
-        Shapes.Select(s => new TestCaseData(Backend.Cpu, s.Ranks, s.Layers, s.LocalSlots, s.Experts))
-            .Concat(Shapes.Select(s => new TestCaseData(Backend.Cuda, s.Ranks, s.Layers, s.LocalSlots, s.Experts).SetCategory("GPU")));
+        Shapes.Select(s => new TestCaseData(Backend.Cpu, s.Ranks, s.Layers, s.LocalSlots, s.LogicalExperts))
+            .Concat(Shapes.Select(s => new TestCaseData(Backend.Cuda, s.Ranks, s.Layers, s.LocalSlots, s.LogicalExperts).SetCategory("GPU")));
 
     internal static int[] RandomPlacement(Random random, int slots, int experts)
     {
@@ -36,7 +36,7 @@ public class MigrationExecuteTests
         {
             using var transport = new InProcessTransport(ranks);
             var staging = rankModels.Select(m => m.GetExpertWeights(0).Select(w =>
-                new DeviceBuffer<byte>(backend, w.BytesPerExpert * w.Slots)).ToArray()).ToArray();
+                new DeviceBuffer<byte>(backend, w.BytesPerExpert * w.SlotsPerRank)).ToArray()).ToArray();
             try
             {
                 var stagingTensors = staging.Select((buffers, r) => (IReadOnlyList<ExpertTensor>)buffers

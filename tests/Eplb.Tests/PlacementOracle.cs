@@ -8,8 +8,8 @@ internal static class PlacementOracle
     /// <summary>Every invariant of SPEC 1, checked from the raw tables.</summary>
     public static void AssertValid(ExpertPlacement p, int layers, int experts, int slots, int gpus)
     {
-        Assert.That((p.Layers, p.Experts, p.Slots, p.Gpus), Is.EqualTo((layers, experts, slots, gpus)));
-        Assert.That(p.SlotsPerGpu * gpus, Is.EqualTo(slots));
+        Assert.That((p.Layers, p.LogicalExperts, p.Slots, p.Ranks), Is.EqualTo((layers, experts, slots, gpus)));
+        Assert.That(p.SlotsPerRank * gpus, Is.EqualTo(slots));
         for (var l = 0; l < layers; l++)
         {
             var row = p.Phy2Log(l).ToArray();
@@ -32,7 +32,7 @@ internal static class PlacementOracle
     }
 
     /// <summary>Each rank's load: the sum over its slots of weight / replicas.</summary>
-    public static double[] GpuLoads(int[] phy2log, ReadOnlySpan<double> weight, int gpus)
+    public static double[] RankLoads(int[] phy2log, ReadOnlySpan<double> weight, int gpus)
     {
         var count = new int[weight.Length];
         foreach (var e in phy2log) count[e]++;
@@ -48,7 +48,7 @@ internal static class PlacementOracle
         double mean = 0, max = 0;
         for (var l = 0; l < p.Layers; l++)
         {
-            var loads = GpuLoads(p.Phy2Log(l).ToArray(), load.Layer(l), p.Gpus);
+            var loads = RankLoads(p.Phy2Log(l).ToArray(), load.Layer(l), p.Ranks);
             mean += loads.Average();
             max += loads.Max();
         }
@@ -60,9 +60,9 @@ internal static class PlacementOracle
         for (var l = 0; l < p.Layers; l++)
         {
             var row = p.Phy2Log(l).ToArray();
-            for (var g = 0; g < p.Gpus; g++)
+            for (var g = 0; g < p.Ranks; g++)
             {
-                var mine = row.Skip(g * p.SlotsPerGpu).Take(p.SlotsPerGpu).ToArray();
+                var mine = row.Skip(g * p.SlotsPerRank).Take(p.SlotsPerRank).ToArray();
                 if (mine.Distinct().Count() != mine.Length) return true;
             }
         }
@@ -72,7 +72,7 @@ internal static class PlacementOracle
     /// <summary>Whether, in every layer, each group has a node that holds a replica of every one of its experts.</summary>
     public static bool GroupsHaveAHomeNode(ExpertPlacement p, int groups)
     {
-        var groupSize = p.Experts / groups;
+        var groupSize = p.LogicalExperts / groups;
         var slotsPerNode = p.Slots / p.Nodes;
         for (var l = 0; l < p.Layers; l++)
         {

@@ -16,13 +16,13 @@ public class PlacementTests
             Assert.That(p.LogCnt(l).ToArray(), Is.EqualTo(new[] { 2, 2, 1, 1 }));
             Assert.That(p.Log2Phy(l).ToArray(), Is.EqualTo(new[] { 0, 4, 1, 5, 2, -1, 3, -1 }));
         }
-        Assert.That((p.MaxReplicas, p.SlotsPerGpu, p.GpusPerNode), Is.EqualTo((2, 2, 3)));
+        Assert.That((p.MaxReplicas, p.SlotsPerRank, p.RanksPerNode), Is.EqualTo((2, 2, 3)));
     }
 
     [Test]
     public void FixedCapacityPadsLog2PhyWithMinusOne()
     {
-        var p = ExpertPlacement.FromPhy2Log([[2, 0, 1, 0]], 3, gpus: 2, maxReplicas: 4);
+        var p = ExpertPlacement.FromPhy2Log([[2, 0, 1, 0]], 3, ranks: 2, maxReplicas: 4);
         Assert.That(p.MaxReplicas, Is.EqualTo(4));
         Assert.That(p.Log2Phy(0).ToArray(), Is.EqualTo(new[] { 1, 3, -1, -1, 2, -1, -1, -1, 0, -1, -1, -1 }));
         Assert.That(p.WithMaxReplicas(2).Log2Phy(0).ToArray(), Is.EqualTo(new[] { 1, 3, 2, -1, 0, -1 }));
@@ -33,17 +33,17 @@ public class PlacementTests
     public void FromPhy2LogCopiesItsInput()
     {
         int[] row = [0, 1, 2, 0];
-        var p = ExpertPlacement.FromPhy2Log([row], 3, gpus: 2);
+        var p = ExpertPlacement.FromPhy2Log([row], 3, ranks: 2);
         row[3] = 2;
         Assert.That(p.Phy2Log(0).ToArray(), Is.EqualTo(new[] { 0, 1, 2, 0 }));
     }
 
     [TestCase(new[] { 0, 1, 3, 0 }, 3, 2, 1, 0, "expert 3, outside [0, 3)")]
     [TestCase(new[] { 0, 1, 1, 0 }, 3, 2, 1, 0, "no slot for expert 2")]
-    [TestCase(new[] { 0, 1, 2, 0 }, 3, 3, 1, 0, "multiple of gpus (G = 3)")]
+    [TestCase(new[] { 0, 1, 2, 0 }, 3, 3, 1, 0, "multiple of ranks (G = 3)")]
     [TestCase(new[] { 0, 1, 2, 0 }, 3, 2, 4, 0, "multiple of nodes (4)")]
     [TestCase(new[] { 0, 0, 0, 1, 2, 0 }, 3, 2, 1, 3, "4 replicas, more than maxReplicas = 3")]
-    [TestCase(new[] { 0, 1, 2, 0 }, 5, 2, 1, 0, "must be >= experts (N = 5)")]
+    [TestCase(new[] { 0, 1, 2, 0 }, 5, 2, 1, 0, "must be >= logical experts (N = 5)")]
     public void InvalidTablesAreRejectedWithTheValue(int[] row, int experts, int gpus, int nodes, int kmax, string message)
     {
         var e = Assert.Throws<ArgumentException>(() => ExpertPlacement.FromPhy2Log([row], experts, gpus, nodes, kmax))!;
@@ -67,7 +67,7 @@ public class PlacementTests
         var p = ExpertPlacement.Initial(2, 4, 6, 3);
         var load = new ExpertLoad(2, 4, [8, 4, 2, 2, 0, 0, 0, 3]);
         var gpu = new double[3];
-        p.GpuLoads(load, 0, gpu);
+        p.RankLoads(load, 0, gpu);
         Assert.That(gpu, Is.EqualTo(new[] { 6.0, 4.0, 6.0 }));
         Assert.That(p.BalancednessPerLayer(load), Is.EqualTo(new[] { 16.0 / 3 / 6, 1.0 / 3 }).Within(1e-12));
         Assert.That(p.Balancedness(load), Is.EqualTo((16.0 / 3 + 1) / (6 + 3)).Within(1e-12));
@@ -78,7 +78,7 @@ public class PlacementTests
     public void BalancednessMatchesTheOracleOnRealLoads()
     {
         var load = TestSupport.RealLoad("decode_in1000out1000");
-        var p = ExpertPlacement.Initial(load.Layers, load.Experts, 288, 32, 4);
+        var p = ExpertPlacement.Initial(load.Layers, load.LogicalExperts, 288, 32, 4);
         Assert.That(p.Balancedness(load), Is.EqualTo(PlacementOracle.Balancedness(p, load)).Within(1e-12));
         Assert.That(p.Balancedness(load), Is.InRange(0.1, 0.5));
     }
@@ -89,7 +89,7 @@ public class PlacementTests
         // Nodes of one GPU with 2 slots; slots [0,2 | 1,3]; loads [4,1,1,4]. Groups {0,1} and {2,3}:
         // group 0 serves 4 on node 0 and 1 on node 1, group 1 serves 1 and 4: 8 of 10 at home. One
         // group: node 0 serves 4+1, node 1 serves 1+4: 5 of 10.
-        var p = ExpertPlacement.FromPhy2Log([[0, 2, 1, 3]], 4, gpus: 2, nodes: 2);
+        var p = ExpertPlacement.FromPhy2Log([[0, 2, 1, 3]], 4, ranks: 2, nodes: 2);
         var load = new ExpertLoad(1, 4, [4, 1, 1, 4]);
         Assert.That(p.NodeLocalFraction(load, 2), Is.EqualTo(0.8).Within(1e-12));
         Assert.That(p.NodeLocalFraction(load, 1), Is.EqualTo(0.5).Within(1e-12));

@@ -37,21 +37,21 @@ public class PolicyPropertyTests
             for (var trial = 0; trial < 6; trial++)
             {
                 var load = PlacementOracle.RandomLoad(random, layers, experts);
-                var request = new PlacementRequest(slots, groups, nodes, gpus) { NoDuplicateOnGpu = trial % 2 == 1 };
+                var request = new PlacementRequest(slots, groups, nodes, gpus) { NoDuplicateOnRank = trial % 2 == 1 };
                 var current = trial >= 4 ? PlacementTests.RandomPlacement(random, layers, experts, slots, gpus, nodes) : null;
-                if (request.NoDuplicateOnGpu && (long)gpus * experts < slots) continue;
+                if (request.NoDuplicateOnRank && (long)gpus * experts < slots) continue;
                 ExpertPlacement p;
                 try
                 {
                     p = policy.Plan(load, request, current);
                 }
-                catch (ArgumentException e) when (request.NoDuplicateOnGpu && e.Message.Contains("noDuplicateOnGpu"))
+                catch (ArgumentException e) when (request.NoDuplicateOnRank && e.Message.Contains("noDuplicateOnRank"))
                 {
                     continue;  // infeasible by construction (a node's GPUs cannot host enough distinct experts)
                 }
                 PlacementOracle.AssertValid(p, layers, experts, slots, gpus);
                 Assert.That(p.Nodes, Is.EqualTo(nodes));
-                if (request.NoDuplicateOnGpu) Assert.That(PlacementOracle.HasDuplicateOnGpu(p), Is.False, $"{name} {request}");
+                if (request.NoDuplicateOnRank) Assert.That(PlacementOracle.HasDuplicateOnGpu(p), Is.False, $"{name} {request}");
                 Assert.That(p.Balancedness(load), Is.EqualTo(PlacementOracle.Balancedness(p, load)).Within(1e-12));
             }
         }
@@ -79,7 +79,7 @@ public class PolicyPropertyTests
     public void NoLayersGivesAnEmptyPlacement(string name)
     {
         var p = PlacementPolicies.Get(name).Plan(new ExpertLoad(0, 16, []), new PlacementRequest(24, 4, 2, 8));
-        Assert.That((p.Layers, p.Slots, p.Gpus), Is.EqualTo((0, 24, 8)));
+        Assert.That((p.Layers, p.Slots, p.Ranks), Is.EqualTo((0, 24, 8)));
     }
 
     [TestCaseSource(nameof(Policies))]

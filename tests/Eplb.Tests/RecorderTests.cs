@@ -54,7 +54,7 @@ public class RecorderTests
     {
         var random = TestSupport.NewRandom();
         var real = TestSupport.RealLoad("prefill_in512");
-        var recorder = new ExpertDistributionRecorder(3, real.Experts);
+        var recorder = new ExpertDistributionRecorder(3, real.LogicalExperts);
         for (var layer = 0; layer < 3; layer++)
         {
             var ids = TestSupport.SampleTopK(random, real.Layer(layer), 500, 8);
@@ -67,7 +67,7 @@ public class RecorderTests
             Assert.That(File.ReadAllText(path), Does.StartWith("{\"logical_count\": [["));
             var back = ExpertDistributionRecorder.Load(path);
             for (var layer = 0; layer < 3; layer++)
-                for (var e = 0; e < real.Experts; e++)
+                for (var e = 0; e < real.LogicalExperts; e++)
                     Assert.That(back[layer, e], Is.EqualTo(recorder[layer, e]));
             Assert.That(ExpertLoad.Read(path).LayerTotal(0), Is.EqualTo(500 * 8));
         }

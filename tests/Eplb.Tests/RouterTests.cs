@@ -15,7 +15,7 @@ public class RouterTests
         int? numUnpadded = null, bool record = true, long[]? tokenIds = null, int[]? tid2eid = null, bool checkDeviceErrors = true)
     {
         using var stream = new ComputeStream(backend);
-        var outputs = logits.Length / options.NumExperts * options.TopK;
+        var outputs = logits.Length / options.LogicalExperts * options.TopK;
         using var logitBuffer = new DeviceBuffer<float>(backend, logits);
         using var ids = new DeviceBuffer<int>(backend, outputs);
         using var weights = new DeviceBuffer<float>(backend, outputs);
@@ -25,13 +25,13 @@ public class RouterTests
         using var unpadded = new DeviceBuffer<int>(backend, [numUnpadded ?? 0]);
         using var log2phy = tables is null ? null : new DeviceBuffer<int>(backend, tables.Log2Phy);
         using var logcnt = tables is null ? null : new DeviceBuffer<int>(backend, tables.LogCnt);
-        using var counters = tables is null ? null : new DeviceBuffer<int>(backend, new int[tables.NumPhysical]);
+        using var counters = tables is null ? null : new DeviceBuffer<int>(backend, new int[tables.Slots]);
         using var flag = new DeviceBuffer<int>(backend, [record ? 1 : 0]);
         using var tokens = tokenIds is null ? null : new DeviceBuffer<long>(backend, tokenIds);
         using var table = tid2eid is null ? null : new DeviceBuffer<int>(backend, tid2eid);
         var layer = tables is null
             ? null
-            : new EplbLayerState(log2phy!, logcnt!, counters!, flag, tables.NumLogical, tables.MaxReplicas, tables.NumPhysical);
+            : new EplbLayerState(log2phy!, logcnt!, counters!, flag, tables.LogicalExperts, tables.MaxReplicas, tables.Slots);
         var router = new Router(options, layer) { CheckDeviceErrors = checkDeviceErrors };
         var unpaddedSlice = numUnpadded.HasValue ? unpadded.AsSlice() : default;
         if (tokens is null)
@@ -75,7 +75,7 @@ public class RouterTests
     {
         // s = sigmoid([0, 1, -1, 2]) = [0.5, 0.7310586, 0.2689414, 0.8807971]; s + [0, 0, 1, 0] picks experts
         // 2 and 3; weights 2.5 * s / (s2 + s3) = 0.5847882, 1.9152118.
-        var router = new Router(new RouterOptions { NumExperts = 4, TopK = 2, Score = RoutingScore.Sigmoid, RoutedScalingFactor = 2.5f });
+        var router = new Router(new RouterOptions { LogicalExperts = 4, TopK = 2, Score = RoutingScore.Sigmoid, RoutedScalingFactor = 2.5f });
         var ids = new int[2];
         var weights = new float[2];
         router.Route([0f, 1f, -1f, 2f], ids, weights, bias: [0f, 0f, 1f, 0f]);
@@ -92,10 +92,10 @@ public class RouterTests
         float[] logits = [1f, 2f, 3f, 0f];
         var ids = new int[2];
         var weights = new float[2];
-        new Router(new RouterOptions { NumExperts = 4, TopK = 2, Score = RoutingScore.Softmax, Renormalize = false }).Route(logits, ids, weights);
+        new Router(new RouterOptions { LogicalExperts = 4, TopK = 2, Score = RoutingScore.Softmax, Renormalize = false }).Route(logits, ids, weights);
         Assert.That(ids, Is.EqualTo(new[] { 2, 1 }));
         Assert.That(weights, Is.EqualTo(new[] { 0.6439142598879724f, 0.23688281808991013f }).Within(1e-6));
-        new Router(new RouterOptions { NumExperts = 4, TopK = 2, Score = RoutingScore.Softmax }).Route(logits, ids, weights);
+        new Router(new RouterOptions { LogicalExperts = 4, TopK = 2, Score = RoutingScore.Softmax }).Route(logits, ids, weights);
         Assert.That(weights, Is.EqualTo(new[] { 0.7310585786300049f, 0.2689414213699951f }).Within(1e-6));
     }
 
@@ -107,7 +107,7 @@ public class RouterTests
         float[] logits = [3f, -3f, 1f, 1f, 0.5f, 0.5f, 2f, -4f];
         var ids = new int[2];
         var weights = new float[2];
-        new Router(new RouterOptions { NumExperts = 8, TopK = 2, Score = RoutingScore.Sigmoid, NumGroups = 4, TopKGroups = 2 })
+        new Router(new RouterOptions { LogicalExperts = 8, TopK = 2, Score = RoutingScore.Sigmoid, Groups = 4, TopKGroups = 2 })
             .Route(logits, ids, weights);
         Assert.That(ids, Is.EqualTo(new[] { 2, 3 }));
         Assert.That(weights, Is.EqualTo(new[] { 0.5f, 0.5f }));
@@ -146,7 +146,7 @@ public class RouterTests
         var logits = RealLoadLogits(random, layer, tokens);
         var ids = new int[tokens * 6];
         var weights = new float[tokens * 6];
-        new Router(new RouterOptions { NumExperts = 256, TopK = 6, RoutedScalingFactor = 1.5f }).Route(logits, ids, weights);
+        new Router(new RouterOptions { LogicalExperts = 256, TopK = 6, RoutedScalingFactor = 1.5f }).Route(logits, ids, weights);
         var compared = 0;
         for (var t = 0; t < tokens; t++)
         {
@@ -177,7 +177,7 @@ public class RouterTests
         tid2eid[21] = 3;
         tid2eid[22] = 3;
         tid2eid[23] = 1;
-        var options = new RouterOptions { NumExperts = 4, TopK = 3, RoutedScalingFactor = 1.5f };
+        var options = new RouterOptions { LogicalExperts = 4, TopK = 3, RoutedScalingFactor = 1.5f };
         var outcome = Run(Backend.Cpu, options, [9f, -1f, 9f, 0.5f], tables: tables, tokenIds: [7], tid2eid: tid2eid);
         Assert.That(outcome.Ids, Is.EqualTo(new[] { 3, 3, 1 }));
         Assert.That(outcome.Weights, Is.EqualTo(new[] { 0.5843177201414265f, 0.5843177201414265f, 0.33136455971714707f }).Within(1e-6));
@@ -197,7 +197,7 @@ public class RouterTests
             for (var e = 0; e < n; e++) logits[e] = float.NaN;  // row 0: all NaN
             var ids = new int[tokens * k];
             var weights = new float[tokens * k];
-            new Router(new RouterOptions { NumExperts = n, TopK = k, Score = score, NumGroups = score == RoutingScore.Softmax ? 1 : 8, TopKGroups = score == RoutingScore.Softmax ? 1 : 3 })
+            new Router(new RouterOptions { LogicalExperts = n, TopK = k, Score = score, Groups = score == RoutingScore.Softmax ? 1 : 8, TopKGroups = score == RoutingScore.Softmax ? 1 : 3 })
                 .Route(logits, ids, weights);
             Assert.That(ids, Is.All.InRange(0, n - 1));
             Assert.That(weights.All(float.IsFinite), Is.True, $"{score}: finite weights");
@@ -213,7 +213,7 @@ public class RouterTests
         var random = TestSupport.NewRandom();
         var tables = HostTables.Random(random, 64, 80);
         var logits = RandomLogits(random, 64 * 10, 2);
-        var outcome = Run(Backend.Cpu, new RouterOptions { NumExperts = 64, TopK = 4 }, logits, tables: tables, numUnpadded: 7);
+        var outcome = Run(Backend.Cpu, new RouterOptions { LogicalExperts = 64, TopK = 4 }, logits, tables: tables, numUnpadded: 7);
         Assert.That(outcome.Ids.Take(28), Is.All.InRange(0, 79));
         Assert.That(outcome.Ids.Skip(28), Is.All.EqualTo(-1));
         Assert.That(outcome.Weights.Skip(28), Is.All.EqualTo(0f));
@@ -229,14 +229,14 @@ public class RouterTests
         var tokens = random.Next(0, 200);
         var unpadded = random.Next(0, tokens + 3);
         var score = (RoutingScore)random.Next(3);
-        var options = new RouterOptions { NumExperts = n, TopK = k, Score = score };
+        var options = new RouterOptions { LogicalExperts = n, TopK = k, Score = score };
         var tables = HostTables.Random(random, n, n + random.Next(0, 64), random.Next(0, 3));
         var logits = RandomLogits(random, n * tokens, 3);
         var logical = Run(Backend.Cpu, options, logits, numUnpadded: unpadded);
         var physical = Run(Backend.Cpu, options, logits, tables: tables, numUnpadded: unpadded);
         var want = new int[logical.Ids.Length];
-        var wantCounters = new int[tables.NumPhysical];
-        ExpertMapping.MapToPhysical(logical.Ids, k, tables.Log2Phy, tables.LogCnt, tables.MaxReplicas, tables.NumPhysical, want, wantCounters,
+        var wantCounters = new int[tables.Slots];
+        ExpertMapping.MapToPhysical(logical.Ids, k, tables.Log2Phy, tables.LogCnt, tables.MaxReplicas, tables.Slots, want, wantCounters,
             record: true, numUnpadded: unpadded);
         Assert.That(physical.Ids, Is.EqualTo(want));
         Assert.That(physical.Counters, Is.EqualTo(wantCounters));
@@ -252,26 +252,26 @@ public class RouterTests
     {
         var error = Assert.Throws<ArgumentException>(() => new RouterOptions
         {
-            NumExperts = 100,
+            LogicalExperts = 100,
             TopK = 40,
-            NumGroups = 3,
+            Groups = 3,
             RoutedScalingFactor = float.NaN,
         }.Validate())!;
-        Assert.That(error.Message, Does.Contain("TopK must be in [1, min(NumExperts, 32) = 32] (got 40)")
-            .And.Contain("NumGroups = 3 does not divide NumExperts = 100")
+        Assert.That(error.Message, Does.Contain("TopK must be in [1, min(LogicalExperts, 32) = 32] (got 40)")
+            .And.Contain("Groups = 3 does not divide LogicalExperts = 100")
             .And.Contain("RoutedScalingFactor must be finite"));
-        Assert.Throws<ArgumentException>(() => new Router(new RouterOptions { NumExperts = 0, TopK = 1 }));
-        Assert.Throws<ArgumentException>(() => new Router(new RouterOptions { NumExperts = 8, TopK = 1, Score = RoutingScore.Softmax, NumGroups = 2 }));
-        var kept = Assert.Throws<ArgumentException>(() => new Router(new RouterOptions { NumExperts = 8, TopK = 3, NumGroups = 4, TopKGroups = 1 }))!;
+        Assert.Throws<ArgumentException>(() => new Router(new RouterOptions { LogicalExperts = 0, TopK = 1 }));
+        Assert.Throws<ArgumentException>(() => new Router(new RouterOptions { LogicalExperts = 8, TopK = 1, Score = RoutingScore.Softmax, Groups = 2 }));
+        var kept = Assert.Throws<ArgumentException>(() => new Router(new RouterOptions { LogicalExperts = 8, TopK = 3, Groups = 4, TopKGroups = 1 }))!;
         Assert.That(kept.Message, Does.Contain("TopK = 3 exceeds the 2 experts of the 1 kept groups"));
         Assert.DoesNotThrow(() => RouterOptions.DeepSeekV3.Validate());
-        Assert.DoesNotThrow(() => new RouterOptions { NumExperts = 8, TopK = 1, ScaleInWeights = false, RoutedScalingFactor = float.NaN }.Validate());
+        Assert.DoesNotThrow(() => new RouterOptions { LogicalExperts = 8, TopK = 1, ScaleInWeights = false, RoutedScalingFactor = float.NaN }.Validate());
     }
 
     [Test]
     public void BadArgumentsThrowAndWriteNothing()
     {
-        var router = new Router(new RouterOptions { NumExperts = 4, TopK = 2 });
+        var router = new Router(new RouterOptions { LogicalExperts = 4, TopK = 2 });
         var ids = Enumerable.Repeat(12345, 4).ToArray();
         var weights = Enumerable.Repeat(7f, 4).ToArray();
         var logits = new float[8];
@@ -286,7 +286,7 @@ public class RouterTests
         Assert.Throws<ArgumentException>(() => router.Route(logits, ids.AsSpan(1), weights));
         Assert.Throws<ArgumentException>(() => router.Route(logits, ids, weights.AsSpan(1)));
         Assert.Throws<ArgumentException>(() => router.Route(logits, ids, weights, bias: new float[3]));
-        var softmax = new Router(new RouterOptions { NumExperts = 4, TopK = 2, Score = RoutingScore.Softmax });
+        var softmax = new Router(new RouterOptions { LogicalExperts = 4, TopK = 2, Score = RoutingScore.Softmax });
         Assert.That(Assert.Throws<ArgumentException>(() => softmax.Route(logits, ids, weights, bias: new float[4]))!.Message,
             Does.Contain("takes no bias"));
         Assert.Throws<InvalidOperationException>(() => softmax.RouteByHash(logits, [0, 0], [0, 1], ids, weights));
@@ -315,9 +315,9 @@ public class RouterTests
         using var load = new DeviceBuffer<int>(Backend.Cpu, 8);
         using var flag = new DeviceBuffer<int>(Backend.Cpu, 1);
         var layer = new EplbLayerState(table, counts, load, flag, 8, 1, 8);
-        var error = Assert.Throws<ArgumentException>(() => new Router(new RouterOptions { NumExperts = 16, TopK = 2 }, layer))!;
+        var error = Assert.Throws<ArgumentException>(() => new Router(new RouterOptions { LogicalExperts = 16, TopK = 2 }, layer))!;
         Assert.That(error.Message, Does.Contain("8 logical experts, the router 16"));
-        Assert.That(new Router(new RouterOptions { NumExperts = 8, TopK = 2 }, layer).ToString(), Does.Contain("EPLB R=8"));
+        Assert.That(new Router(new RouterOptions { LogicalExperts = 8, TopK = 2 }, layer).ToString(), Does.Contain("EPLB R=8"));
     }
 
     // ---- CUDA == CPU (GPU machines only). ----
@@ -345,7 +345,7 @@ public class RouterTests
             var topkGroups = groups == 1 ? 1 : random.Next(1, groups + 1);
             var k = random.Next(1, Math.Min(Math.Min(n, 32), topkGroups * (n / groups)) + 1);
             var tokens = iteration == 0 ? 1 : random.Next(0, 3000);
-            var options = new RouterOptions { NumExperts = n, TopK = k, Score = score, NumGroups = groups, TopKGroups = topkGroups, RoutedScalingFactor = 2.5f };
+            var options = new RouterOptions { LogicalExperts = n, TopK = k, Score = score, Groups = groups, TopKGroups = topkGroups, RoutedScalingFactor = 2.5f };
             var logits = RandomLogits(random, n * tokens, 3);
             var bias = score == RoutingScore.Softmax ? null : RandomLogits(random, n, 0.3);
             var tables = HostTables.Random(random, n, n + random.Next(0, 64), 1);
@@ -371,7 +371,7 @@ public class RouterTests
             var tables = HostTables.FromPhy2Log(phy2log, 256, maxReplicas: 4);
             var v3 = RouterOptions.DeepSeekV3;
             ExpectSame(Run(Backend.Cuda, v3, logits, bias, tables, 16000), Run(Backend.Cpu, v3, logits, bias, tables, 16000), "V3");
-            var v4 = new RouterOptions { NumExperts = 256, TopK = 6, RoutedScalingFactor = 1.5f };
+            var v4 = new RouterOptions { LogicalExperts = 256, TopK = 6, RoutedScalingFactor = 1.5f };
             ExpectSame(Run(Backend.Cuda, v4, logits, bias, tables, 16000), Run(Backend.Cpu, v4, logits, bias, tables, 16000), "V4");
             var tid2eid = Enumerable.Range(0, 129280 * 6).Select(_ => random.Next(256)).ToArray();
             var tokenIds = Enumerable.Range(0, 16384).Select(_ => (long)random.Next(129280)).ToArray();
@@ -384,7 +384,7 @@ public class RouterTests
     public void CudaBadTokenIdThrowsAfterLaunchUnlessTheCheckIsOff()
     {
         TestSupport.RequireCuda();
-        var options = new RouterOptions { NumExperts = 4, TopK = 2 };
+        var options = new RouterOptions { LogicalExperts = 4, TopK = 2 };
         float[] logits = [1f, 1f, 1f, 1f, 1f, 1f, 1f, 1f];
         var error = Assert.Throws<EplbException>(() => Run(Backend.Cuda, options, logits, tokenIds: [0, 5], tid2eid: [0, 1, 2, 3]))!;
         Assert.That(error.Status, Is.EqualTo(EplbStatus.DeviceInputError));

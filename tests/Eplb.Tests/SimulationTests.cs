@@ -13,9 +13,9 @@ public class SimulationTests
         return new SimulationOptions
         {
             Loads = [TestSupport.RealLoad("decode_in1000out1000").Select(layers), TestSupport.RealLoad("prefill_in4096").Select(layers)],
-            Gpus = 8,
+            Ranks = 8,
             Nodes = 2,
-            Replicas = 288,
+            Slots = 288,
             Groups = 8,
             Steps = 96,
             Tokens = 512,
@@ -45,10 +45,10 @@ public class SimulationTests
             Assert.That(run.BalancednessPerStep, Has.Length.EqualTo(96));
             Assert.That(run.BalancednessPerStep, Is.All.InRange(0.0, 1.0));
             Assert.That(run.NodeLocalFraction, Is.InRange(0.5, 1.0), run.Name);
-            Assert.That(run.GpuLoad, Has.Length.EqualTo(8));
+            Assert.That(run.RankLoad, Has.Length.EqualTo(8));
         }
         // Every routed token lands on some GPU: the mean GPU load is tokens x K per layer / G.
-        Assert.That(baseline.GpuLoad.Average(), Is.EqualTo(512.0 * 8 / 8).Within(1e-9));
+        Assert.That(baseline.RankLoad.Average(), Is.EqualTo(512.0 * 8 / 8).Within(1e-9));
     }
 
     [Test]
@@ -72,7 +72,7 @@ public class SimulationTests
     [Test]
     public void BadOptionsAreRejectedBeforeRunning()
     {
-        Assert.Throws<ArgumentException>(() => new ServingSimulation(Small() with { Gpus = 7 }).Run());
+        Assert.Throws<ArgumentException>(() => new ServingSimulation(Small() with { Ranks = 7 }).Run());
         Assert.Throws<ArgumentException>(() => new ServingSimulation(Small() with { Nodes = 3 }).Run());
         Assert.Throws<ArgumentException>(() => new ServingSimulation(Small() with { Tokens = 4 }).Run());
         Assert.Throws<ArgumentException>(() => new ServingSimulation(Small() with { Policies = ["greedy"] }).Run());
@@ -139,7 +139,7 @@ public class SimulationTests
     }
 
     [TestCase("--steps", "0", "--steps must be >= 1 (got 0)")]
-    [TestCase("--gpus", "7", "multiple of gpus (7)")]
+    [TestCase("--gpus", "7", "multiple of ranks (G = 7)")]
     [TestCase("--policy", "greedy", "unknown placement policy 'greedy'")]
     [TestCase("--backend", "tpu", "unknown backend 'tpu'")]
     [TestCase("--load", "/no/such.json", "does not exist")]

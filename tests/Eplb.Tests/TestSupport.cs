@@ -74,7 +74,7 @@ internal static class TestSupport
 }
 
 /// <summary>Host copies of one layer's placement tables, built from phy2log.</summary>
-internal sealed record HostTables(int NumLogical, int NumPhysical, int MaxReplicas, int[] Phy2Log, int[] Log2Phy, int[] LogCnt)
+internal sealed record HostTables(int LogicalExperts, int Slots, int MaxReplicas, int[] Phy2Log, int[] Log2Phy, int[] LogCnt)
 {
     public static HostTables FromPhy2Log(int[] phy2log, int numLogical, int maxReplicas = 0)
     {

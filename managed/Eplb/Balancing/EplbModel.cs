@@ -20,19 +20,19 @@ public sealed class EplbModel : IDisposable
     private int _windowSlot;
     private ExpertPlacement _placement;
 
-    internal EplbModel(string name, IReadOnlyList<IMixtureOfExperts> localRanks, int gpus, int nodes, int windowSize, int maxReplicas,
+    internal EplbModel(string name, IReadOnlyList<IMixtureOfExperts> localRanks, int ranks, int nodes, int windowSize, int maxReplicas,
         ReplicaSelection selection)
     {
         var first = localRanks[0];
         Name = name;
-        Layers = first.NumMoeLayers;
-        Experts = first.NumLogicalExperts;
-        Slots = first.NumPhysicalExperts;
-        Gpus = gpus;
-        SlotsPerRank = first.NumLocalPhysicalExperts;
+        Layers = first.Layers;
+        LogicalExperts = first.LogicalExperts;
+        Slots = first.Slots;
+        Ranks = ranks;
+        SlotsPerRank = first.SlotsPerRank;
         MaxReplicas = maxReplicas;
         _windowSize = windowSize;
-        _placement = ExpertPlacement.Initial(Layers, Experts, Slots, gpus, nodes, maxReplicas);
+        _placement = ExpertPlacement.Initial(Layers, LogicalExperts, Slots, ranks, nodes, maxReplicas);
         _phy2Log = Enumerable.Range(0, Layers).Select(l => _placement.Phy2Log(l).ToArray()).ToArray();
         _ranks = localRanks.Select(r => new RankState(this, r, selection)).ToArray();
     }
@@ -44,13 +44,13 @@ public sealed class EplbModel : IDisposable
     public int Layers { get; }
 
     /// <summary>N, logical experts per layer.</summary>
-    public int Experts { get; }
+    public int LogicalExperts { get; }
 
     /// <summary>R, physical slots per layer.</summary>
     public int Slots { get; }
 
     /// <summary>G, expert-parallel ranks.</summary>
-    public int Gpus { get; }
+    public int Ranks { get; }
 
     /// <summary>R / G.</summary>
     public int SlotsPerRank { get; }
@@ -94,13 +94,13 @@ public sealed class EplbModel : IDisposable
     }
 
     /// <summary>Per-layer GPU loads <c>[L][G]</c> of per-slot loads <c>[L * R]</c>: each rank's slots added up (SPEC 1).</summary>
-    public double[][] GpuLoads(ReadOnlySpan<long> physical)
+    public double[][] RankLoads(ReadOnlySpan<long> physical)
     {
         if (physical.Length != Layers * Slots) throw new ArgumentException($"{physical.Length} values for {Layers} x {Slots} slots", nameof(physical));
         var loads = new double[Layers][];
         for (var l = 0; l < Layers; l++)
         {
-            var gpu = loads[l] = new double[Gpus];
+            var gpu = loads[l] = new double[Ranks];
             for (var s = 0; s < Slots; s++) gpu[s / SlotsPerRank] += physical[l * Slots + s];
         }
         return loads;
@@ -113,16 +113,16 @@ public sealed class EplbModel : IDisposable
     public ExpertLoad ToLogical(ReadOnlySpan<long> physical)
     {
         if (physical.Length != Layers * Slots) throw new ArgumentException($"{physical.Length} values for {Layers} x {Slots} slots", nameof(physical));
-        var logical = new double[Layers * Experts];
+        var logical = new double[Layers * LogicalExperts];
         for (var l = 0; l < Layers; l++)
         {
             var phy2log = _phy2Log[l];
-            for (var s = 0; s < Slots; s++) logical[l * Experts + phy2log[s]] += physical[l * Slots + s];
+            for (var s = 0; s < Slots; s++) logical[l * LogicalExperts + phy2log[s]] += physical[l * Slots + s];
         }
-        return new ExpertLoad(Layers, Experts, logical);
+        return new ExpertLoad(Layers, LogicalExperts, logical);
     }
 
-    internal IReadOnlyList<RankState> Ranks => _ranks;
+    internal IReadOnlyList<RankState> RankStates => _ranks;
 
     internal RankState RankOf(int rank) =>
         _ranks.FirstOrDefault(r => r.Model.Rank == rank) ?? throw new ArgumentOutOfRangeException(nameof(rank), $"rank {rank} is not local to this process");
@@ -155,12 +155,12 @@ public sealed class EplbModel : IDisposable
             r => RankOf(r).Model.Stream);
         foreach (var rank in _ranks)
         {
-            rank.Log2Phy.CopyFrom(newLog2Phy, (long)layer * Experts * MaxReplicas, rank.Model.Stream);
-            rank.LogCnt.CopyFrom(newLogCnt, (long)layer * Experts, rank.Model.Stream);
+            rank.Log2Phy.CopyFrom(newLog2Phy, (long)layer * LogicalExperts * MaxReplicas, rank.Model.Stream);
+            rank.LogCnt.CopyFrom(newLogCnt, (long)layer * LogicalExperts, rank.Model.Stream);
             rank.Model.UpdateExpertMap(layer, phy2log);
         }
         _phy2Log[layer] = phy2log;
-        _placement = ExpertPlacement.FromPhy2Log(_phy2Log, Experts, Gpus, _placement.Nodes, MaxReplicas);
+        _placement = ExpertPlacement.FromPhy2Log(_phy2Log, LogicalExperts, Ranks, _placement.Nodes, MaxReplicas);
     }
 
     /// <summary>Releases the device tables, the window and the staging buffers.</summary>
@@ -194,10 +194,10 @@ public sealed class EplbModel : IDisposable
             Sums = new DeviceBuffer<long>(backend, (long)layers * owner.Slots);
             Sums.Fill(0, stream: model.Stream);
             LayerStates = Enumerable.Range(0, layers).Select(l => new EplbLayerState(
-                Log2Phy.Slice((long)l * owner.Experts * owner.MaxReplicas, (long)owner.Experts * owner.MaxReplicas),
-                LogCnt.Slice((long)l * owner.Experts, owner.Experts),
+                Log2Phy.Slice((long)l * owner.LogicalExperts * owner.MaxReplicas, (long)owner.LogicalExperts * owner.MaxReplicas),
+                LogCnt.Slice((long)l * owner.LogicalExperts, owner.LogicalExperts),
                 Counters.Slice((long)l * owner.Slots, owner.Slots),
-                RecordFlag, owner.Experts, owner.MaxReplicas, owner.Slots, selection)).ToArray();
+                RecordFlag, owner.LogicalExperts, owner.MaxReplicas, owner.Slots, selection)).ToArray();
         }
 
         public IMixtureOfExperts Model { get; }
@@ -225,9 +225,9 @@ public sealed class EplbModel : IDisposable
             var tensors = new List<ExpertTensor>();
             foreach (var tensor in weights)
             {
-                var buffer = new DeviceBuffer<byte>(Model.Backend, tensor.BytesPerExpert * tensor.Slots);
+                var buffer = new DeviceBuffer<byte>(Model.Backend, tensor.BytesPerExpert * tensor.SlotsPerRank);
                 _stagingBuffers.Add(buffer);
-                tensors.Add(ExpertTensor.Create(tensor.Name, buffer.AsSlice(), tensor.Slots));
+                tensors.Add(ExpertTensor.Create(tensor.Name, buffer.AsSlice(), tensor.SlotsPerRank));
             }
             return _staging = tensors;
         }

@@ -27,7 +27,7 @@ public sealed class EplbOptions
     public int StepInterval { get; set; } = 3000;
 
     /// <summary>Extra physical slots per layer, R = N + this. Default 0; &gt; 0 requires EPLB enabled.</summary>
-    public int NumRedundantExperts { get; set; }
+    public int RedundantExperts { get; set; }
 
     /// <summary>Log the balancedness every <see cref="LogBalancednessInterval"/> passes. Default false.</summary>
     public bool LogBalancedness { get; set; }
@@ -56,14 +56,14 @@ public sealed class EplbOptions
     public ReplicaSelection ReplicaSelection { get; set; } = ReplicaSelection.TokenHash;
 
     /// <summary>Expert groups of group-limited routing (DeepSeek-V3: 8), used by the policies. Default 1.</summary>
-    public int NumGroups { get; set; } = 1;
+    public int Groups { get; set; } = 1;
 
     /// <summary>Nodes the ranks span (fast interconnect inside a node). Default 1.</summary>
-    public int NumNodes { get; set; } = 1;
+    public int Nodes { get; set; } = 1;
 
     /// <summary>
     /// Kmax, the fixed capacity of a log2phy row (device tables never move). 0 derives
-    /// min(N, NumRedundantExperts + 1), enough for any placement.
+    /// min(N, RedundantExperts + 1), enough for any placement.
     /// </summary>
     public int MaxReplicas { get; set; }
 
@@ -71,7 +71,7 @@ public sealed class EplbOptions
     public bool PreserveSlots { get; set; } = true;
 
     /// <summary>Never place two replicas of one expert on one GPU. Default false.</summary>
-    public bool NoDuplicateOnGpu { get; set; }
+    public bool NoDuplicateOnRank { get; set; }
 
     /// <summary>Order transfers so each rank talks to one peer per batch. Default true.</summary>
     public bool BatchTransfers { get; set; } = true;
@@ -82,12 +82,12 @@ public sealed class EplbOptions
         var errors = new List<string>();
         if (WindowSize <= 0) errors.Add($"WindowSize must be > 0 (got {WindowSize})");
         if (StepInterval <= 0) errors.Add($"StepInterval must be > 0 (got {StepInterval})");
-        if (NumRedundantExperts < 0) errors.Add($"NumRedundantExperts must be >= 0 (got {NumRedundantExperts})");
-        if (NumRedundantExperts > 0 && !Enabled)
-            errors.Add($"NumRedundantExperts = {NumRedundantExperts} requires EPLB enabled (Enabled = false)");
+        if (RedundantExperts < 0) errors.Add($"RedundantExperts must be >= 0 (got {RedundantExperts})");
+        if (RedundantExperts > 0 && !Enabled)
+            errors.Add($"RedundantExperts = {RedundantExperts} requires EPLB enabled (Enabled = false)");
         if (LogBalancednessInterval <= 0) errors.Add($"LogBalancednessInterval must be > 0 (got {LogBalancednessInterval})");
-        if (NumGroups <= 0) errors.Add($"NumGroups must be > 0 (got {NumGroups})");
-        if (NumNodes <= 0) errors.Add($"NumNodes must be > 0 (got {NumNodes})");
+        if (Groups <= 0) errors.Add($"Groups must be > 0 (got {Groups})");
+        if (Nodes <= 0) errors.Add($"Nodes must be > 0 (got {Nodes})");
         if (MaxReplicas < 0) errors.Add($"MaxReplicas must be >= 0 (got {MaxReplicas})");
         if (!Enum.IsDefined(Communicator)) errors.Add($"Communicator '{Communicator}' is not one of {string.Join(", ", Enum.GetNames<TransportKind>())}");
         if (!Enum.IsDefined(ReplicaSelection)) errors.Add($"ReplicaSelection '{ReplicaSelection}' is not one of {string.Join(", ", Enum.GetNames<ReplicaSelection>())}");

@@ -117,24 +117,24 @@ public sealed class EplbState : IDisposable
         var first = localRanks[0];
         foreach (var rank in localRanks)
         {
-            if (rank.NumMoeLayers != first.NumMoeLayers || rank.NumLogicalExperts != first.NumLogicalExperts ||
-                rank.NumPhysicalExperts != first.NumPhysicalExperts || rank.NumLocalPhysicalExperts != first.NumLocalPhysicalExperts)
+            if (rank.Layers != first.Layers || rank.LogicalExperts != first.LogicalExperts ||
+                rank.Slots != first.Slots || rank.SlotsPerRank != first.SlotsPerRank)
                 throw new ArgumentException($"model '{name}': rank {rank.Rank} reports a different shape than rank {first.Rank}", nameof(localRanks));
         }
-        var n = first.NumLogicalExperts;
-        var r = first.NumPhysicalExperts;
+        var n = first.LogicalExperts;
+        var r = first.Slots;
         var g = _transport.Ranks;
-        if (r != n + _options.NumRedundantExperts)
-            throw new ArgumentException($"model '{name}' has R = {r} slots for N = {n} experts, but NumRedundantExperts = {_options.NumRedundantExperts}", nameof(localRanks));
-        if (r % g != 0 || first.NumLocalPhysicalExperts != r / g)
-            throw new ArgumentException($"model '{name}': R = {r} slots do not split into {g} ranks of {first.NumLocalPhysicalExperts}", nameof(localRanks));
-        if (_models.Count > 0 && (_models[0].Experts != n || _models[0].Slots != r))
-            throw new ArgumentException($"model '{name}' has N = {n}, R = {r}; the first model '{_models[0].Name}' has N = {_models[0].Experts}, " +
+        if (r != n + _options.RedundantExperts)
+            throw new ArgumentException($"model '{name}' has R = {r} slots for N = {n} experts, but RedundantExperts = {_options.RedundantExperts}", nameof(localRanks));
+        if (r % g != 0 || first.SlotsPerRank != r / g)
+            throw new ArgumentException($"model '{name}': R = {r} slots do not split into {g} ranks of {first.SlotsPerRank}", nameof(localRanks));
+        if (_models.Count > 0 && (_models[0].LogicalExperts != n || _models[0].Slots != r))
+            throw new ArgumentException($"model '{name}' has N = {n}, R = {r}; the first model '{_models[0].Name}' has N = {_models[0].LogicalExperts}, " +
                                         $"R = {_models[0].Slots}: EPLB models must have identical expert counts", nameof(localRanks));
-        if (g % _options.NumNodes != 0)
-            throw new ArgumentException($"{g} ranks do not split over NumNodes = {_options.NumNodes}", nameof(localRanks));
-        var kmax = _options.MaxReplicas > 0 ? _options.MaxReplicas : Math.Min(n, _options.NumRedundantExperts + 1);
-        var model = new EplbModel(name, localRanks, g, _options.NumNodes, _options.WindowSize, kmax, _options.ReplicaSelection);
+        if (g % _options.Nodes != 0)
+            throw new ArgumentException($"{g} ranks do not split over Nodes = {_options.Nodes}", nameof(localRanks));
+        var kmax = _options.MaxReplicas > 0 ? _options.MaxReplicas : Math.Min(n, _options.RedundantExperts + 1);
+        var model = new EplbModel(name, localRanks, g, _options.Nodes, _options.WindowSize, kmax, _options.ReplicaSelection);
         _models.Add(model);
         foreach (var rank in localRanks) rank.SetEplbState(model.LayerStates(rank.Rank));
         return model;
@@ -233,9 +233,9 @@ public sealed class EplbState : IDisposable
             if (model.Layers == 0) continue;
             var physical = model.PassPhysicalLoad();
             _transport.AllReduceSum(physical);
-            var gpu = model.GpuLoads(physical);
+            var gpu = model.RankLoads(physical);
             var balancedness = Balancedness(gpu);
-            var perRank = Enumerable.Range(0, model.Gpus).Select(g => gpu.Sum(layer => layer[g])).ToArray();
+            var perRank = Enumerable.Range(0, model.Ranks).Select(g => gpu.Sum(layer => layer[g])).ToArray();
             LastLoggedBalancedness = balancedness;
             _logger.LogInformation(
                 "EPLB {Model} step {Step}: avg_tokens={AvgTokens:F2}, max_tokens={MaxTokens:F2}, balancedness={Balancedness:F4}, steps until next rearrangement: {Steps}",
@@ -297,9 +297,9 @@ public sealed class EplbState : IDisposable
                 return false;
             }
             var options = owner._options;
-            var request = new PlacementRequest(model.Slots, options.NumGroups, options.NumNodes, model.Gpus)
+            var request = new PlacementRequest(model.Slots, options.Groups, options.Nodes, model.Ranks)
             {
-                NoDuplicateOnGpu = options.NoDuplicateOnGpu,
+                NoDuplicateOnRank = options.NoDuplicateOnRank,
                 PreserveSlots = options.PreserveSlots,
                 MaxReplicas = model.MaxReplicas,
             };
@@ -320,7 +320,7 @@ public sealed class EplbState : IDisposable
             }
             _target = target;
             _plans = Enumerable.Range(0, model.Layers)
-                .Select(l => MigrationPlanner.PlanLayer(current.Phy2Log(l), target.Phy2Log(l), model.Gpus, options.BatchTransfers))
+                .Select(l => MigrationPlanner.PlanLayer(current.Phy2Log(l), target.Phy2Log(l), model.Ranks, options.BatchTransfers))
                 .ToArray();
             owner._logger.LogInformation(
                 "EPLB {Model} step {Step}: rearranging with '{Policy}' in {Ms:F1} ms: balancedness {Before:F4} -> {After:F4}, {Slots} slots to change",

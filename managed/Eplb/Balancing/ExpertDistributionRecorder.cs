@@ -14,24 +14,24 @@ public sealed class ExpertDistributionRecorder
     [ThreadStatic] private static Scope? t_current;
     private readonly long[] _counts;
 
-    /// <summary>A recorder for <paramref name="layers"/> layers of <paramref name="experts"/> logical experts.</summary>
-    public ExpertDistributionRecorder(int layers, int experts)
+    /// <summary>A recorder for <paramref name="layers"/> layers of <paramref name="logicalExperts"/> logical experts.</summary>
+    public ExpertDistributionRecorder(int layers, int logicalExperts)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(layers);
-        ArgumentOutOfRangeException.ThrowIfLessThan(experts, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(logicalExperts, 1);
         Layers = layers;
-        Experts = experts;
-        _counts = new long[(long)layers * experts];
+        LogicalExperts = logicalExperts;
+        _counts = new long[(long)layers * logicalExperts];
     }
 
     /// <summary>L.</summary>
     public int Layers { get; }
 
     /// <summary>N.</summary>
-    public int Experts { get; }
+    public int LogicalExperts { get; }
 
     /// <summary>Tokens recorded for one expert (64-bit).</summary>
-    public long this[int layer, int expert] => _counts[(long)layer * Experts + expert];
+    public long this[int layer, int expert] => _counts[(long)layer * LogicalExperts + expert];
 
     /// <summary>The layer of the innermost open scope on this thread, or null.</summary>
     public int? CurrentLayerIndex => t_current is { } scope && scope.Recorder == this ? scope.Layer : null;
@@ -59,9 +59,9 @@ public sealed class ExpertDistributionRecorder
     {
         var layer = CurrentLayerIndex ?? throw new InvalidOperationException(
             "no current layer: wrap each MoE layer's forward in `using (recorder.CurrentLayer(i))` so counts land on the right layer");
-        var row = _counts.AsSpan((int)((long)layer * Experts), Experts);
+        var row = _counts.AsSpan((int)((long)layer * LogicalExperts), LogicalExperts);
         foreach (var id in logicalIds)
-            if ((uint)id < (uint)Experts) row[id]++;
+            if ((uint)id < (uint)LogicalExperts) row[id]++;
     }
 
     /// <summary>Adds a layer's logical counts directly (e.g. the EPLB window folded to logical experts).</summary>
@@ -69,16 +69,16 @@ public sealed class ExpertDistributionRecorder
     {
         ArgumentOutOfRangeException.ThrowIfNegative(layer);
         ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(layer, Layers);
-        if (logicalCounts.Length != Experts) throw new ArgumentException($"{logicalCounts.Length} counts for {Experts} experts", nameof(logicalCounts));
-        var row = _counts.AsSpan((int)((long)layer * Experts), Experts);
-        for (var e = 0; e < Experts; e++) row[e] += logicalCounts[e];
+        if (logicalCounts.Length != LogicalExperts) throw new ArgumentException($"{logicalCounts.Length} counts for {LogicalExperts} experts", nameof(logicalCounts));
+        var row = _counts.AsSpan((int)((long)layer * LogicalExperts), LogicalExperts);
+        for (var e = 0; e < LogicalExperts; e++) row[e] += logicalCounts[e];
     }
 
     /// <summary>Forgets every count.</summary>
     public void Reset() => Array.Clear(_counts);
 
     /// <summary>The counts as an <see cref="ExpertLoad"/>.</summary>
-    public ExpertLoad ToLoad() => new(Layers, Experts, _counts.Select(c => (double)c).ToArray());
+    public ExpertLoad ToLoad() => new(Layers, LogicalExperts, _counts.Select(c => (double)c).ToArray());
 
     /// <summary>Writes SGLang's dump format to <paramref name="path"/>.</summary>
     public void Dump(string path) => File.WriteAllText(path, ToLoad().ToSglangJson());
@@ -87,10 +87,10 @@ public sealed class ExpertDistributionRecorder
     public static ExpertDistributionRecorder Load(string path)
     {
         var load = ExpertLoad.Read(path);
-        var recorder = new ExpertDistributionRecorder(load.Layers, load.Experts);
+        var recorder = new ExpertDistributionRecorder(load.Layers, load.LogicalExperts);
         for (var l = 0; l < load.Layers; l++)
-            for (var e = 0; e < load.Experts; e++)
-                recorder._counts[(long)l * load.Experts + e] = (long)Math.Round(load[l, e]);
+            for (var e = 0; e < load.LogicalExperts; e++)
+                recorder._counts[(long)l * load.LogicalExperts + e] = (long)Math.Round(load[l, e]);
         return recorder;
     }
 

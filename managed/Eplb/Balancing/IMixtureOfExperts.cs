@@ -7,7 +7,7 @@ namespace Eplb.Balancing;
 /// <summary>
 /// What EPLB needs from one rank of an MoE model (vLLM's <c>MixtureOfExperts</c>, SPEC 3.3): its MoE
 /// layers and their local expert weights, a place to hang the EPLB tables, and a hook when a layer's
-/// placement changes. A pipeline stage may own no MoE layer (<see cref="NumMoeLayers"/> = 0).
+/// placement changes. A pipeline stage may own no MoE layer (<see cref="Layers"/> = 0).
 /// </summary>
 public interface IMixtureOfExperts
 {
@@ -15,16 +15,16 @@ public interface IMixtureOfExperts
     int Rank { get; }
 
     /// <summary>L, the MoE layers this stage owns (0 is valid).</summary>
-    int NumMoeLayers { get; }
+    int Layers { get; }
 
     /// <summary>N, logical (checkpoint) routed experts per layer.</summary>
-    int NumLogicalExperts { get; }
+    int LogicalExperts { get; }
 
     /// <summary>R, physical slots per layer over all ranks (N + redundant).</summary>
-    int NumPhysicalExperts { get; }
+    int Slots { get; }
 
     /// <summary>R / G, the slots on this rank.</summary>
-    int NumLocalPhysicalExperts { get; }
+    int SlotsPerRank { get; }
 
     /// <summary>The backend the weights and tables live on.</summary>
     Backend Backend { get; }
@@ -34,7 +34,7 @@ public interface IMixtureOfExperts
 
     /// <summary>
     /// The weight tensors of one layer's local experts (weights and scales, any count and shape),
-    /// each holding <see cref="NumLocalPhysicalExperts"/> experts; the same names and sizes every call.
+    /// each holding <see cref="SlotsPerRank"/> experts; the same names and sizes every call.
     /// </summary>
     IReadOnlyList<ExpertTensor> GetExpertWeights(int layer);
 

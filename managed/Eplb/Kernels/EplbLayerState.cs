@@ -26,18 +26,18 @@ public sealed class EplbLayerState
     /// <summary>Creates the state; every view is required and sized to the layer.</summary>
     /// <exception cref="ArgumentException">A view is missing ("EPLB requires ..."), mis-sized, or on another backend.</exception>
     public EplbLayerState(DeviceSlice<int> log2Phy, DeviceSlice<int> logCnt, DeviceSlice<int> counters, DeviceSlice<int> recordFlag,
-        int numLogical, int maxReplicas, int numPhysical, ReplicaSelection replicaSelection = ReplicaSelection.TokenHash)
+        int logicalExperts, int maxReplicas, int slots, ReplicaSelection replicaSelection = ReplicaSelection.TokenHash)
     {
         Require(log2Phy, nameof(log2Phy));
         Require(logCnt, nameof(logCnt));
         Require(counters, nameof(counters));
         Require(recordFlag, nameof(recordFlag));
-        ArgumentOutOfRangeException.ThrowIfLessThan(numLogical, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(logicalExperts, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(maxReplicas, 1);
-        ArgumentOutOfRangeException.ThrowIfLessThan(numPhysical, numLogical);
-        ExpectLength(log2Phy, (long)numLogical * maxReplicas, nameof(log2Phy));
-        ExpectLength(logCnt, numLogical, nameof(logCnt));
-        ExpectLength(counters, numPhysical, nameof(counters));
+        ArgumentOutOfRangeException.ThrowIfLessThan(slots, logicalExperts);
+        ExpectLength(log2Phy, (long)logicalExperts * maxReplicas, nameof(log2Phy));
+        ExpectLength(logCnt, logicalExperts, nameof(logCnt));
+        ExpectLength(counters, slots, nameof(counters));
         ExpectLength(recordFlag, 1, nameof(recordFlag));
         Backend = log2Phy.Backend;
         foreach (var (slice, name) in new[] { (logCnt, nameof(logCnt)), (counters, nameof(counters)), (recordFlag, nameof(recordFlag)) })
@@ -49,9 +49,9 @@ public sealed class EplbLayerState
         LogCnt = logCnt;
         Counters = counters;
         RecordFlag = recordFlag;
-        NumLogical = numLogical;
+        LogicalExperts = logicalExperts;
         MaxReplicas = maxReplicas;
-        NumPhysical = numPhysical;
+        Slots = slots;
         ReplicaSelection = replicaSelection;
     }
 
@@ -68,13 +68,13 @@ public sealed class EplbLayerState
     public DeviceSlice<int> RecordFlag { get; }
 
     /// <summary>N, logical experts.</summary>
-    public int NumLogical { get; }
+    public int LogicalExperts { get; }
 
     /// <summary>Kmax, the fixed capacity of a log2phy row.</summary>
     public int MaxReplicas { get; }
 
     /// <summary>R, physical slots.</summary>
-    public int NumPhysical { get; }
+    public int Slots { get; }
 
     /// <summary>The replica choice the kernels use.</summary>
     public ReplicaSelection ReplicaSelection { get; }
@@ -96,9 +96,9 @@ public sealed class EplbLayerState
             logcnt = logCnt,
             counters = counters,
             record_flag = recordFlag,
-            num_logical = NumLogical,
+            num_logical = LogicalExperts,
             max_replicas = MaxReplicas,
-            num_physical = NumPhysical,
+            num_physical = Slots,
             replica_selection = (int)ReplicaSelection,
         };
         return leases;

@@ -29,13 +29,13 @@ public static unsafe class ExpertDispatch
     public const int MaxBuckets = NativeConstants.EPLB_DISPATCH_MAX_BUCKETS;
 
     /// <summary>
-    /// Worst-case rows of an aligned layout: <c>numPairs + min(numLocalExperts, numPairs) * (blockSize - 1)</c>.
+    /// Worst-case rows of an aligned layout: <c>pairs + min(slotsPerRank, pairs) * (blockSize - 1)</c>.
     /// </summary>
     /// <exception cref="ArgumentException">A value is out of range or the capacity exceeds int32.</exception>
-    public static long AlignCapacity(long numPairs, int numLocalExperts, int blockSize)
+    public static long AlignCapacity(long pairs, int slotsPerRank, int blockSize)
     {
         long capacity;
-        EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_align_capacity(numPairs, numLocalExperts, blockSize, &capacity));
+        EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_align_capacity(pairs, slotsPerRank, blockSize, &capacity));
         return capacity;
     }
 
@@ -52,7 +52,7 @@ public static unsafe class ExpertDispatch
     {
         ArgumentNullException.ThrowIfNull(stream);
         ArgumentNullException.ThrowIfNull(layout);
-        ExpectLength(physicalIds, (long)layout.NumTokens * layout.TopK, nameof(physicalIds));
+        ExpectLength(physicalIds, (long)layout.Tokens * layout.TopK, nameof(physicalIds));
         SameBackend(stream.Backend, layout.Backend, nameof(layout));
         SameBackend(stream.Backend, physicalIds, nameof(physicalIds));
 
@@ -63,8 +63,8 @@ public static unsafe class ExpertDispatch
         using var sortedLease = LeaseOrNull(layout.SortedPairIds, out var sorted);
         using var blocksLease = LeaseOrNull(layout.BlockExperts, out var blocks);
         using var positionsLease = LeaseOrNull(layout.PairPositions, out var positions);
-        EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_align(s, ids, layout.NumTokens, layout.TopK, layout.FirstSlot,
-            layout.NumLocalExperts, layout.BlockSize, layout.Capacity, counts, offsets, sorted, blocks, positions));
+        EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_align(s, ids, layout.Tokens, layout.TopK, layout.FirstSlot,
+            layout.SlotsPerRank, layout.BlockSize, layout.Capacity, counts, offsets, sorted, blocks, positions));
     }
 
     /// <summary>
@@ -77,7 +77,7 @@ public static unsafe class ExpertDispatch
     {
         ArgumentNullException.ThrowIfNull(stream);
         ArgumentNullException.ThrowIfNull(buckets);
-        ExpectLength(physicalIds, (long)buckets.NumTokens * buckets.TopK, nameof(physicalIds));
+        ExpectLength(physicalIds, (long)buckets.Tokens * buckets.TopK, nameof(physicalIds));
         SameBackend(stream.Backend, buckets.Backend, nameof(buckets));
         SameBackend(stream.Backend, physicalIds, nameof(physicalIds));
 
@@ -87,8 +87,8 @@ public static unsafe class ExpertDispatch
         using var offsetsLease = buckets.RankOffsets.Lease(out var offsets);
         using var sendLease = LeaseOrNull(buckets.SendPairIds, out var send);
         using var positionsLease = LeaseOrNull(buckets.PairPositions, out var positions);
-        EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_bucket_by_rank(s, ids, buckets.NumTokens, buckets.TopK,
-            buckets.NumPhysical, buckets.NumRanks, counts, offsets, send, positions));
+        EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_bucket_by_rank(s, ids, buckets.Tokens, buckets.TopK,
+            buckets.Slots, buckets.Ranks, counts, offsets, send, positions));
     }
 
     /// <summary>
@@ -138,7 +138,7 @@ public static unsafe class ExpertDispatch
     {
         ArgumentNullException.ThrowIfNull(layout);
         ArgumentOutOfRangeException.ThrowIfLessThan(hidden, 1);
-        ExpectLength(x, (long)layout.NumTokens * hidden, nameof(x));
+        ExpectLength(x, (long)layout.Tokens * hidden, nameof(x));
         Permute(stream, x, hidden, layout.TopK, layout.SortedPairIds, layout.NumRows, output);
     }
 
@@ -148,7 +148,7 @@ public static unsafe class ExpertDispatch
     {
         ArgumentNullException.ThrowIfNull(buckets);
         ArgumentOutOfRangeException.ThrowIfLessThan(hidden, 1);
-        ExpectLength(x, (long)buckets.NumTokens * hidden, nameof(x));
+        ExpectLength(x, (long)buckets.Tokens * hidden, nameof(x));
         Permute(stream, x, hidden, buckets.TopK, buckets.SendPairIds, buckets.NumRows, output);
     }
 
@@ -202,7 +202,7 @@ public static unsafe class ExpertDispatch
     {
         ArgumentNullException.ThrowIfNull(layout);
         ArgumentOutOfRangeException.ThrowIfLessThan(hidden, 1);
-        ExpectLength(output, (long)layout.NumTokens * hidden, nameof(output));
+        ExpectLength(output, (long)layout.Tokens * hidden, nameof(output));
         Combine(stream, y, hidden, layout.PairPositions, layout.TopK, weights, output);
     }
 
@@ -212,7 +212,7 @@ public static unsafe class ExpertDispatch
     {
         ArgumentNullException.ThrowIfNull(buckets);
         ArgumentOutOfRangeException.ThrowIfLessThan(hidden, 1);
-        ExpectLength(output, (long)buckets.NumTokens * hidden, nameof(output));
+        ExpectLength(output, (long)buckets.Tokens * hidden, nameof(output));
         Combine(stream, returned, hidden, buckets.PairPositions, buckets.TopK, weights, output);
     }
 
@@ -226,16 +226,16 @@ public static unsafe class ExpertDispatch
     /// <see cref="AlignCapacity"/> elements, <paramref name="blockExperts"/> exactly its length / blockSize.
     /// </summary>
     /// <exception cref="ArgumentException">A length or value is out of range; nothing is written.</exception>
-    public static void Align(ReadOnlySpan<int> physicalIds, int topK, int firstSlot, int numLocalExperts, int blockSize,
+    public static void Align(ReadOnlySpan<int> physicalIds, int topK, int firstSlot, int slotsPerRank, int blockSize,
         Span<int> expertCounts, Span<int> expertOffsets, Span<int> sortedPairIds, Span<int> blockExperts, Span<int> pairPositions,
         Backend backend = Backend.Cpu)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
-        ArgumentOutOfRangeException.ThrowIfLessThan(numLocalExperts, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(slotsPerRank, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(blockSize, 1);
         var tokens = WholeRows(physicalIds.Length, topK, nameof(physicalIds));
-        ExpectLength(expertCounts.Length, numLocalExperts, nameof(expertCounts));
-        ExpectLength(expertOffsets.Length, numLocalExperts + 1L, nameof(expertOffsets));
+        ExpectLength(expertCounts.Length, slotsPerRank, nameof(expertCounts));
+        ExpectLength(expertOffsets.Length, slotsPerRank + 1L, nameof(expertOffsets));
         ExpectLength(blockExperts.Length, sortedPairIds.Length / blockSize, nameof(blockExperts));
         ExpectLength(pairPositions.Length, physicalIds.Length, nameof(pairPositions));
 
@@ -243,7 +243,7 @@ public static unsafe class ExpertDispatch
         {
             using var stream = new ComputeStream(Backend.Cuda);
             using var ids = new DeviceBuffer<int>(Backend.Cuda, physicalIds);
-            using var layout = ExpertLayoutOnDevice(tokens, topK, firstSlot, numLocalExperts, blockSize, sortedPairIds.Length);
+            using var layout = ExpertLayoutOnDevice(tokens, topK, firstSlot, slotsPerRank, blockSize, sortedPairIds.Length);
             Align(stream, ids, layout);
             stream.CheckDeviceErrors();
             layout.ExpertCounts.Buffer!.CopyTo(expertCounts, 0, stream);
@@ -257,7 +257,7 @@ public static unsafe class ExpertDispatch
         fixed (int* ids = physicalIds, counts = expertCounts, offsets = expertOffsets, sorted = sortedPairIds, blocks = blockExperts,
                positions = pairPositions)
         {
-            EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_align(s, ids, tokens, topK, firstSlot, numLocalExperts, blockSize,
+            EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_align(s, ids, tokens, topK, firstSlot, slotsPerRank, blockSize,
                 sortedPairIds.Length, counts, offsets, sorted, blocks, positions));
         }
     }
@@ -268,14 +268,14 @@ public static unsafe class ExpertDispatch
     /// <paramref name="sendPairIds"/> and <paramref name="pairPositions"/> <c>[T * K]</c>, all written.
     /// </summary>
     /// <exception cref="ArgumentException">A length or slot is out of range; nothing is written.</exception>
-    public static void BucketByRank(ReadOnlySpan<int> physicalIds, int topK, int numPhysical, int numRanks, Span<int> rankCounts,
+    public static void BucketByRank(ReadOnlySpan<int> physicalIds, int topK, int slots, int ranks, Span<int> rankCounts,
         Span<int> rankOffsets, Span<int> sendPairIds, Span<int> pairPositions, Backend backend = Backend.Cpu)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
-        ArgumentOutOfRangeException.ThrowIfLessThan(numRanks, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(ranks, 1);
         var tokens = WholeRows(physicalIds.Length, topK, nameof(physicalIds));
-        ExpectLength(rankCounts.Length, numRanks, nameof(rankCounts));
-        ExpectLength(rankOffsets.Length, numRanks + 1L, nameof(rankOffsets));
+        ExpectLength(rankCounts.Length, ranks, nameof(rankCounts));
+        ExpectLength(rankOffsets.Length, ranks + 1L, nameof(rankOffsets));
         ExpectLength(sendPairIds.Length, physicalIds.Length, nameof(sendPairIds));
         ExpectLength(pairPositions.Length, physicalIds.Length, nameof(pairPositions));
 
@@ -283,7 +283,7 @@ public static unsafe class ExpertDispatch
         {
             using var stream = new ComputeStream(Backend.Cuda);
             using var ids = new DeviceBuffer<int>(Backend.Cuda, physicalIds);
-            using var buckets = RankBuckets.Allocate(Backend.Cuda, checked((int)tokens), topK, numPhysical, numRanks);
+            using var buckets = RankBuckets.Allocate(Backend.Cuda, checked((int)tokens), topK, slots, ranks);
             BucketByRank(stream, ids, buckets);
             stream.CheckDeviceErrors();
             buckets.RankCounts.Buffer!.CopyTo(rankCounts, 0, stream);
@@ -295,7 +295,7 @@ public static unsafe class ExpertDispatch
         using var streamLease = ComputeStream.Cpu.Lease(out var s);
         fixed (int* ids = physicalIds, counts = rankCounts, offsets = rankOffsets, send = sendPairIds, positions = pairPositions)
         {
-            EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_bucket_by_rank(s, ids, tokens, topK, numPhysical, numRanks, counts,
+            EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_bucket_by_rank(s, ids, tokens, topK, slots, ranks, counts,
                 offsets, send, positions));
         }
     }
@@ -428,18 +428,18 @@ public static unsafe class ExpertDispatch
         return view.Lease(out pointer);
     }
 
-    private static ExpertLayout ExpertLayoutOnDevice(long tokens, int topK, int firstSlot, int numLocalExperts, int blockSize, int capacity)
+    private static ExpertLayout ExpertLayoutOnDevice(long tokens, int topK, int firstSlot, int slotsPerRank, int blockSize, int capacity)
     {
         // The host spans fix the capacity (it may exceed the worst case), so size the views to them.
         var buffers = new DeviceBuffer<int>[5];
         try
         {
-            buffers[0] = new DeviceBuffer<int>(Backend.Cuda, numLocalExperts);
-            buffers[1] = new DeviceBuffer<int>(Backend.Cuda, numLocalExperts + 1L);
+            buffers[0] = new DeviceBuffer<int>(Backend.Cuda, slotsPerRank);
+            buffers[1] = new DeviceBuffer<int>(Backend.Cuda, slotsPerRank + 1L);
             buffers[2] = new DeviceBuffer<int>(Backend.Cuda, capacity);
             buffers[3] = new DeviceBuffer<int>(Backend.Cuda, capacity / blockSize);
             buffers[4] = new DeviceBuffer<int>(Backend.Cuda, tokens * topK);
-            return ExpertLayout.Owning(checked((int)tokens), topK, firstSlot, numLocalExperts, blockSize, buffers);
+            return ExpertLayout.Owning(checked((int)tokens), topK, firstSlot, slotsPerRank, blockSize, buffers);
         }
         catch
         {

@@ -5,7 +5,7 @@ namespace Eplb.Kernels;
 /// <summary>
 /// The expert-contiguous layout of one rank's (token, k) pairs that <see cref="ExpertDispatch.Align(ComputeStream, DeviceSlice{int}, ExpertLayout)"/>
 /// fills (SPEC 6, <c>eplb_dispatch_align</c>): the pairs whose slot lies in
-/// <c>[FirstSlot, FirstSlot + NumLocalExperts)</c>, grouped by local expert in ascending pair order
+/// <c>[FirstSlot, FirstSlot + SlotsPerRank)</c>, grouped by local expert in ascending pair order
 /// (pair = token * TopK + k), each expert padded to a multiple of <see cref="BlockSize"/> rows.
 /// Expert e owns rows <c>[ExpertOffsets[e], ExpertOffsets[e + 1])</c>; padding rows and rows past
 /// the total hold <see cref="ExpertDispatch.Padding"/>.
@@ -20,23 +20,23 @@ public sealed class ExpertLayout : IDisposable
 
     /// <summary>Views caller-owned memory; every view must be sized for the shape and on one backend.</summary>
     /// <exception cref="ArgumentException">A view is missing, mis-sized or on another backend.</exception>
-    public ExpertLayout(int numTokens, int topK, int firstSlot, int numLocalExperts, int blockSize,
+    public ExpertLayout(int tokens, int topK, int firstSlot, int slotsPerRank, int blockSize,
         DeviceSlice<int> expertCounts, DeviceSlice<int> expertOffsets, DeviceSlice<int> sortedPairIds,
         DeviceSlice<int> blockExperts, DeviceSlice<int> pairPositions)
     {
-        ArgumentOutOfRangeException.ThrowIfNegative(numTokens);
+        ArgumentOutOfRangeException.ThrowIfNegative(tokens);
         ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
         ArgumentOutOfRangeException.ThrowIfNegative(firstSlot);
-        ArgumentOutOfRangeException.ThrowIfLessThan(numLocalExperts, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(slotsPerRank, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(blockSize, 1);
-        var pairs = (long)numTokens * topK;
+        var pairs = (long)tokens * topK;
         var capacity = sortedPairIds.IsNull ? 0 : sortedPairIds.Length;
-        var needed = ExpertDispatch.AlignCapacity(pairs, numLocalExperts, blockSize);
+        var needed = ExpertDispatch.AlignCapacity(pairs, slotsPerRank, blockSize);
         if (capacity < needed)
-            throw new ArgumentException($"sortedPairIds has {capacity} elements; {pairs} pairs over {numLocalExperts} experts " +
+            throw new ArgumentException($"sortedPairIds has {capacity} elements; {pairs} pairs over {slotsPerRank} experts " +
                                         $"padded to {blockSize} need {needed}", nameof(sortedPairIds));
-        ExpertDispatch.ExpectLength(expertCounts, numLocalExperts, nameof(expertCounts));
-        ExpertDispatch.ExpectLength(expertOffsets, numLocalExperts + 1L, nameof(expertOffsets));
+        ExpertDispatch.ExpectLength(expertCounts, slotsPerRank, nameof(expertCounts));
+        ExpertDispatch.ExpectLength(expertOffsets, slotsPerRank + 1L, nameof(expertOffsets));
         ExpertDispatch.ExpectLength(blockExperts, capacity / blockSize, nameof(blockExperts));
         ExpertDispatch.ExpectLength(pairPositions, pairs, nameof(pairPositions));
         Backend = expertCounts.Backend;
@@ -44,10 +44,10 @@ public sealed class ExpertLayout : IDisposable
         ExpertDispatch.SameBackend(Backend, sortedPairIds, nameof(sortedPairIds));
         ExpertDispatch.SameBackend(Backend, blockExperts, nameof(blockExperts));
         ExpertDispatch.SameBackend(Backend, pairPositions, nameof(pairPositions));
-        NumTokens = numTokens;
+        Tokens = tokens;
         TopK = topK;
         FirstSlot = firstSlot;
-        NumLocalExperts = numLocalExperts;
+        SlotsPerRank = slotsPerRank;
         BlockSize = blockSize;
         Capacity = capacity;
         ExpertCounts = expertCounts;
@@ -58,34 +58,34 @@ public sealed class ExpertLayout : IDisposable
         _owned = [];
     }
 
-    private ExpertLayout(int numTokens, int topK, int firstSlot, int numLocalExperts, int blockSize, DeviceBuffer<int>[] owned)
-        : this(numTokens, topK, firstSlot, numLocalExperts, blockSize, owned[0], owned[1], owned[2], owned[3], owned[4]) =>
+    private ExpertLayout(int tokens, int topK, int firstSlot, int slotsPerRank, int blockSize, DeviceBuffer<int>[] owned)
+        : this(tokens, topK, firstSlot, slotsPerRank, blockSize, owned[0], owned[1], owned[2], owned[3], owned[4]) =>
         _owned = owned;
 
     /// <summary>A layout over five buffers (counts, offsets, sorted ids, block experts, positions) that it then owns.</summary>
-    internal static ExpertLayout Owning(int numTokens, int topK, int firstSlot, int numLocalExperts, int blockSize, DeviceBuffer<int>[] owned) =>
-        new(numTokens, topK, firstSlot, numLocalExperts, blockSize, owned);
+    internal static ExpertLayout Owning(int tokens, int topK, int firstSlot, int slotsPerRank, int blockSize, DeviceBuffer<int>[] owned) =>
+        new(tokens, topK, firstSlot, slotsPerRank, blockSize, owned);
 
     /// <summary>
-    /// Allocates the buffers of a layout for <paramref name="numTokens"/> x <paramref name="topK"/>
+    /// Allocates the buffers of a layout for <paramref name="tokens"/> x <paramref name="topK"/>
     /// pairs on <paramref name="backend"/>, with the worst-case capacity (<see cref="ExpertDispatch.AlignCapacity"/>).
     /// The layout owns them: dispose it.
     /// </summary>
-    public static ExpertLayout Allocate(Backend backend, int numTokens, int topK, int firstSlot, int numLocalExperts, int blockSize)
+    public static ExpertLayout Allocate(Backend backend, int tokens, int topK, int firstSlot, int slotsPerRank, int blockSize)
     {
-        ArgumentOutOfRangeException.ThrowIfNegative(numTokens);
+        ArgumentOutOfRangeException.ThrowIfNegative(tokens);
         ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
-        var pairs = (long)numTokens * topK;
-        var capacity = ExpertDispatch.AlignCapacity(pairs, numLocalExperts, blockSize);
+        var pairs = (long)tokens * topK;
+        var capacity = ExpertDispatch.AlignCapacity(pairs, slotsPerRank, blockSize);
         var owned = new DeviceBuffer<int>[5];
         try
         {
-            owned[0] = new DeviceBuffer<int>(backend, numLocalExperts);
-            owned[1] = new DeviceBuffer<int>(backend, numLocalExperts + 1L);
+            owned[0] = new DeviceBuffer<int>(backend, slotsPerRank);
+            owned[1] = new DeviceBuffer<int>(backend, slotsPerRank + 1L);
             owned[2] = new DeviceBuffer<int>(backend, capacity);
             owned[3] = new DeviceBuffer<int>(backend, capacity / blockSize);
             owned[4] = new DeviceBuffer<int>(backend, pairs);
-            return Owning(numTokens, topK, firstSlot, numLocalExperts, blockSize, owned);
+            return Owning(tokens, topK, firstSlot, slotsPerRank, blockSize, owned);
         }
         catch
         {
@@ -98,7 +98,7 @@ public sealed class ExpertLayout : IDisposable
     public Backend Backend { get; }
 
     /// <summary>T, the tokens the layout is sized for.</summary>
-    public int NumTokens { get; }
+    public int Tokens { get; }
 
     /// <summary>K, experts per token.</summary>
     public int TopK { get; }
@@ -107,7 +107,7 @@ public sealed class ExpertLayout : IDisposable
     public int FirstSlot { get; }
 
     /// <summary>E, the experts (slots) local to this rank.</summary>
-    public int NumLocalExperts { get; }
+    public int SlotsPerRank { get; }
 
     /// <summary>Rows per block; every expert's rows are padded to a multiple of it.</summary>
     public int BlockSize { get; }
@@ -122,7 +122,7 @@ public sealed class ExpertLayout : IDisposable
     public DeviceSlice<int> ExpertOffsets { get; }
 
     /// <summary>The total padded row count as a one-element view (what permute takes as its row count).</summary>
-    public DeviceSlice<int> NumRows => ExpertOffsets.Slice(NumLocalExperts, 1);
+    public DeviceSlice<int> NumRows => ExpertOffsets.Slice(SlotsPerRank, 1);
 
     /// <summary><c>[Capacity]</c> the pair of each row, <see cref="ExpertDispatch.Padding"/> on padding.</summary>
     public DeviceSlice<int> SortedPairIds { get; }

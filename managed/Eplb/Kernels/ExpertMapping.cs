@@ -54,12 +54,12 @@ public static unsafe class ExpertMapping
     /// Nothing is written when an argument is bad.
     /// </summary>
     public static void MapToPhysical(ReadOnlySpan<int> topkIds, int topK, ReadOnlySpan<int> log2Phy, ReadOnlySpan<int> logCnt,
-        int maxReplicas, int numPhysical, Span<int> physicalIds, Span<int> counters = default, bool record = false,
+        int maxReplicas, int slots, Span<int> physicalIds, Span<int> counters = default, bool record = false,
         int? numUnpadded = null, ReplicaSelection replicaSelection = ReplicaSelection.TokenHash, Backend backend = Backend.Cpu)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(maxReplicas, 1);
-        ArgumentOutOfRangeException.ThrowIfLessThan(numPhysical, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(slots, 1);
         if (logCnt.IsEmpty) throw new ArgumentException("logCnt must hold one count per logical expert", nameof(logCnt));
         if (topkIds.Length % topK != 0)
             throw new ArgumentException($"topkIds has {topkIds.Length} elements, not a multiple of topK = {topK}", nameof(topkIds));
@@ -67,12 +67,12 @@ public static unsafe class ExpertMapping
             throw new ArgumentException($"physicalIds has {physicalIds.Length} elements, topkIds {topkIds.Length}", nameof(physicalIds));
         if ((long)logCnt.Length * maxReplicas != log2Phy.Length)
             throw new ArgumentException($"log2Phy has {log2Phy.Length} elements; N = {logCnt.Length} and maxReplicas = {maxReplicas} need {(long)logCnt.Length * maxReplicas}", nameof(log2Phy));
-        if (record && counters.Length != numPhysical)
-            throw new ArgumentException($"counters has {counters.Length} elements; recording needs numPhysical = {numPhysical}", nameof(counters));
+        if (record && counters.Length != slots)
+            throw new ArgumentException($"counters has {counters.Length} elements; recording needs slots = {slots}", nameof(counters));
 
         if (backend == Backend.Cuda)
         {
-            MapOnDevice(topkIds, topK, log2Phy, logCnt, maxReplicas, numPhysical, physicalIds, counters, record, numUnpadded, replicaSelection);
+            MapOnDevice(topkIds, topK, log2Phy, logCnt, maxReplicas, slots, physicalIds, counters, record, numUnpadded, replicaSelection);
             return;
         }
         var flag = record ? 1 : 0;
@@ -88,7 +88,7 @@ public static unsafe class ExpertMapping
                 record_flag = record ? &flag : null,
                 num_logical = logCnt.Length,
                 max_replicas = maxReplicas,
-                num_physical = numPhysical,
+                num_physical = slots,
                 replica_selection = (int)replicaSelection,
             };
             EplbException.ThrowIfFailed(NativeMethods.eplb_map_logical_to_physical(stream, ids, topkIds.Length / topK, topK, &map,
@@ -97,20 +97,20 @@ public static unsafe class ExpertMapping
     }
 
     private static void MapOnDevice(ReadOnlySpan<int> topkIds, int topK, ReadOnlySpan<int> log2Phy, ReadOnlySpan<int> logCnt,
-        int maxReplicas, int numPhysical, Span<int> physicalIds, Span<int> counters, bool record, int? numUnpadded,
+        int maxReplicas, int slots, Span<int> physicalIds, Span<int> counters, bool record, int? numUnpadded,
         ReplicaSelection replicaSelection)
     {
         using var stream = new ComputeStream(Backend.Cuda);
         using var ids = new DeviceBuffer<int>(Backend.Cuda, topkIds);
         using var table = new DeviceBuffer<int>(Backend.Cuda, log2Phy);
         using var counts = new DeviceBuffer<int>(Backend.Cuda, logCnt);
-        using var load = new DeviceBuffer<int>(Backend.Cuda, numPhysical);
+        using var load = new DeviceBuffer<int>(Backend.Cuda, slots);
         if (record) load.CopyFrom(counters);
         else load.Fill(0);
         using var flag = new DeviceBuffer<int>(Backend.Cuda, [record ? 1 : 0]);
         using var unpadded = new DeviceBuffer<int>(Backend.Cuda, [numUnpadded ?? 0]);
         using var output = new DeviceBuffer<int>(Backend.Cuda, topkIds.Length);
-        var layer = new EplbLayerState(table, counts, load, flag, logCnt.Length, maxReplicas, numPhysical, replicaSelection);
+        var layer = new EplbLayerState(table, counts, load, flag, logCnt.Length, maxReplicas, slots, replicaSelection);
         MapToPhysical(stream, ids, topK, layer, output, numUnpadded.HasValue ? unpadded.AsSlice() : default);
         stream.CheckDeviceErrors();
         output.CopyTo(physicalIds, 0, stream);

@@ -10,16 +10,16 @@ namespace Eplb.Kernels;
 /// <param name="Hidden">H, the model's hidden size; a positive multiple of 64.</param>
 /// <param name="Intermediate">I, one expert's intermediate size; a positive multiple of 64.</param>
 /// <param name="TopK">K, experts per token, in [1, 64].</param>
-/// <param name="NumExperts">R, physical expert slots over all ranks.</param>
-/// <param name="NumLocalExperts">Slots this rank holds, in [1, 1024].</param>
-/// <param name="FirstLocalExpert">The first of them: this rank computes slots [first, first + count).</param>
+/// <param name="Slots">R, physical expert slots over all ranks.</param>
+/// <param name="SlotsPerRank">R/G, the slots this rank holds, in [1, 1024].</param>
+/// <param name="FirstSlot">The first of them: this rank computes slots [FirstSlot, FirstSlot + SlotsPerRank).</param>
 /// <param name="SwigluLimit">
 /// When positive, the SwiGLU clamps <c>gate = min(gate, L)</c> and <c>up = clamp(up, -L, L)</c> first
 /// (DeepSeek-V4-Flash uses 10); 0 disables the clamp.
 /// </param>
 /// <param name="BlockM">Tile height in (token, expert) rows: 0 picks 32 for decode-sized batches and 128 for prefill; 32 or 128 forces one.</param>
-public readonly record struct MoeLayerShape(int Hidden, int Intermediate, int TopK, int NumExperts, int NumLocalExperts,
-    int FirstLocalExpert, float SwigluLimit = 0f, int BlockM = 0)
+public readonly record struct MoeLayerShape(int Hidden, int Intermediate, int TopK, int Slots, int SlotsPerRank,
+    int FirstSlot, float SwigluLimit = 0f, int BlockM = 0)
 {
     /// <summary>A DeepSeek-V4-Flash MoE layer (hidden 4096, intermediate 2048, 256 experts, top-6, SwiGLU limit 10) on rank <paramref name="rank"/> of <paramref name="ranks"/>.</summary>
     public static MoeLayerShape DeepSeekV4Flash(int ranks = 1, int rank = 0) => ForRank(4096, 2048, 6, 256, ranks, rank, 10f);
@@ -27,33 +27,33 @@ public readonly record struct MoeLayerShape(int Hidden, int Intermediate, int To
     /// <summary>A DeepSeek-V3-shaped MoE layer (hidden 7168, intermediate 2048, 256 experts, top-8, no clamp) on rank <paramref name="rank"/> of <paramref name="ranks"/>.</summary>
     public static MoeLayerShape DeepSeekV3(int ranks = 1, int rank = 0) => ForRank(7168, 2048, 8, 256, ranks, rank, 0f);
 
-    /// <summary>The slots of rank <paramref name="rank"/> when <paramref name="numExperts"/> slots are split evenly over <paramref name="ranks"/> ranks.</summary>
+    /// <summary>The slots of rank <paramref name="rank"/> when <paramref name="slots"/> slots are split evenly over <paramref name="ranks"/> ranks.</summary>
     /// <exception cref="ArgumentException">The slots do not split evenly or the rank is out of range.</exception>
-    public static MoeLayerShape ForRank(int hidden, int intermediate, int topK, int numExperts, int ranks, int rank, float swigluLimit = 0f)
+    public static MoeLayerShape ForRank(int hidden, int intermediate, int topK, int slots, int ranks, int rank, float swigluLimit = 0f)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(ranks, 1);
         ArgumentOutOfRangeException.ThrowIfNegative(rank);
         ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(rank, ranks);
-        if (numExperts % ranks != 0)
-            throw new ArgumentException($"{numExperts} expert slots do not split evenly over {ranks} ranks", nameof(ranks));
-        var perRank = numExperts / ranks;
-        return new MoeLayerShape(hidden, intermediate, topK, numExperts, perRank, rank * perRank, swigluLimit);
+        if (slots % ranks != 0)
+            throw new ArgumentException($"{slots} expert slots do not split evenly over {ranks} ranks", nameof(ranks));
+        var perRank = slots / ranks;
+        return new MoeLayerShape(hidden, intermediate, topK, slots, perRank, rank * perRank, swigluLimit);
     }
 
     /// <summary>Elements of the gate-and-up weights <c>[E_local][2I][H]</c>.</summary>
-    public long W1Length => (long)NumLocalExperts * 2 * Intermediate * Hidden;
+    public long W1Length => (long)SlotsPerRank * 2 * Intermediate * Hidden;
 
     /// <summary>Elements of the down weights <c>[E_local][H][I]</c>.</summary>
-    public long W2Length => (long)NumLocalExperts * Hidden * Intermediate;
+    public long W2Length => (long)SlotsPerRank * Hidden * Intermediate;
 
     internal eplb_moe_shape_t ToNative() => new()
     {
         hidden = Hidden,
         intermediate = Intermediate,
         top_k = TopK,
-        num_experts = NumExperts,
-        num_local_experts = NumLocalExperts,
-        first_local_expert = FirstLocalExpert,
+        num_experts = Slots,
+        num_local_experts = SlotsPerRank,
+        first_local_expert = FirstSlot,
         swiglu_limit = SwigluLimit,
         block_m = BlockM,
     };
@@ -323,9 +323,9 @@ public static unsafe class MegaMoe
         if (output != tokens * shape.Hidden)
             throw new ArgumentException($"output has {output} elements; {tokens} tokens x Hidden = {shape.Hidden} need {tokens * shape.Hidden}", "output");
         if (w1 != shape.W1Length)
-            throw new ArgumentException($"w1 has {w1} elements; [E_local = {shape.NumLocalExperts}][2 x {shape.Intermediate}][{shape.Hidden}] needs {shape.W1Length}", "w1");
+            throw new ArgumentException($"w1 has {w1} elements; [E_local = {shape.SlotsPerRank}][2 x {shape.Intermediate}][{shape.Hidden}] needs {shape.W1Length}", "w1");
         if (w2 != shape.W2Length)
-            throw new ArgumentException($"w2 has {w2} elements; [E_local = {shape.NumLocalExperts}][{shape.Hidden}][{shape.Intermediate}] needs {shape.W2Length}", "w2");
+            throw new ArgumentException($"w2 has {w2} elements; [E_local = {shape.SlotsPerRank}][{shape.Hidden}][{shape.Intermediate}] needs {shape.W2Length}", "w2");
         return tokens;
     }
 

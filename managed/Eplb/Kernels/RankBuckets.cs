@@ -5,7 +5,7 @@ namespace Eplb.Kernels;
 /// <summary>
 /// The EP all-to-all metadata that <see cref="ExpertDispatch.BucketByRank(ComputeStream, DeviceSlice{int}, RankBuckets)"/>
 /// fills (SPEC 6, <c>eplb_dispatch_bucket_by_rank</c>): the routed (token, k) pairs grouped by
-/// destination rank (slot s lives on rank <c>s / (NumPhysical / NumRanks)</c>), ascending pair order
+/// destination rank (slot s lives on rank <c>s / (Slots / Ranks)</c>), ascending pair order
 /// inside a rank, one send row per pair; and the send row of every pair, to bring the results back
 /// in token order with <see cref="ExpertDispatch.Combine{TIn, TOut}(ComputeStream, DeviceSlice{TIn}, int, RankBuckets, DeviceSlice{float}, DeviceSlice{TOut})"/>.
 /// </summary>
@@ -18,28 +18,28 @@ public sealed class RankBuckets : IDisposable
 
     /// <summary>Views caller-owned memory; every view must be sized for the shape and on one backend.</summary>
     /// <exception cref="ArgumentException">A view is missing, mis-sized or on another backend, or R is not a multiple of G.</exception>
-    public RankBuckets(int numTokens, int topK, int numPhysical, int numRanks, DeviceSlice<int> rankCounts,
+    public RankBuckets(int tokens, int topK, int slots, int ranks, DeviceSlice<int> rankCounts,
         DeviceSlice<int> rankOffsets, DeviceSlice<int> sendPairIds, DeviceSlice<int> pairPositions)
     {
-        ArgumentOutOfRangeException.ThrowIfNegative(numTokens);
+        ArgumentOutOfRangeException.ThrowIfNegative(tokens);
         ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
-        ArgumentOutOfRangeException.ThrowIfLessThan(numRanks, 1);
-        ArgumentOutOfRangeException.ThrowIfLessThan(numPhysical, numRanks);
-        if (numPhysical % numRanks != 0)
-            throw new ArgumentException($"numPhysical ({numPhysical}) must be a multiple of numRanks ({numRanks})", nameof(numPhysical));
-        var pairs = (long)numTokens * topK;
-        ExpertDispatch.ExpectLength(rankCounts, numRanks, nameof(rankCounts));
-        ExpertDispatch.ExpectLength(rankOffsets, numRanks + 1L, nameof(rankOffsets));
+        ArgumentOutOfRangeException.ThrowIfLessThan(ranks, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(slots, ranks);
+        if (slots % ranks != 0)
+            throw new ArgumentException($"slots ({slots}) must be a multiple of ranks ({ranks})", nameof(slots));
+        var pairs = (long)tokens * topK;
+        ExpertDispatch.ExpectLength(rankCounts, ranks, nameof(rankCounts));
+        ExpertDispatch.ExpectLength(rankOffsets, ranks + 1L, nameof(rankOffsets));
         ExpertDispatch.ExpectLength(sendPairIds, pairs, nameof(sendPairIds));
         ExpertDispatch.ExpectLength(pairPositions, pairs, nameof(pairPositions));
         Backend = rankCounts.Backend;
         ExpertDispatch.SameBackend(Backend, rankOffsets, nameof(rankOffsets));
         ExpertDispatch.SameBackend(Backend, sendPairIds, nameof(sendPairIds));
         ExpertDispatch.SameBackend(Backend, pairPositions, nameof(pairPositions));
-        NumTokens = numTokens;
+        Tokens = tokens;
         TopK = topK;
-        NumPhysical = numPhysical;
-        NumRanks = numRanks;
+        Slots = slots;
+        Ranks = ranks;
         RankCounts = rankCounts;
         RankOffsets = rankOffsets;
         SendPairIds = sendPairIds;
@@ -47,24 +47,24 @@ public sealed class RankBuckets : IDisposable
         _owned = [];
     }
 
-    private RankBuckets(int numTokens, int topK, int numPhysical, int numRanks, DeviceBuffer<int>[] owned)
-        : this(numTokens, topK, numPhysical, numRanks, owned[0], owned[1], owned[2], owned[3]) => _owned = owned;
+    private RankBuckets(int tokens, int topK, int slots, int ranks, DeviceBuffer<int>[] owned)
+        : this(tokens, topK, slots, ranks, owned[0], owned[1], owned[2], owned[3]) => _owned = owned;
 
-    /// <summary>Allocates the buffers for <paramref name="numTokens"/> x <paramref name="topK"/> pairs; dispose the result.</summary>
-    public static RankBuckets Allocate(Backend backend, int numTokens, int topK, int numPhysical, int numRanks)
+    /// <summary>Allocates the buffers for <paramref name="tokens"/> x <paramref name="topK"/> pairs; dispose the result.</summary>
+    public static RankBuckets Allocate(Backend backend, int tokens, int topK, int slots, int ranks)
     {
-        ArgumentOutOfRangeException.ThrowIfNegative(numTokens);
+        ArgumentOutOfRangeException.ThrowIfNegative(tokens);
         ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
-        ArgumentOutOfRangeException.ThrowIfLessThan(numRanks, 1);
-        var pairs = (long)numTokens * topK;
+        ArgumentOutOfRangeException.ThrowIfLessThan(ranks, 1);
+        var pairs = (long)tokens * topK;
         var owned = new DeviceBuffer<int>[4];
         try
         {
-            owned[0] = new DeviceBuffer<int>(backend, numRanks);
-            owned[1] = new DeviceBuffer<int>(backend, numRanks + 1L);
+            owned[0] = new DeviceBuffer<int>(backend, ranks);
+            owned[1] = new DeviceBuffer<int>(backend, ranks + 1L);
             owned[2] = new DeviceBuffer<int>(backend, pairs);
             owned[3] = new DeviceBuffer<int>(backend, pairs);
-            return new RankBuckets(numTokens, topK, numPhysical, numRanks, owned);
+            return new RankBuckets(tokens, topK, slots, ranks, owned);
         }
         catch
         {
@@ -77,16 +77,16 @@ public sealed class RankBuckets : IDisposable
     public Backend Backend { get; }
 
     /// <summary>T, the tokens the buckets are sized for.</summary>
-    public int NumTokens { get; }
+    public int Tokens { get; }
 
     /// <summary>K, experts per token.</summary>
     public int TopK { get; }
 
     /// <summary>R, the physical slots of the layer.</summary>
-    public int NumPhysical { get; }
+    public int Slots { get; }
 
     /// <summary>G, the EP ranks; rank g owns slots <c>[g*R/G, (g+1)*R/G)</c>.</summary>
-    public int NumRanks { get; }
+    public int Ranks { get; }
 
     /// <summary><c>[G]</c> pairs sent to each rank.</summary>
     public DeviceSlice<int> RankCounts { get; }
@@ -95,7 +95,7 @@ public sealed class RankBuckets : IDisposable
     public DeviceSlice<int> RankOffsets { get; }
 
     /// <summary>The routed pair count as a one-element view (the row count permute takes).</summary>
-    public DeviceSlice<int> NumRows => RankOffsets.Slice(NumRanks, 1);
+    public DeviceSlice<int> NumRows => RankOffsets.Slice(Ranks, 1);
 
     /// <summary><c>[T * K]</c> the pair of each send row, <see cref="ExpertDispatch.Padding"/> past the routed pairs.</summary>
     public DeviceSlice<int> SendPairIds { get; }

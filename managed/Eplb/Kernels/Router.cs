@@ -25,7 +25,7 @@ public enum RoutingScore
 public sealed record RouterOptions
 {
     /// <summary>N, the layer's logical (routed) experts: 1 to 1024.</summary>
-    public required int NumExperts { get; init; }
+    public required int LogicalExperts { get; init; }
 
     /// <summary>K, experts per token: 1 to min(N, 32).</summary>
     public required int TopK { get; init; }
@@ -34,13 +34,13 @@ public sealed record RouterOptions
     public RoutingScore Score { get; init; } = RoutingScore.SqrtSoftplus;
 
     /// <summary>
-    /// Group-limited selection (DeepSeek-V3): N / NumGroups consecutive experts form a group, scored
+    /// Group-limited selection (DeepSeek-V3): N / Groups consecutive experts form a group, scored
     /// by the sum of its two largest <c>s + bias</c>; only the <see cref="TopKGroups"/> best groups
     /// are routed to. 1 (the default) turns it off. Sigmoid and sqrtsoftplus scored top-k only.
     /// </summary>
-    public int NumGroups { get; init; } = 1;
+    public int Groups { get; init; } = 1;
 
-    /// <summary>Groups kept by group-limited selection: 1 to <see cref="NumGroups"/>.</summary>
+    /// <summary>Groups kept by group-limited selection: 1 to <see cref="Groups"/>.</summary>
     public int TopKGroups { get; init; } = 1;
 
     /// <summary>Divide the top-k weights by their sum (+1e-20). Default true, as DeepSeek.</summary>
@@ -61,10 +61,10 @@ public sealed record RouterOptions
     /// </summary>
     public static RouterOptions DeepSeekV3 => new()
     {
-        NumExperts = 256,
+        LogicalExperts = 256,
         TopK = 8,
         Score = RoutingScore.Sigmoid,
-        NumGroups = 8,
+        Groups = 8,
         TopKGroups = 4,
         RoutedScalingFactor = 2.5f,
     };
@@ -73,21 +73,21 @@ public sealed record RouterOptions
     public void Validate()
     {
         var problems = new List<string>();
-        if (NumExperts is < 1 or > NativeConstants.EPLB_ROUTING_MAX_EXPERTS)
-            problems.Add($"NumExperts must be in [1, {NativeConstants.EPLB_ROUTING_MAX_EXPERTS}] (got {NumExperts})");
-        var maxTopK = Math.Min(Math.Max(NumExperts, 1), NativeConstants.EPLB_ROUTING_MAX_TOP_K);
-        if (TopK < 1 || TopK > maxTopK) problems.Add($"TopK must be in [1, min(NumExperts, 32) = {maxTopK}] (got {TopK})");
+        if (LogicalExperts is < 1 or > NativeConstants.EPLB_ROUTING_MAX_EXPERTS)
+            problems.Add($"LogicalExperts must be in [1, {NativeConstants.EPLB_ROUTING_MAX_EXPERTS}] (got {LogicalExperts})");
+        var maxTopK = Math.Min(Math.Max(LogicalExperts, 1), NativeConstants.EPLB_ROUTING_MAX_TOP_K);
+        if (TopK < 1 || TopK > maxTopK) problems.Add($"TopK must be in [1, min(LogicalExperts, 32) = {maxTopK}] (got {TopK})");
         if (!Enum.IsDefined(Score)) problems.Add($"Score {(int)Score} is not a RoutingScore");
-        if (NumGroups is < 1 or > NativeConstants.EPLB_ROUTING_MAX_GROUPS)
-            problems.Add($"NumGroups must be in [1, {NativeConstants.EPLB_ROUTING_MAX_GROUPS}] (got {NumGroups})");
-        else if (NumExperts > 0 && NumExperts % NumGroups != 0)
-            problems.Add($"NumGroups = {NumGroups} does not divide NumExperts = {NumExperts}");
-        else if (NumGroups > 1 && Score == RoutingScore.Softmax)
-            problems.Add($"NumGroups = {NumGroups}: group-limited selection needs a Sigmoid or SqrtSoftplus score, not Softmax");
-        if (TopKGroups < 1 || TopKGroups > Math.Max(NumGroups, 1))
-            problems.Add($"TopKGroups must be in [1, NumGroups = {NumGroups}] (got {TopKGroups})");
-        else if (NumGroups >= 1 && NumExperts > 0 && NumExperts % NumGroups == 0 && TopK > TopKGroups * (NumExperts / NumGroups))
-            problems.Add($"TopK = {TopK} exceeds the {TopKGroups * (NumExperts / NumGroups)} experts of the {TopKGroups} kept groups");
+        if (Groups is < 1 or > NativeConstants.EPLB_ROUTING_MAX_GROUPS)
+            problems.Add($"Groups must be in [1, {NativeConstants.EPLB_ROUTING_MAX_GROUPS}] (got {Groups})");
+        else if (LogicalExperts > 0 && LogicalExperts % Groups != 0)
+            problems.Add($"Groups = {Groups} does not divide LogicalExperts = {LogicalExperts}");
+        else if (Groups > 1 && Score == RoutingScore.Softmax)
+            problems.Add($"Groups = {Groups}: group-limited selection needs a Sigmoid or SqrtSoftplus score, not Softmax");
+        if (TopKGroups < 1 || TopKGroups > Math.Max(Groups, 1))
+            problems.Add($"TopKGroups must be in [1, Groups = {Groups}] (got {TopKGroups})");
+        else if (Groups >= 1 && LogicalExperts > 0 && LogicalExperts % Groups == 0 && TopK > TopKGroups * (LogicalExperts / Groups))
+            problems.Add($"TopK = {TopK} exceeds the {TopKGroups * (LogicalExperts / Groups)} experts of the {TopKGroups} kept groups");
         if (ScaleInWeights && !(float.IsFinite(RoutedScalingFactor) && RoutedScalingFactor > 0))
             problems.Add($"RoutedScalingFactor must be finite and > 0 when ScaleInWeights (got {RoutedScalingFactor})");
         if (problems.Count > 0)
@@ -96,10 +96,10 @@ public sealed record RouterOptions
 
     internal eplb_router_config_t ToNative() => new()
     {
-        num_experts = NumExperts,
+        num_experts = LogicalExperts,
         top_k = TopK,
         score = (int)Score,
-        num_groups = NumGroups,
+        num_groups = Groups,
         topk_groups = TopKGroups,
         renormalize = Renormalize ? 1 : 0,
         scale_in_weights = ScaleInWeights ? 1 : 0,
@@ -111,8 +111,8 @@ public sealed record RouterOptions
 /// The router of one MoE layer (SPEC 4): scored top-k (<see cref="Route(ComputeStream, DeviceSlice{float}, DeviceSlice{int}, DeviceSlice{float}, DeviceSlice{float}, DeviceSlice{int})"/>)
 /// or DeepSeek-V4 hash routing (<see cref="RouteByHash(ComputeStream, DeviceSlice{float}, DeviceSlice{long}, DeviceSlice{int}, DeviceSlice{int}, DeviceSlice{float}, DeviceSlice{int})"/>),
 /// each one kernel with the EPLB epilogue fused: logical ids become physical slots through
-/// <see cref="EplbState"/> (TokenHash replica choice), padding rows become -1, and the layer's
-/// counters record the load when its record flag is set. With <see cref="EplbState"/> null, EPLB is
+/// <see cref="LayerState"/> (TokenHash replica choice), padding rows become -1, and the layer's
+/// counters record the load when its record flag is set. With <see cref="LayerState"/> null, EPLB is
 /// off: the outputs are the logical ids and nothing is recorded.
 /// </summary>
 /// <remarks>
@@ -122,24 +122,24 @@ public sealed record RouterOptions
 /// </remarks>
 public sealed unsafe class Router
 {
-    /// <summary>Creates a router; <paramref name="eplbState"/> null means EPLB off.</summary>
+    /// <summary>Creates a router; <paramref name="layerState"/> null means EPLB off.</summary>
     /// <exception cref="ArgumentException">The options are invalid, or the EPLB state has another number of experts.</exception>
-    public Router(RouterOptions options, EplbLayerState? eplbState = null)
+    public Router(RouterOptions options, EplbLayerState? layerState = null)
     {
         ArgumentNullException.ThrowIfNull(options);
         options.Validate();
-        if (eplbState is not null && eplbState.NumLogical != options.NumExperts)
+        if (layerState is not null && layerState.LogicalExperts != options.LogicalExperts)
             throw new ArgumentException(
-                $"the EPLB state has {eplbState.NumLogical} logical experts, the router {options.NumExperts}", nameof(eplbState));
+                $"the EPLB state has {layerState.LogicalExperts} logical experts, the router {options.LogicalExperts}", nameof(layerState));
         Options = options;
-        EplbState = eplbState;
+        LayerState = layerState;
     }
 
     /// <summary>What the router computes.</summary>
     public RouterOptions Options { get; }
 
     /// <summary>The layer's EPLB tables and counters, or null when EPLB is off.</summary>
-    public EplbLayerState? EplbState { get; }
+    public EplbLayerState? LayerState { get; }
 
     /// <summary>
     /// On CUDA, wait for the kernel after each launch and throw when it flagged bad input
@@ -173,7 +173,7 @@ public sealed unsafe class Router
         var config = Options.ToNative();
         using var streamLease = stream.Lease(out var streamPointer);
         eplb_expert_map_t map = default;
-        using var mapLeases = EplbState is null ? default : EplbState.Acquire(out map);
+        using var mapLeases = LayerState is null ? default : LayerState.Acquire(out map);
         using var logitsLease = logits.Lease(out var logitsPointer);
         using var idsLease = topkIds.Lease(out var idsPointer);
         using var weightsLease = topkWeights.Lease(out var weightsPointer);
@@ -182,7 +182,7 @@ public sealed unsafe class Router
         int* unpaddedPointer = null;
         using var unpaddedLease = numUnpadded.IsNull ? default : numUnpadded.Lease(out unpaddedPointer);
         EplbException.ThrowIfFailed(NativeMethods.eplb_route_topk(streamPointer, &config, logitsPointer, biasPointer, tokens,
-            EplbState is null ? null : &map, unpaddedPointer, idsPointer, weightsPointer));
+            LayerState is null ? null : &map, unpaddedPointer, idsPointer, weightsPointer));
         AfterLaunch(stream);
     }
 
@@ -214,7 +214,7 @@ public sealed unsafe class Router
         var config = Options.ToNative();
         using var streamLease = stream.Lease(out var streamPointer);
         eplb_expert_map_t map = default;
-        using var mapLeases = EplbState is null ? default : EplbState.Acquire(out map);
+        using var mapLeases = LayerState is null ? default : LayerState.Acquire(out map);
         using var logitsLease = logits.Lease(out var logitsPointer);
         using var tokensLease = tokenIds.Lease(out var tokensPointer);
         using var tableLease = tid2eid.Lease(out var tablePointer);
@@ -223,7 +223,7 @@ public sealed unsafe class Router
         int* unpaddedPointer = null;
         using var unpaddedLease = numUnpadded.IsNull ? default : numUnpadded.Lease(out unpaddedPointer);
         EplbException.ThrowIfFailed(NativeMethods.eplb_route_hash(streamPointer, &config, logitsPointer, tokensPointer, tablePointer,
-            vocab, tokens, EplbState is null ? null : &map, unpaddedPointer, idsPointer, weightsPointer));
+            vocab, tokens, LayerState is null ? null : &map, unpaddedPointer, idsPointer, weightsPointer));
         AfterLaunch(stream);
     }
 
@@ -241,12 +241,12 @@ public sealed unsafe class Router
         var unpadded = numUnpadded ?? 0;
         using var streamLease = ComputeStream.Cpu.Lease(out var streamPointer);
         eplb_expert_map_t map = default;
-        using var mapLeases = EplbState is null ? default : EplbState.Acquire(out map);
+        using var mapLeases = LayerState is null ? default : LayerState.Acquire(out map);
         fixed (float* logitsPointer = logits, biasPointer = bias, weightsPointer = topkWeights)
         fixed (int* idsPointer = topkIds)
         {
             EplbException.ThrowIfFailed(NativeMethods.eplb_route_topk(streamPointer, &config, logitsPointer,
-                bias.IsEmpty ? null : biasPointer, tokens, EplbState is null ? null : &map, numUnpadded.HasValue ? &unpadded : null,
+                bias.IsEmpty ? null : biasPointer, tokens, LayerState is null ? null : &map, numUnpadded.HasValue ? &unpadded : null,
                 idsPointer, weightsPointer));
         }
     }
@@ -266,21 +266,21 @@ public sealed unsafe class Router
         var unpadded = numUnpadded ?? 0;
         using var streamLease = ComputeStream.Cpu.Lease(out var streamPointer);
         eplb_expert_map_t map = default;
-        using var mapLeases = EplbState is null ? default : EplbState.Acquire(out map);
+        using var mapLeases = LayerState is null ? default : LayerState.Acquire(out map);
         fixed (float* logitsPointer = logits, weightsPointer = topkWeights)
         fixed (long* tokensPointer = tokenIds)
         fixed (int* tablePointer = tid2eid, idsPointer = topkIds)
         {
             EplbException.ThrowIfFailed(NativeMethods.eplb_route_hash(streamPointer, &config, logitsPointer, tokensPointer, tablePointer,
-                vocab, tokens, EplbState is null ? null : &map, numUnpadded.HasValue ? &unpadded : null, idsPointer, weightsPointer));
+                vocab, tokens, LayerState is null ? null : &map, numUnpadded.HasValue ? &unpadded : null, idsPointer, weightsPointer));
         }
     }
 
     /// <inheritdoc/>
     public override string ToString() =>
-        new StringBuilder($"Router(N={Options.NumExperts}, K={Options.TopK}, {Options.Score}")
-            .Append(Options.NumGroups > 1 ? $", groups {Options.TopKGroups}/{Options.NumGroups}" : "")
-            .Append(EplbState is null ? ", EPLB off)" : $", EPLB R={EplbState.NumPhysical})")
+        new StringBuilder($"Router(N={Options.LogicalExperts}, K={Options.TopK}, {Options.Score}")
+            .Append(Options.Groups > 1 ? $", groups {Options.TopKGroups}/{Options.Groups}" : "")
+            .Append(LayerState is null ? ", EPLB off)" : $", EPLB R={LayerState.Slots})")
             .ToString();
 
     private long CheckCommon(ComputeStream stream, DeviceSlice<float> logits, DeviceSlice<int> topkIds, DeviceSlice<float> topkWeights,
@@ -296,24 +296,24 @@ public sealed unsafe class Router
         SameBackend(stream, topkIds.Backend, nameof(topkIds));
         SameBackend(stream, topkWeights.Backend, nameof(topkWeights));
         if (!numUnpadded.IsNull) SameBackend(stream, numUnpadded.Backend, nameof(numUnpadded));
-        if (EplbState is not null) SameBackend(stream, EplbState.Backend, "eplbState");
+        if (LayerState is not null) SameBackend(stream, LayerState.Backend, "layerState");
         return tokens;
     }
 
     private long CheckHostSpans(long logits, long topkIds, long topkWeights)
     {
-        if (EplbState is not null && EplbState.Backend != Backend.Cpu)
+        if (LayerState is not null && LayerState.Backend != Backend.Cpu)
             throw new InvalidOperationException(
-                $"the host-span forms run on the CPU backend, but the EPLB state lives on {EplbState.Backend}; use the DeviceSlice overloads");
+                $"the host-span forms run on the CPU backend, but the EPLB state lives on {LayerState.Backend}; use the DeviceSlice overloads");
         return CheckHostCommon(logits, topkIds, topkWeights);
     }
 
     private long CheckHostCommon(long logits, long topkIds, long topkWeights)
     {
-        var n = Options.NumExperts;
+        var n = Options.LogicalExperts;
         var k = Options.TopK;
         if (logits % n != 0)
-            throw new ArgumentException($"logits has {logits} elements, not a multiple of NumExperts = {n}", nameof(logits));
+            throw new ArgumentException($"logits has {logits} elements, not a multiple of LogicalExperts = {n}", nameof(logits));
         var tokens = logits / n;
         if (topkIds != tokens * k)
             throw new ArgumentException($"topkIds has {topkIds} elements; {tokens} tokens x TopK = {k} need {tokens * k}", nameof(topkIds));
@@ -327,16 +327,16 @@ public sealed unsafe class Router
     {
         if (Options.Score == RoutingScore.Softmax)
             throw new ArgumentException("softmax routing selects by logit and takes no bias", "bias");
-        if (length != Options.NumExperts)
-            throw new ArgumentException($"bias has {length} elements; the router has NumExperts = {Options.NumExperts}", "bias");
+        if (length != Options.LogicalExperts)
+            throw new ArgumentException($"bias has {length} elements; the router has LogicalExperts = {Options.LogicalExperts}", "bias");
     }
 
     private void CheckHashOptions()
     {
         if (Options.Score == RoutingScore.Softmax)
             throw new InvalidOperationException("hash routing weighs its experts with Sigmoid or SqrtSoftplus, not Softmax");
-        if (Options.NumGroups != 1)
-            throw new InvalidOperationException($"hash routing takes no groups (NumGroups = {Options.NumGroups})");
+        if (Options.Groups != 1)
+            throw new InvalidOperationException($"hash routing takes no groups (Groups = {Options.Groups})");
     }
 
     private long CheckHashTables(long tokens, long tokenIds, long tid2eid)

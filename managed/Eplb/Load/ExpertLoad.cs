@@ -14,24 +14,24 @@ public sealed class ExpertLoad
     private readonly double[] _values;
     private readonly int[] _layerIds;
 
-    /// <summary>Creates a load from row-major values <c>[layers * experts]</c>.</summary>
+    /// <summary>Creates a load from row-major values <c>[layers * logicalExperts]</c>.</summary>
     /// <exception cref="ArgumentException">A value is negative, NaN or infinite, or the sizes disagree.</exception>
-    public ExpertLoad(int layers, int experts, ReadOnlySpan<double> values, IReadOnlyList<int>? layerIds = null)
+    public ExpertLoad(int layers, int logicalExperts, ReadOnlySpan<double> values, IReadOnlyList<int>? layerIds = null)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(layers);
-        ArgumentOutOfRangeException.ThrowIfLessThan(experts, 1);
-        if (values.Length != (long)layers * experts)
-            throw new ArgumentException($"expected {layers} x {experts} = {(long)layers * experts} values, got {values.Length}", nameof(values));
+        ArgumentOutOfRangeException.ThrowIfLessThan(logicalExperts, 1);
+        if (values.Length != (long)layers * logicalExperts)
+            throw new ArgumentException($"expected {layers} x {logicalExperts} = {(long)layers * logicalExperts} values, got {values.Length}", nameof(values));
         for (var i = 0; i < values.Length; i++)
         {
             var v = values[i];
             if (!double.IsFinite(v) || v < 0)
-                throw new ArgumentException($"load[{i / experts}][{i % experts}] = {v.ToString(CultureInfo.InvariantCulture)}: loads must be finite and >= 0", nameof(values));
+                throw new ArgumentException($"load[{i / logicalExperts}][{i % logicalExperts}] = {v.ToString(CultureInfo.InvariantCulture)}: loads must be finite and >= 0", nameof(values));
         }
         if (layerIds != null && layerIds.Count != layers)
             throw new ArgumentException($"layerIds has {layerIds.Count} entries for {layers} layers", nameof(layerIds));
         Layers = layers;
-        Experts = experts;
+        LogicalExperts = logicalExperts;
         _values = values.ToArray();
         _layerIds = layerIds?.ToArray() ?? Enumerable.Range(0, layers).ToArray();
     }
@@ -56,20 +56,20 @@ public sealed class ExpertLoad
     public int Layers { get; }
 
     /// <summary>N, logical experts per layer.</summary>
-    public int Experts { get; }
+    public int LogicalExperts { get; }
 
     /// <summary>The id each layer had in the source (for example 3..60 after dropping dense layers).</summary>
     public IReadOnlyList<int> LayerIds => _layerIds;
 
     /// <summary>The load of one expert.</summary>
-    public double this[int layer, int expert] => _values[layer * Experts + expert];
+    public double this[int layer, int expert] => _values[layer * LogicalExperts + expert];
 
     /// <summary>One layer's loads <c>[N]</c>.</summary>
     public ReadOnlySpan<double> Layer(int layer)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(layer);
         ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(layer, Layers);
-        return _values.AsSpan(layer * Experts, Experts);
+        return _values.AsSpan(layer * LogicalExperts, LogicalExperts);
     }
 
     /// <summary>All values, row-major <c>[L][N]</c>.</summary>
@@ -99,9 +99,9 @@ public sealed class ExpertLoad
     /// <summary>The given layers (indices into this load), in the given order, keeping their source ids.</summary>
     public ExpertLoad Select(IReadOnlyList<int> layers)
     {
-        var values = new double[layers.Count * Experts];
-        for (var i = 0; i < layers.Count; i++) Layer(layers[i]).CopyTo(values.AsSpan(i * Experts, Experts));
-        return new ExpertLoad(layers.Count, Experts, values, layers.Select(l => _layerIds[l]).ToArray());
+        var values = new double[layers.Count * LogicalExperts];
+        for (var i = 0; i < layers.Count; i++) Layer(layers[i]).CopyTo(values.AsSpan(i * LogicalExperts, LogicalExperts));
+        return new ExpertLoad(layers.Count, LogicalExperts, values, layers.Select(l => _layerIds[l]).ToArray());
     }
 
     /// <summary>Reads a load file (see <see cref="Parse"/>).</summary>
@@ -228,7 +228,7 @@ public sealed class ExpertLoad
             if (l > 0) text.Append(", ");
             text.Append('[');
             var row = Layer(l);
-            for (var e = 0; e < Experts; e++)
+            for (var e = 0; e < LogicalExperts; e++)
             {
                 if (e > 0) text.Append(", ");
                 text.Append(row[e].ToString("R", CultureInfo.InvariantCulture));

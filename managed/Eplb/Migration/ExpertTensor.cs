@@ -16,7 +16,7 @@ public sealed class ExpertTensor
         Name = name;
         _bytes = bytes;
         BytesPerExpert = bytes.Length / slots;
-        Slots = slots;
+        SlotsPerRank = slots;
     }
 
     /// <summary>Wraps <paramref name="data"/> as <paramref name="slots"/> experts of equal size.</summary>
@@ -37,8 +37,8 @@ public sealed class ExpertTensor
     /// <summary>Bytes of one expert.</summary>
     public long BytesPerExpert { get; }
 
-    /// <summary>Local slots (R/G).</summary>
-    public int Slots { get; }
+    /// <summary>R/G, the local slots (experts) the tensor holds.</summary>
+    public int SlotsPerRank { get; }
 
     /// <summary>The backend holding the data.</summary>
     public Backend Backend => _bytes.Backend;
@@ -53,9 +53,9 @@ public sealed class ExpertTensor
         if (!SameLayout(source))
             throw new ArgumentException($"tensor '{source.Name}' ({source.BytesPerExpert} B/expert) does not match '{Name}' ({BytesPerExpert} B/expert)", nameof(source));
         ArgumentOutOfRangeException.ThrowIfNegative(sourceSlot);
-        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(sourceSlot, source.Slots);
+        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(sourceSlot, source.SlotsPerRank);
         ArgumentOutOfRangeException.ThrowIfNegative(slot);
-        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(slot, Slots);
+        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(slot, SlotsPerRank);
         Slot(slot).CopyFrom(source.Slot(sourceSlot), stream);
     }
 
@@ -63,7 +63,7 @@ public sealed class ExpertTensor
     public byte[] ReadSlot(int slot)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(slot);
-        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(slot, Slots);
+        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(slot, SlotsPerRank);
         return Slot(slot).ToArray();
     }
 

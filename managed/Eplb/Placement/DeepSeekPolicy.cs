@@ -9,7 +9,7 @@ namespace Eplb.Placement;
 /// node's GPUs; otherwise the global policy does the same with one group on one node. Loads are
 /// float32, ratios and pack sums float32, sorts stable, ties to the lowest index; so on tie-free
 /// input <c>phy2log</c> and <c>logcnt</c> equal the reference's. Its known properties are kept:
-/// one GPU may hold two replicas of an expert (unless <see cref="PlacementRequest.NoDuplicateOnGpu"/>),
+/// one GPU may hold two replicas of an expert (unless <see cref="PlacementRequest.NoDuplicateOnRank"/>),
 /// and the hierarchical result can be worse than the initial placement.
 /// </summary>
 public sealed class DeepSeekPolicy : IPlacementPolicy
@@ -20,7 +20,7 @@ public sealed class DeepSeekPolicy : IPlacementPolicy
     /// <inheritdoc/>
     /// <remarks>
     /// With <see cref="PlacementRequest.MaxReplicas"/> set, replication skips experts at the cap;
-    /// with <see cref="PlacementRequest.NoDuplicateOnGpu"/>, an expert gets at most one replica per
+    /// with <see cref="PlacementRequest.NoDuplicateOnRank"/>, an expert gets at most one replica per
     /// GPU of its node and packing skips GPUs that hold it. Both leave the result equal to the
     /// reference whenever the reference already satisfies them.
     /// </remarks>
@@ -28,11 +28,11 @@ public sealed class DeepSeekPolicy : IPlacementPolicy
     {
         ArgumentNullException.ThrowIfNull(request);
         request.Validate(load, current);
-        var shape = Shape.For(load.Experts, request);
+        var shape = Shape.For(load.LogicalExperts, request);
         var phy2log = new int[(long)load.Layers * request.Slots];
         LayerParallel.For(load.Layers, request.MaxDegreeOfParallelism, () => new Workspace(shape),
             (l, ws) => ws.Rebalance(load.Layer(l), phy2log.AsSpan(l * shape.Slots, shape.Slots)));
-        var placement = ExpertPlacement.Create(load.Layers, load.Experts, request.Slots, request.Gpus, request.Nodes, request.MaxReplicas, phy2log, Name);
+        var placement = ExpertPlacement.Create(load.Layers, load.LogicalExperts, request.Slots, request.Ranks, request.Nodes, request.MaxReplicas, phy2log, Name);
         return current != null && request.PreserveSlots ? placement.WithSlotsPreservedFrom(current) : placement;
     }
 
@@ -53,13 +53,13 @@ public sealed class DeepSeekPolicy : IPlacementPolicy
             var nodes = hierarchical ? request.Nodes : 1;
             // Every replica of an expert stays on its node: at most one per GPU of the node.
             var cap = request.MaxReplicas > 0 ? request.MaxReplicas : int.MaxValue;
-            if (request.NoDuplicateOnGpu) cap = Math.Min(cap, request.Gpus / nodes);
-            var shape = new Shape(experts, request.Slots, request.Gpus, groups, nodes, cap, request.NoDuplicateOnGpu);
+            if (request.NoDuplicateOnRank) cap = Math.Min(cap, request.Ranks / nodes);
+            var shape = new Shape(experts, request.Slots, request.Ranks, groups, nodes, cap, request.NoDuplicateOnRank);
             if ((long)cap * shape.ExpertsPerNode < shape.SlotsPerNode)
                 throw new ArgumentException(
                     $"{(hierarchical ? "hierarchical" : "global")} policy: the {shape.ExpertsPerNode} experts of a node can fill at most " +
                     $"{(long)cap * shape.ExpertsPerNode} of its {shape.SlotsPerNode} slots with at most {cap} replicas each " +
-                    $"(maxReplicas = {request.MaxReplicas}, noDuplicateOnGpu = {request.NoDuplicateOnGpu}, G/nodes = {shape.GpusPerNode})");
+                    $"(maxReplicas = {request.MaxReplicas}, noDuplicateOnRank = {request.NoDuplicateOnRank}, G/nodes = {shape.GpusPerNode})");
             return shape;
         }
     }

@@ -5,7 +5,7 @@ namespace Eplb.Placement;
 
 /// <summary>
 /// An expert placement for a whole model (SPEC 1): for each of <see cref="Layers"/> MoE layers, which
-/// logical expert each of the <see cref="Slots"/> physical slots holds, spread over <see cref="Gpus"/>
+/// logical expert each of the <see cref="Slots"/> physical slots holds, spread over <see cref="Ranks"/>
 /// ranks (rank <c>g</c> owns slots <c>[g*R/G, (g+1)*R/G)</c>) on <see cref="Nodes"/> nodes. Immutable;
 /// every instance satisfies the invariants (each expert at least once, rows of R slots, R/G slots per
 /// rank, <c>phy2log</c>, <c>logcnt</c> and <c>log2phy</c> consistent, <c>logcnt &lt;= MaxReplicas</c>).
@@ -16,12 +16,12 @@ public sealed class ExpertPlacement
     private readonly int[] _logcnt;   // [L][N]
     private int[]? _log2phy;          // [L][N][Kmax], ascending, -1 padded; built on first use
 
-    private ExpertPlacement(int layers, int experts, int slots, int gpus, int nodes, int maxReplicas, int[] phy2log, int[] logcnt)
+    private ExpertPlacement(int layers, int logicalExperts, int slots, int ranks, int nodes, int maxReplicas, int[] phy2log, int[] logcnt)
     {
         Layers = layers;
-        Experts = experts;
+        LogicalExperts = logicalExperts;
         Slots = slots;
-        Gpus = gpus;
+        Ranks = ranks;
         Nodes = nodes;
         MaxReplicas = maxReplicas;
         _phy2log = phy2log;
@@ -36,13 +36,13 @@ public sealed class ExpertPlacement
     private int[] BuildLog2Phy()
     {
         var kmax = MaxReplicas;
-        var table = new int[(long)Layers * Experts * kmax];
+        var table = new int[(long)Layers * LogicalExperts * kmax];
         table.AsSpan().Fill(-1);
-        var filled = new int[Experts];
+        var filled = new int[LogicalExperts];
         for (var l = 0; l < Layers; l++)
         {
             filled.AsSpan().Clear();
-            var row = table.AsSpan(l * Experts * kmax, Experts * kmax);
+            var row = table.AsSpan(l * LogicalExperts * kmax, LogicalExperts * kmax);
             var p2l = _phy2log.AsSpan(l * Slots, Slots);
             for (var s = 0; s < Slots; s++)
             {
@@ -57,13 +57,13 @@ public sealed class ExpertPlacement
     public int Layers { get; }
 
     /// <summary>N, logical experts per layer.</summary>
-    public int Experts { get; }
+    public int LogicalExperts { get; }
 
     /// <summary>R, physical slots per layer.</summary>
     public int Slots { get; }
 
     /// <summary>G, expert-parallel ranks; rank <c>g</c> owns slots <c>[g*R/G, (g+1)*R/G)</c>.</summary>
-    public int Gpus { get; }
+    public int Ranks { get; }
 
     /// <summary>Nodes; rank <c>g</c> is on node <c>g / (G/nodes)</c>.</summary>
     public int Nodes { get; }
@@ -72,10 +72,10 @@ public sealed class ExpertPlacement
     public int MaxReplicas { get; }
 
     /// <summary>R/G, the slots of one rank.</summary>
-    public int SlotsPerGpu => Slots / Gpus;
+    public int SlotsPerRank => Slots / Ranks;
 
     /// <summary>G/nodes, the ranks of one node.</summary>
-    public int GpusPerNode => Gpus / Nodes;
+    public int RanksPerNode => Ranks / Nodes;
 
     /// <summary>The logical expert held by each slot of a layer, <c>[R]</c>.</summary>
     public ReadOnlySpan<int> Phy2Log(int layer)
@@ -88,14 +88,14 @@ public sealed class ExpertPlacement
     public ReadOnlySpan<int> LogCnt(int layer)
     {
         CheckLayer(layer);
-        return _logcnt.AsSpan(layer * Experts, Experts);
+        return _logcnt.AsSpan(layer * LogicalExperts, LogicalExperts);
     }
 
     /// <summary>The slots of each logical expert of a layer, <c>[N * Kmax]</c>: ascending, padded with -1.</summary>
     public ReadOnlySpan<int> Log2Phy(int layer)
     {
         CheckLayer(layer);
-        return Log2PhyArray.AsSpan(layer * Experts * MaxReplicas, Experts * MaxReplicas);
+        return Log2PhyArray.AsSpan(layer * LogicalExperts * MaxReplicas, LogicalExperts * MaxReplicas);
     }
 
     /// <summary>All layers' <c>phy2log</c>, row-major <c>[L][R]</c>.</summary>
@@ -108,44 +108,44 @@ public sealed class ExpertPlacement
     public ReadOnlySpan<int> Log2PhyTable => Log2PhyArray;
 
     /// <summary>The rank that owns a slot.</summary>
-    public int GpuOfSlot(int slot) => slot / SlotsPerGpu;
+    public int RankOfSlot(int slot) => slot / SlotsPerRank;
 
     /// <summary>The node of a rank.</summary>
-    public int NodeOfGpu(int gpu) => gpu / GpusPerNode;
+    public int NodeOfRank(int rank) => rank / RanksPerNode;
 
     /// <summary>The initial placement (SPEC 1): slot <c>s</c> holds logical expert <c>s % N</c> in every layer.</summary>
     /// <param name="layers">L (0 is valid: a pipeline stage without MoE layers).</param>
-    /// <param name="experts">N.</param>
-    /// <param name="slots">R, at least N and a multiple of <paramref name="gpus"/>.</param>
-    /// <param name="gpus">G, a multiple of <paramref name="nodes"/>.</param>
+    /// <param name="logicalExperts">N.</param>
+    /// <param name="slots">R, at least N and a multiple of <paramref name="ranks"/>.</param>
+    /// <param name="ranks">G, a multiple of <paramref name="nodes"/>.</param>
     /// <param name="nodes">Nodes.</param>
     /// <param name="maxReplicas">Kmax; 0 derives <c>ceil(R/N)</c>.</param>
     /// <exception cref="ArgumentException">A size is out of range or inconsistent.</exception>
-    public static ExpertPlacement Initial(int layers, int experts, int slots, int gpus, int nodes = 1, int maxReplicas = 0)
+    public static ExpertPlacement Initial(int layers, int logicalExperts, int slots, int ranks, int nodes = 1, int maxReplicas = 0)
     {
-        ValidateShape(layers, experts, slots, gpus, nodes, maxReplicas);
+        ValidateShape(layers, logicalExperts, slots, ranks, nodes, maxReplicas);
         var phy2log = new int[(long)layers * slots];
         for (var l = 0; l < layers; l++)
             for (var s = 0; s < slots; s++)
-                phy2log[l * slots + s] = s % experts;
-        return Create(layers, experts, slots, gpus, nodes, maxReplicas, phy2log, "initial placement");
+                phy2log[l * slots + s] = s % logicalExperts;
+        return Create(layers, logicalExperts, slots, ranks, nodes, maxReplicas, phy2log, "initial placement");
     }
 
     /// <summary>A placement from its <c>phy2log</c> rows (copied); <c>logcnt</c> and <c>log2phy</c> are derived.</summary>
     /// <param name="phy2log">One row of R logical ids per layer.</param>
-    /// <param name="experts">N.</param>
-    /// <param name="gpus">G; R must be a multiple of it.</param>
+    /// <param name="logicalExperts">N.</param>
+    /// <param name="ranks">G; R must be a multiple of it.</param>
     /// <param name="nodes">Nodes; G must be a multiple of it.</param>
     /// <param name="maxReplicas">Kmax; 0 derives the largest replica count. A row needing more replicas is an error.</param>
     /// <exception cref="ArgumentException">No or ragged rows, an id outside <c>[0, N)</c>, an expert without a slot, or bad sizes.</exception>
-    public static ExpertPlacement FromPhy2Log(IReadOnlyList<int[]> phy2log, int experts, int gpus, int nodes = 1, int maxReplicas = 0)
+    public static ExpertPlacement FromPhy2Log(IReadOnlyList<int[]> phy2log, int logicalExperts, int ranks, int nodes = 1, int maxReplicas = 0)
     {
         ArgumentNullException.ThrowIfNull(phy2log);
         var layers = phy2log.Count;
         if (layers == 0)
-            throw new ArgumentException("phy2log has no layers, so R is unknown: use Initial(0, experts, slots, gpus) for a stage without MoE layers", nameof(phy2log));
+            throw new ArgumentException("phy2log has no layers, so R is unknown: use Initial(0, logicalExperts, slots, ranks) for a stage without MoE layers", nameof(phy2log));
         var slots = phy2log[0]?.Length ?? 0;
-        ValidateShape(layers, experts, slots, gpus, nodes, maxReplicas);
+        ValidateShape(layers, logicalExperts, slots, ranks, nodes, maxReplicas);
         var flat = new int[(long)layers * slots];
         for (var l = 0; l < layers; l++)
         {
@@ -154,28 +154,28 @@ public sealed class ExpertPlacement
                 throw new ArgumentException($"ragged phy2log: layer {l} has {row.Length} slots, layer 0 has {slots}", nameof(phy2log));
             row.CopyTo(flat, l * slots);
         }
-        return Create(layers, experts, slots, gpus, nodes, maxReplicas, flat, nameof(phy2log));
+        return Create(layers, logicalExperts, slots, ranks, nodes, maxReplicas, flat, nameof(phy2log));
     }
 
     /// <summary>
     /// Builds and validates a placement that takes ownership of <paramref name="phy2log"/> (<c>[L][R]</c>, row-major).
     /// </summary>
-    internal static ExpertPlacement Create(int layers, int experts, int slots, int gpus, int nodes, int maxReplicas, int[] phy2log, string what)
+    internal static ExpertPlacement Create(int layers, int logicalExperts, int slots, int ranks, int nodes, int maxReplicas, int[] phy2log, string what)
     {
-        var logcnt = new int[(long)layers * experts];
+        var logcnt = new int[(long)layers * logicalExperts];
         var largest = 0;
         for (var l = 0; l < layers; l++)
         {
-            var counts = logcnt.AsSpan(l * experts, experts);
+            var counts = logcnt.AsSpan(l * logicalExperts, logicalExperts);
             var row = phy2log.AsSpan(l * slots, slots);
             for (var s = 0; s < slots; s++)
             {
                 var e = row[s];
-                if ((uint)e >= (uint)experts)
-                    throw new ArgumentException($"{what}: layer {l} slot {s} holds expert {e}, outside [0, {experts})", what);
+                if ((uint)e >= (uint)logicalExperts)
+                    throw new ArgumentException($"{what}: layer {l} slot {s} holds expert {e}, outside [0, {logicalExperts})", what);
                 counts[e]++;
             }
-            for (var e = 0; e < experts; e++)
+            for (var e = 0; e < logicalExperts; e++)
             {
                 if (counts[e] == 0) throw new ArgumentException($"{what}: layer {l} has no slot for expert {e} (every expert needs a replica)", what);
                 largest = Math.Max(largest, counts[e]);
@@ -184,21 +184,21 @@ public sealed class ExpertPlacement
         if (maxReplicas > 0 && largest > maxReplicas)
             throw new ArgumentException($"{what}: an expert has {largest} replicas, more than maxReplicas = {maxReplicas}", nameof(maxReplicas));
         var kmax = maxReplicas > 0 ? maxReplicas : Math.Max(largest, 1);
-        return new ExpertPlacement(layers, experts, slots, gpus, nodes, kmax, phy2log, logcnt);
+        return new ExpertPlacement(layers, logicalExperts, slots, ranks, nodes, kmax, phy2log, logcnt);
     }
 
-    internal static void ValidateShape(int layers, int experts, int slots, int gpus, int nodes, int maxReplicas)
+    internal static void ValidateShape(int layers, int logicalExperts, int slots, int ranks, int nodes, int maxReplicas)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(layers);
-        ArgumentOutOfRangeException.ThrowIfLessThan(experts, 1);
-        ArgumentOutOfRangeException.ThrowIfLessThan(gpus, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(logicalExperts, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(ranks, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(nodes, 1);
         ArgumentOutOfRangeException.ThrowIfNegative(maxReplicas);
-        if (slots < experts) throw new ArgumentException($"slots (R = {slots}) must be >= experts (N = {experts})", nameof(slots));
-        if (slots % gpus != 0) throw new ArgumentException($"slots (R = {slots}) must be a multiple of gpus (G = {gpus})", nameof(slots));
-        if (gpus % nodes != 0) throw new ArgumentException($"gpus (G = {gpus}) must be a multiple of nodes ({nodes})", nameof(gpus));
-        if (maxReplicas > 0 && (long)maxReplicas * experts < slots)
-            throw new ArgumentException($"maxReplicas = {maxReplicas} cannot fill R = {slots} slots with N = {experts} experts", nameof(maxReplicas));
+        if (slots < logicalExperts) throw new ArgumentException($"slots (R = {slots}) must be >= logical experts (N = {logicalExperts})", nameof(slots));
+        if (slots % ranks != 0) throw new ArgumentException($"slots (R = {slots}) must be a multiple of ranks (G = {ranks})", nameof(slots));
+        if (ranks % nodes != 0) throw new ArgumentException($"ranks (G = {ranks}) must be a multiple of nodes ({nodes})", nameof(ranks));
+        if (maxReplicas > 0 && (long)maxReplicas * logicalExperts < slots)
+            throw new ArgumentException($"maxReplicas = {maxReplicas} cannot fill R = {slots} slots with N = {logicalExperts} experts", nameof(maxReplicas));
     }
 
     /// <summary>The same tables with another <see cref="MaxReplicas"/> capacity.</summary>
@@ -206,7 +206,7 @@ public sealed class ExpertPlacement
     public ExpertPlacement WithMaxReplicas(int maxReplicas)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(maxReplicas, 1);
-        return maxReplicas == MaxReplicas ? this : Create(Layers, Experts, Slots, Gpus, Nodes, maxReplicas, _phy2log, "placement");
+        return maxReplicas == MaxReplicas ? this : Create(Layers, LogicalExperts, Slots, Ranks, Nodes, maxReplicas, _phy2log, "placement");
     }
 
     /// <summary>
@@ -221,19 +221,19 @@ public sealed class ExpertPlacement
         ArgumentNullException.ThrowIfNull(old);
         CheckSameShape(old, nameof(old));
         var result = (int[])_phy2log.Clone();
-        var perGpu = SlotsPerGpu;
+        var perGpu = SlotsPerRank;
         Span<bool> used = perGpu <= 256 ? stackalloc bool[perGpu] : new bool[perGpu];
         Span<bool> kept = perGpu <= 256 ? stackalloc bool[perGpu] : new bool[perGpu];
         for (var l = 0; l < Layers; l++)
         {
-            for (var g = 0; g < Gpus; g++)
+            for (var g = 0; g < Ranks; g++)
             {
                 var offset = l * Slots + g * perGpu;
                 SlotPreservation.Preserve(_phy2log.AsSpan(offset, perGpu), old._phy2log.AsSpan(offset, perGpu),
                     result.AsSpan(offset, perGpu), used, kept);
             }
         }
-        return new ExpertPlacement(Layers, Experts, Slots, Gpus, Nodes, MaxReplicas, result, (int[])_logcnt.Clone());
+        return new ExpertPlacement(Layers, LogicalExperts, Slots, Ranks, Nodes, MaxReplicas, result, (int[])_logcnt.Clone());
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -243,21 +243,21 @@ public sealed class ExpertPlacement
     /// The load of each rank in one layer: the sum over its slots of <c>weight[e] / logcnt[e]</c>
     /// (each replica serves an equal share of its expert's tokens).
     /// </summary>
-    /// <exception cref="ArgumentException">The load has another shape, or <paramref name="gpuLoads"/> is not G long.</exception>
-    public void GpuLoads(ExpertLoad load, int layer, Span<double> gpuLoads)
+    /// <exception cref="ArgumentException">The load has another shape, or <paramref name="rankLoads"/> is not G long.</exception>
+    public void RankLoads(ExpertLoad load, int layer, Span<double> rankLoads)
     {
         CheckLoad(load);
         CheckLayer(layer);
-        if (gpuLoads.Length != Gpus) throw new ArgumentException($"gpuLoads has {gpuLoads.Length} entries for G = {Gpus}", nameof(gpuLoads));
+        if (rankLoads.Length != Ranks) throw new ArgumentException($"rankLoads has {rankLoads.Length} entries for G = {Ranks}", nameof(rankLoads));
         var weight = load.Layer(layer);
         var counts = LogCnt(layer);
         var row = Phy2Log(layer);
-        var perGpu = SlotsPerGpu;
-        for (var g = 0; g < Gpus; g++)
+        var perGpu = SlotsPerRank;
+        for (var g = 0; g < Ranks; g++)
         {
             var sum = 0.0;
             for (var s = g * perGpu; s < (g + 1) * perGpu; s++) sum += weight[row[s]] / counts[row[s]];
-            gpuLoads[g] = sum;
+            rankLoads[g] = sum;
         }
     }
 
@@ -266,7 +266,7 @@ public sealed class ExpertPlacement
     {
         CheckLoad(load);
         var result = new double[Layers];
-        var loads = new double[Gpus];
+        var loads = new double[Ranks];
         for (var l = 0; l < Layers; l++)
         {
             var (mean, max) = MeanMax(load, l, loads);
@@ -282,7 +282,7 @@ public sealed class ExpertPlacement
     public double Balancedness(ExpertLoad load)
     {
         CheckLoad(load);
-        var loads = new double[Gpus];
+        var loads = new double[Ranks];
         double sumMean = 0, sumMax = 0;
         for (var l = 0; l < Layers; l++)
         {
@@ -295,7 +295,7 @@ public sealed class ExpertPlacement
 
     private (double Mean, double Max) MeanMax(ExpertLoad load, int layer, double[] loads)
     {
-        GpuLoads(load, layer, loads);
+        RankLoads(load, layer, loads);
         double sum = 0, max = 0;
         foreach (var v in loads)
         {
@@ -316,9 +316,9 @@ public sealed class ExpertPlacement
     public double NodeLocalFraction(ExpertLoad load, int groups)
     {
         CheckLoad(load);
-        if (groups < 1 || Experts % groups != 0)
-            throw new ArgumentException($"groups ({groups}) must divide the experts (N = {Experts})", nameof(groups));
-        var groupSize = Experts / groups;
+        if (groups < 1 || LogicalExperts % groups != 0)
+            throw new ArgumentException($"groups ({groups}) must divide the logical experts (N = {LogicalExperts})", nameof(groups));
+        var groupSize = LogicalExperts / groups;
         var perNode = new double[groups * Nodes];
         double local = 0, total = 0;
         for (var l = 0; l < Layers; l++)
@@ -330,7 +330,7 @@ public sealed class ExpertPlacement
             for (var s = 0; s < Slots; s++)
             {
                 var e = row[s];
-                perNode[e / groupSize * Nodes + NodeOfGpu(GpuOfSlot(s))] += weight[e] / counts[e];
+                perNode[e / groupSize * Nodes + NodeOfRank(RankOfSlot(s))] += weight[e] / counts[e];
             }
             for (var g = 0; g < groups; g++)
             {
@@ -381,13 +381,13 @@ public sealed class ExpertPlacement
     {
         ArgumentNullException.ThrowIfNull(from);
         CheckSameShape(from, nameof(from));
-        var perGpu = SlotsPerGpu;
+        var perGpu = SlotsPerRank;
         long received = 0;
         for (var l = 0; l < Layers; l++)
         {
             var now = Phy2Log(l);
             var before = from.Phy2Log(l);
-            for (var g = 0; g < Gpus; g++)
+            for (var g = 0; g < Ranks; g++)
             {
                 var mine = now.Slice(g * perGpu, perGpu);
                 var had = before.Slice(g * perGpu, perGpu);
@@ -430,19 +430,19 @@ public sealed class ExpertPlacement
     private void CheckLoad(ExpertLoad load)
     {
         ArgumentNullException.ThrowIfNull(load);
-        if (load.Layers != Layers || load.Experts != Experts)
-            throw new ArgumentException($"the load is {load.Layers} x {load.Experts}, the placement {Layers} layers x {Experts} experts", nameof(load));
+        if (load.Layers != Layers || load.LogicalExperts != LogicalExperts)
+            throw new ArgumentException($"the load is {load.Layers} x {load.LogicalExperts}, the placement {Layers} layers x {LogicalExperts} experts", nameof(load));
     }
 
     internal void CheckSameShape(ExpertPlacement other, string name)
     {
-        if (other.Layers != Layers || other.Experts != Experts || other.Slots != Slots || other.Gpus != Gpus)
+        if (other.Layers != Layers || other.LogicalExperts != LogicalExperts || other.Slots != Slots || other.Ranks != Ranks)
             throw new ArgumentException(
-                $"{name} is {other.Layers} layers x {other.Slots} slots of {other.Experts} experts on {other.Gpus} GPUs; " +
-                $"expected {Layers} x {Slots} of {Experts} on {Gpus}", name);
+                $"{name} is {other.Layers} layers x {other.Slots} slots of {other.LogicalExperts} experts on {other.Ranks} ranks; " +
+                $"expected {Layers} x {Slots} of {LogicalExperts} on {Ranks}", name);
     }
 
     /// <summary>A short description: sizes and the largest replica count.</summary>
     public override string ToString() =>
-        string.Create(CultureInfo.InvariantCulture, $"Placement({Layers} layers, N = {Experts}, R = {Slots}, G = {Gpus}, nodes = {Nodes}, Kmax = {MaxReplicas})");
+        string.Create(CultureInfo.InvariantCulture, $"Placement({Layers} layers, N = {LogicalExperts}, R = {Slots}, G = {Ranks}, nodes = {Nodes}, Kmax = {MaxReplicas})");
 }

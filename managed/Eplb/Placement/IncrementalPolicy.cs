@@ -13,7 +13,7 @@ namespace Eplb.Placement;
 /// load taken off a heaviest GPU per slot changed wins, until the goal is met. Layers the search
 /// leaves short take the fresh plan's layer (slot-preserved), most load saved per slot first, when
 /// that fits <see cref="PlacementRequest.MaxChangedSlotsPerLayer"/>. With
-/// <see cref="PlacementRequest.NoDuplicateOnGpu"/>, duplicates of the current placement are removed
+/// <see cref="PlacementRequest.NoDuplicateOnRank"/>, duplicates of the current placement are removed
 /// first. Without a current placement it starts from the initial one. When groups are split over
 /// nodes, every expert keeps a replica on its group's home node (the node holding most of the
 /// group's slots now).
@@ -34,16 +34,16 @@ public sealed class IncrementalPolicy : IPlacementPolicy
     {
         ArgumentNullException.ThrowIfNull(request);
         request.Validate(load, current);
-        var n = load.Experts;
-        current ??= ExpertPlacement.Initial(load.Layers, n, request.Slots, request.Gpus, request.Nodes, request.MaxReplicas);
+        var n = load.LogicalExperts;
+        current ??= ExpertPlacement.Initial(load.Layers, n, request.Slots, request.Ranks, request.Nodes, request.MaxReplicas);
         var fresh = Reference.Plan(load, request with { PreserveSlots = true }, current);
 
         var freshMax = new double[load.Layers];
-        var gpuLoads = new double[request.Gpus];
+        var gpuLoads = new double[request.Ranks];
         double sumMean = 0, freshSum = 0;
         for (var l = 0; l < load.Layers; l++)
         {
-            fresh.GpuLoads(load, l, gpuLoads);
+            fresh.RankLoads(load, l, gpuLoads);
             freshMax[l] = gpuLoads.Max();
             sumMean += gpuLoads.Average();
             freshSum += freshMax[l];
@@ -60,12 +60,12 @@ public sealed class IncrementalPolicy : IPlacementPolicy
         var searches = new LayerSearch?[layers];
         LayerParallel.For(layers, request.MaxDegreeOfParallelism, () => new int[n], (l, home) =>
         {
-            var search = new LayerSearch(n, request.Slots, request.Gpus, request.Nodes);
+            var search = new LayerSearch(n, request.Slots, request.Ranks, request.Nodes);
             var now = current.Phy2Log(l);
-            search.Reset(load.Layer(l), now, localized ? Homes(current, l, request.Groups, home) : default, cap, request.NoDuplicateOnGpu);
+            search.Reset(load.Layer(l), now, localized ? Homes(current, l, request.Groups, home) : default, cap, request.NoDuplicateOnRank);
             search.CountChangesFrom(now);
             // A duplicate the search cannot remove within the budget leaves the layer to the fresh plan (below).
-            if (request.NoDuplicateOnGpu && HasDuplicate(current, l) && (!search.RemoveDuplicates() || search.Changed > budget)) return;
+            if (request.NoDuplicateOnRank && HasDuplicate(current, l) && (!search.RemoveDuplicates() || search.Changed > budget)) return;
             search.FindMove(0, budget);
             searches[l] = search;
         });
@@ -113,7 +113,7 @@ public sealed class IncrementalPolicy : IPlacementPolicy
             sumMax += freshMax[l] - searches[l]!.MaxLoad;
             fresh.Phy2Log(l).CopyTo(phy2log.AsSpan(l * request.Slots, request.Slots));
         }
-        return ExpertPlacement.Create(layers, n, request.Slots, request.Gpus, request.Nodes, request.MaxReplicas, phy2log, Name);
+        return ExpertPlacement.Create(layers, n, request.Slots, request.Ranks, request.Nodes, request.MaxReplicas, phy2log, Name);
     }
 
     private static double Priority(LayerSearch search) => -search.MoveGain / Math.Max(search.MoveCost, 0.25);
@@ -121,7 +121,7 @@ public sealed class IncrementalPolicy : IPlacementPolicy
     /// <summary>Each expert's home node: the node holding most slots of its group in the layer (lowest on ties).</summary>
     private static int[] Homes(ExpertPlacement placement, int layer, int groups, int[] home)
     {
-        var n = placement.Experts;
+        var n = placement.LogicalExperts;
         var groupSize = n / groups;
         Span<int> slots = stackalloc int[placement.Nodes];
         var row = placement.Phy2Log(layer);
@@ -129,7 +129,7 @@ public sealed class IncrementalPolicy : IPlacementPolicy
         {
             slots.Clear();
             for (var s = 0; s < row.Length; s++)
-                if (row[s] / groupSize == g) slots[placement.NodeOfGpu(placement.GpuOfSlot(s))]++;
+                if (row[s] / groupSize == g) slots[placement.NodeOfRank(placement.RankOfSlot(s))]++;
             var best = 0;
             for (var k = 1; k < slots.Length; k++)
                 if (slots[k] > slots[best]) best = k;
@@ -141,8 +141,8 @@ public sealed class IncrementalPolicy : IPlacementPolicy
     private static bool HasDuplicate(ExpertPlacement placement, int layer)
     {
         var row = placement.Phy2Log(layer);
-        var perGpu = placement.SlotsPerGpu;
-        for (var g = 0; g < placement.Gpus; g++)
+        var perGpu = placement.SlotsPerRank;
+        for (var g = 0; g < placement.Ranks; g++)
         {
             var mine = row.Slice(g * perGpu, perGpu);
             for (var i = 1; i < perGpu; i++)

@@ -214,7 +214,7 @@ internal sealed class LayerSearch
     }
 
     /// <summary>
-    /// Makes the placement free of duplicates on a GPU (for noDuplicateOnGpu from a placement that
+    /// Makes the placement free of duplicates on a GPU (for noDuplicateOnRank from a placement that
     /// has them): each second copy of an expert on a GPU swaps with a slot of another GPU where
     /// neither expert is yet (the swap with the lowest resulting pair maximum), or, failing that,
     /// becomes a replica of the expert that raises its GPU least. False when neither is possible.

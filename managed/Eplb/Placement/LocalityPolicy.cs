@@ -37,20 +37,20 @@ public sealed class LocalityPolicy : IPlacementPolicy
     {
         ArgumentNullException.ThrowIfNull(request);
         request.Validate(load, current);
-        var n = load.Experts;
+        var n = load.LogicalExperts;
         var cap = ReplicaCap(request, n);
         var phy2log = new int[(long)load.Layers * request.Slots];
         LayerParallel.For(load.Layers, request.MaxDegreeOfParallelism, () => new Workspace(n, request, cap, AwayPrice),
             (l, ws) => ws.Plan(load.Layer(l), phy2log.AsSpan(l * request.Slots, request.Slots)));
-        var placement = ExpertPlacement.Create(load.Layers, n, request.Slots, request.Gpus, request.Nodes, request.MaxReplicas, phy2log, Name);
+        var placement = ExpertPlacement.Create(load.Layers, n, request.Slots, request.Ranks, request.Nodes, request.MaxReplicas, phy2log, Name);
         return current != null && request.PreserveSlots ? placement.WithSlotsPreservedFrom(current) : placement;
     }
 
-    /// <summary>Replicas per expert: Kmax when set, and one per GPU with noDuplicateOnGpu.</summary>
+    /// <summary>Replicas per expert: Kmax when set, and one per GPU with noDuplicateOnRank.</summary>
     internal static int ReplicaCap(PlacementRequest request, int experts)
     {
         var cap = request.MaxReplicas > 0 ? request.MaxReplicas : int.MaxValue;
-        return request.NoDuplicateOnGpu ? Math.Min(cap, request.Gpus) : cap;
+        return request.NoDuplicateOnRank ? Math.Min(cap, request.Ranks) : cap;
     }
 
     /// <summary>Scratch for one thread; <see cref="Plan"/> plans one layer.</summary>
@@ -79,9 +79,9 @@ public sealed class LocalityPolicy : IPlacementPolicy
         {
             _experts = experts;
             _slots = request.Slots;
-            _gpus = request.Gpus;
+            _gpus = request.Ranks;
             _cap = cap;
-            _noDuplicate = request.NoDuplicateOnGpu;
+            _noDuplicate = request.NoDuplicateOnRank;
             _localized = request.Nodes > 1 && request.IsHierarchical(experts);
             _nodes = _localized ? request.Nodes : 1;
             _groups = _localized ? request.Groups : 1;
@@ -142,7 +142,7 @@ public sealed class LocalityPolicy : IPlacementPolicy
 
             // (3) Extras to nodes, heaviest first (ties: lowest expert): home while the home node is
             // below the mean node load, else the lightest node with a spare slot (and, with
-            // noDuplicateOnGpu, a GPU without the expert).
+            // noDuplicateOnRank, a GPU without the expert).
             var perNode = _slots / _nodes;
             var gpusPerNode = _gpus / _nodes;
             Array.Clear(_nodeLoad);
@@ -202,7 +202,7 @@ public sealed class LocalityPolicy : IPlacementPolicy
         private bool Fits(int node, int e, int gpusPerNode) => !_noDuplicate || _onNode[node * _experts + e] < gpusPerNode;
 
         /// <summary>
-        /// noDuplicateOnGpu dead end: every node with a spare slot already has expert e on each of its
+        /// noDuplicateOnRank dead end: every node with a spare slot already has expert e on each of its
         /// GPUs. Some node k2 still has a GPU free of e (e has at most G replicas); move one of k2's
         /// extras that fits a node k with room there, and return k2 for e.
         /// </summary>

@@ -50,23 +50,23 @@ typedef enum eplb_dtype {
 } eplb_dtype_t;
 
 /* Writes into *out_capacity the number of sorted rows eplb_dispatch_align needs in the worst case:
- * num_pairs + min(num_local_experts, num_pairs) * (block_size - 1) (each expert that has pairs adds
+ * num_pairs + min(slots_per_rank, num_pairs) * (block_size - 1) (each expert that has pairs adds
  * at most block_size - 1 padding rows). Size sorted_pair_ids and the permute output with it, and
  * block_experts with capacity / block_size. num_pairs = num_tokens * top_k. */
-EPLB_API eplb_status_t eplb_dispatch_align_capacity(int64_t num_pairs, int32_t num_local_experts, int32_t block_size,
+EPLB_API eplb_status_t eplb_dispatch_align_capacity(int64_t num_pairs, int32_t slots_per_rank, int32_t block_size,
                                                     int64_t *out_capacity);
 
 /* Align/sort (vLLM moe_align_block_size, stable): groups the pairs whose slot lies in this rank's
- * range [first_slot, first_slot + num_local_experts) by local expert e = slot - first_slot, and pads
+ * range [first_slot, first_slot + slots_per_rank) by local expert e = slot - first_slot, and pads
  * each expert's group to a multiple of block_size. Pairs outside the range (other ranks' slots, -1)
  * are not local and take no row.
  * physical_ids     [num_tokens][top_k] slots, any value (only the local range counts).
  * capacity         rows of sorted_pair_ids; at least eplb_dispatch_align_capacity(...).
  * Outputs (caller-owned, every element written):
- * expert_counts    [num_local_experts] local pairs per expert.
- * expert_offsets   [num_local_experts + 1] exclusive scan of the counts rounded up to block_size:
+ * expert_counts    [slots_per_rank] local pairs per expert.
+ * expert_offsets   [slots_per_rank + 1] exclusive scan of the counts rounded up to block_size:
  *                  expert e owns rows [expert_offsets[e], expert_offsets[e + 1]); its pairs come
- *                  first, then padding. expert_offsets[num_local_experts] is the total padded
+ *                  first, then padding. expert_offsets[slots_per_rank] is the total padded
  *                  row count (a device scalar the permute op takes as num_rows).
  * sorted_pair_ids  [capacity] the pair of each row, ascending pair index inside an expert;
  *                  EPLB_DISPATCH_PADDING on padding rows and on every row at or after the total.
@@ -78,16 +78,16 @@ EPLB_API eplb_status_t eplb_dispatch_align_capacity(int64_t num_pairs, int32_t n
  * Fails with EPLB_STATUS_INVALID_ARGUMENT (nothing written) on a bad size or pointer, a capacity
  * below the worst case, or num_tokens * top_k above INT32_MAX. */
 EPLB_API eplb_status_t eplb_dispatch_align(eplb_stream_t *stream, const int32_t *physical_ids, int64_t num_tokens,
-                                           int32_t top_k, int32_t first_slot, int32_t num_local_experts,
+                                           int32_t top_k, int32_t first_slot, int32_t slots_per_rank,
                                            int32_t block_size, int64_t capacity, int32_t *expert_counts,
                                            int32_t *expert_offsets, int32_t *sorted_pair_ids, int32_t *block_experts,
                                            int32_t *pair_positions);
 
 /* EP bucketing: groups the routed pairs by destination rank (slot s lives on rank
- * s / (num_physical / num_ranks)), ascending pair index inside a rank: the metadata of an
+ * s / (num_slots / num_ranks)), ascending pair index inside a rank: the metadata of an
  * all-to-all that sends one row per pair, and the bookkeeping to bring the results back.
- * physical_ids     [num_tokens][top_k] slots in [0, num_physical) or -1 (not routed, not sent).
- * num_physical     R, a multiple of num_ranks.
+ * physical_ids     [num_tokens][top_k] slots in [0, num_slots) or -1 (not routed, not sent).
+ * num_slots        R, a multiple of num_ranks.
  * Outputs (caller-owned, every element written):
  * rank_counts      [num_ranks] pairs sent to each rank.
  * rank_offsets     [num_ranks + 1] exclusive scan: rank g's rows are [rank_offsets[g], rank_offsets[g+1]);
@@ -95,10 +95,10 @@ EPLB_API eplb_status_t eplb_dispatch_align(eplb_stream_t *stream, const int32_t 
  * send_pair_ids    [num_tokens * top_k] the pair of each send row; EPLB_DISPATCH_PADDING from the
  *                  number of routed pairs on.
  * pair_positions   [num_tokens][top_k] the send row of each pair, EPLB_DISPATCH_PADDING when not routed.
- * On the CPU backend a slot outside [-1, num_physical) fails with EPLB_STATUS_INVALID_ARGUMENT
+ * On the CPU backend a slot outside [-1, num_slots) fails with EPLB_STATUS_INVALID_ARGUMENT
  * (nothing written); on CUDA such a pair is not sent and sets EPLB_DEVICE_ERROR_BAD_DISPATCH_INDEX. */
 EPLB_API eplb_status_t eplb_dispatch_bucket_by_rank(eplb_stream_t *stream, const int32_t *physical_ids,
-                                                    int64_t num_tokens, int32_t top_k, int32_t num_physical,
+                                                    int64_t num_tokens, int32_t top_k, int32_t num_slots,
                                                     int32_t num_ranks, int32_t *rank_counts, int32_t *rank_offsets,
                                                     int32_t *send_pair_ids, int32_t *pair_positions);
 
@@ -111,7 +111,7 @@ EPLB_API eplb_status_t eplb_dispatch_bucket_by_rank(eplb_stream_t *stream, const
  * row_pair_ids     [capacity] pairs in [0, num_tokens * top_k) or EPLB_DISPATCH_PADDING: the
  *                  sorted_pair_ids of align, or the send_pair_ids of bucketing.
  * num_rows         scalar in [0, capacity] (a device scalar on CUDA, graph-safe): expert_offsets +
- *                  num_local_experts, or rank_offsets + num_ranks.
+ *                  slots_per_rank, or rank_offsets + num_ranks.
  * out              [capacity][hidden] of dtype; must not overlap x.
  * On the CPU backend *num_rows and the ids are checked first (EPLB_STATUS_INVALID_ARGUMENT, nothing
  * written); on CUDA a bad *num_rows is clamped into [0, capacity], a row with a bad id is not
