@@ -74,6 +74,54 @@ internal enum eplb_status_t : uint
 }
 
 /// <summary>
+/// Result of every call.
+/// </summary>
+/// <remarks>The public mirror of <c>eplb_status_t</c>, generated from the same header.</remarks>
+public enum EplbStatus
+{
+    /// <summary>
+    /// EPLB_STATUS_OK
+    /// </summary>
+    Ok = 0,
+    /// <summary>
+    /// An argument is null, out of range or inconsistent; the message names it.
+    /// </summary>
+    InvalidArgument = 1,
+    /// <summary>
+    /// Host or device memory could not be allocated.
+    /// </summary>
+    OutOfMemory = 2,
+    /// <summary>
+    /// The backend asked for was not compiled into this library (built without CUDA).
+    /// </summary>
+    NotCompiled = 3,
+    /// <summary>
+    /// CUDA is compiled in, but there is no usable device or driver.
+    /// </summary>
+    NoDevice = 4,
+    /// <summary>
+    /// A CUDA runtime call failed; the message holds the CUDA error name and text.
+    /// </summary>
+    CudaError = 5,
+    /// <summary>
+    /// A kernel found bad input on the device (a bit in the stream's device error word).
+    /// </summary>
+    DeviceInputError = 6,
+    /// <summary>
+    /// A cooperative launch is not possible here (unsupported, or the grid cannot co-reside).
+    /// </summary>
+    CooperativeLaunchUnavailable = 7,
+    /// <summary>
+    /// The operation is valid but not supported in this configuration.
+    /// </summary>
+    Unsupported = 8,
+    /// <summary>
+    /// A bug in libeplb; the message says where.
+    /// </summary>
+    Internal = 9,
+}
+
+/// <summary>
 /// Where work runs and memory lives.
 /// </summary>
 internal enum eplb_backend_t : uint

@@ -19,6 +19,20 @@ internal static class CSharpEmitter
 
     private static string Identifier(string name) => Keywords.Contains(name) ? "@" + name : name;
 
+    /// <summary>
+    /// C enums that also get a public C# mirror (the public API uses them, so they must not be
+    /// hand-copied): C name -> (C# name, member prefix to strip). Members become PascalCase:
+    /// EPLB_STATUS_INVALID_ARGUMENT -> InvalidArgument.
+    /// </summary>
+    private static readonly Dictionary<string, (string Name, string Prefix)> PublicMirrors = new()
+    {
+        ["eplb_status_t"] = ("EplbStatus", "EPLB_STATUS_"),
+    };
+
+    private static string PascalCase(string name, string prefix) =>
+        string.Concat(name[prefix.Length..].Split('_', StringSplitOptions.RemoveEmptyEntries)
+            .Select(part => char.ToUpperInvariant(part[0]) + part[1..].ToLowerInvariant()));
+
     /// <summary>The file name of the C# output for a header ("eplb/eplb_mapping.h" -> "eplb_mapping.g.cs").</summary>
     public static string FileNameFor(HeaderModel model) => Path.GetFileNameWithoutExtension(model.FileName) + ".g.cs";
 
@@ -56,6 +70,17 @@ internal static class CSharpEmitter
             {
                 Doc(w, "    ", member.Doc);
                 w.Append($"    {member.Name} = {member.Value},\n");
+            }
+            w.Append("}\n");
+            if (!PublicMirrors.TryGetValue(e.Name, out var mirror)) continue;
+            w.Append('\n');
+            Doc(w, "", e.Doc);
+            w.Append($"/// <remarks>The public mirror of <c>{e.Name}</c>, generated from the same header.</remarks>\n");
+            w.Append($"public enum {mirror.Name}\n{{\n");
+            foreach (var member in e.Members)
+            {
+                Doc(w, "    ", member.Doc.Length > 0 ? member.Doc : member.Name);
+                w.Append($"    {PascalCase(member.Name, mirror.Prefix)} = {member.Value},\n");
             }
             w.Append("}\n");
         }

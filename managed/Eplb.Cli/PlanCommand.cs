@@ -3,6 +3,7 @@ using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json;
 using Eplb.Load;
+using Eplb.Migration;
 using Eplb.Placement;
 
 namespace Eplb.Cli;
@@ -27,7 +28,7 @@ internal static class PlanCommand
         var expertBytes = new Option<long>("--expert-bytes")
         {
             Description = "Bytes of one expert of one layer, for the bytes-to-move figure (default: DeepSeek-V3 FP8 weights and block scales)",
-            DefaultValueFactory = _ => ExpertPlacement.DeepSeekV3ExpertBytes,
+            DefaultValueFactory = _ => MigrationPlanner.DeepSeekV3ExpertBytes,
         };
         var output = new Option<string>("--out") { Description = "Placement file to write (JSON)", Required = true };
         var command = new Command("plan", "Plan an expert placement from a load dump and write it for SGLang's --init-expert-location")
@@ -77,7 +78,7 @@ internal static class PlanCommand
         var hierarchical = request.IsHierarchical(load.LogicalExperts) ? "hierarchical" : "global";
         var slots = (long)load.Layers * request.Slots;
         var changed = placement.SlotsChanged(before);
-        var bytes = placement.BytesToMove(before, args.ExpertBytes);
+        var bytes = MigrationPlanner.BytesToMove(before, placement, args.ExpertBytes);
         var invariant = CultureInfo.InvariantCulture;
         Console.WriteLine(string.Create(invariant,
             $"{policy.Name} ({hierarchical} layout): {load.Layers} layers x {load.LogicalExperts} experts -> R = {request.Slots} slots on {request.Ranks} ranks, " +

@@ -81,7 +81,7 @@ public sealed record SimulationOptions
     public int MaxParallelRuns { get; init; } = Environment.ProcessorCount;
 
     /// <summary>Bytes of one real expert, for the full-scale transfer figure (DeepSeek-V3 FP8 by default).</summary>
-    public long FullScaleExpertBytes { get; init; } = ExpertPlacement.DeepSeekV3ExpertBytes;
+    public long FullScaleExpertBytes { get; init; } = MigrationPlanner.DeepSeekV3ExpertBytes;
 }
 
 /// <summary>One run's figures: no EPLB or one policy.</summary>
@@ -158,10 +158,7 @@ public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory?
         var first = options.Loads[0];
         if (options.Loads.Any(l => l.Layers != first.Layers || l.LogicalExperts != first.LogicalExperts))
             throw new ArgumentException("all loads must have the same layers x experts");
-        if (options.Ranks < 1) throw new ArgumentException($"ranks (G = {options.Ranks}) must be >= 1");
-        if (options.Slots < first.LogicalExperts) throw new ArgumentException($"slots (R = {options.Slots}) must be >= logical experts (N = {first.LogicalExperts})");
-        if (options.Slots % options.Ranks != 0) throw new ArgumentException($"slots (R = {options.Slots}) must be a multiple of ranks (G = {options.Ranks})");
-        if (options.Ranks % options.Nodes != 0) throw new ArgumentException($"ranks (G = {options.Ranks}) must be a multiple of nodes ({options.Nodes})");
+        _ = new ExpertTopology(first.Layers, first.LogicalExperts, options.Slots, options.Ranks, options.Nodes, options.Groups);
         if (options.Tokens < options.Ranks) throw new ArgumentException($"tokens ({options.Tokens}) must be >= ranks (G = {options.Ranks}): every rank routes its share");
         if (options.Steps < 1) throw new ArgumentException($"steps ({options.Steps}) must be >= 1");
         if (options.TopK < 1 || options.TopK > first.LogicalExperts) throw new ArgumentException($"top-k ({options.TopK}) must be in [1, {first.LogicalExperts}]");
@@ -180,11 +177,12 @@ public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory?
         private readonly Router[][] _routers;
         private readonly RankBuffers[] _buffers;
         private readonly int _perRank;
-        private readonly double[] _gpuLoad;
-        private readonly double[] _gpuLoadSum;
+        private readonly double[] _rankLoad;
+        private readonly double[] _rankLoadSum;
         private readonly double[] _perStep;
         private readonly System.Diagnostics.Stopwatch _busy = new();
-        private double _sumMean, _sumMax, _localTokens, _allTokens;
+        private Balancedness _balancedness;
+        private double _localTokens, _allTokens;
         private int _measured;
 
         public PolicyRun(SimulationOptions options, string? policy, ILoggerFactory? loggers)
@@ -223,8 +221,8 @@ public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory?
             _routers = _ranks.Select(r => r.LayerStates!.Select(state => new Router(routerOptions, state) { CheckDeviceErrors = false }).ToArray()).ToArray();
             _perRank = options.Tokens / ranks;
             _buffers = _ranks.Select(r => new RankBuffers(r.Backend, _perRank, options.TopK, experts)).ToArray();
-            _gpuLoad = new double[ranks];
-            _gpuLoadSum = new double[ranks];
+            _rankLoad = new double[ranks];
+            _rankLoadSum = new double[ranks];
             _perStep = new double[options.Steps];
         }
 
@@ -259,17 +257,15 @@ public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory?
             _busy.Start();
             foreach (var rank in _ranks) rank.Stream.CheckDeviceErrors();
             var pass = _model.PassPhysicalLoad();
-            double stepMean = 0, stepMax = 0;
-            Array.Clear(_gpuLoad);
+            var passBalancedness = new Balancedness();
+            Array.Clear(_rankLoad);
             foreach (var layerLoad in _model.RankLoads(pass))
             {
-                stepMean += layerLoad.Average();
-                stepMax += layerLoad.Max();
-                for (var g = 0; g < layerLoad.Length; g++) _gpuLoad[g] += layerLoad[g];
+                passBalancedness.Add(layerLoad);
+                for (var g = 0; g < layerLoad.Length; g++) _rankLoad[g] += layerLoad[g];
             }
-            _sumMean += stepMean;
-            _sumMax += stepMax;
-            _perStep[step] = stepMax > 0 ? stepMean / stepMax : 0;
+            _balancedness.Add(passBalancedness);
+            _perStep[step] = passBalancedness.Value;
             var logical = _model.ToLogical(pass);
             var tokens = 0.0;
             foreach (var v in logical.Values) tokens += v;
@@ -277,7 +273,7 @@ public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory?
             _allTokens += tokens;
             if (_state.CompletedRearrangements > 0 || _name == "no EPLB")
             {
-                for (var g = 0; g < _gpuLoad.Length; g++) _gpuLoadSum[g] += _gpuLoad[g] / _model.Layers;
+                for (var g = 0; g < _rankLoad.Length; g++) _rankLoadSum[g] += _rankLoad[g] / _model.Layers;
                 _measured++;
             }
             _state.Step();
@@ -286,11 +282,9 @@ public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory?
 
         public SimulationRun Result()
         {
-            var bytesPerExpert = _ranks[0].TensorSizes.Sum() * sizeof(float);
-            var transfers = _state.BytesMoved / Math.Max(1, bytesPerExpert);
-            return new SimulationRun(_name, _sumMax > 0 ? _sumMean / _sumMax : 0, _allTokens > 0 ? _localTokens / _allTokens : 1,
-                _state.CompletedRearrangements, _state.SlotsMoved, _state.BytesMoved, transfers * _options.FullScaleExpertBytes,
-                _busy.Elapsed.TotalSeconds / _options.Steps, _perStep, _gpuLoadSum.Select(v => _measured > 0 ? v / _measured : 0).ToArray());
+            return new SimulationRun(_name, _balancedness.Value, _allTokens > 0 ? _localTokens / _allTokens : 1,
+                _state.CompletedRearrangements, _state.SlotsMoved, _state.BytesMoved, _state.ExpertsMoved * _options.FullScaleExpertBytes,
+                _busy.Elapsed.TotalSeconds / _options.Steps, _perStep, _rankLoadSum.Select(v => _measured > 0 ? v / _measured : 0).ToArray());
         }
 
         public void Dispose()

@@ -26,16 +26,14 @@ public sealed class SimulatedRank : IMixtureOfExperts, IDisposable
     public SimulatedRank(int rank, int ranks, int layers, int logicalExperts, int slots, IReadOnlyList<int> tensorSizes, Backend backend = Backend.Cpu,
         ComputeStream? stream = null, IReadOnlyList<int[]>? initialPhy2Log = null)
     {
-        ArgumentOutOfRangeException.ThrowIfLessThan(ranks, 1);
+        var topology = new ExpertTopology(layers, logicalExperts, slots, ranks);
         ArgumentOutOfRangeException.ThrowIfNegative(rank);
         ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(rank, ranks);
-        ArgumentOutOfRangeException.ThrowIfNegative(layers);
-        if (slots % ranks != 0) throw new ArgumentException($"{slots} slots do not split over {ranks} ranks", nameof(slots));
         Rank = rank;
         Layers = layers;
         LogicalExperts = logicalExperts;
         Slots = slots;
-        SlotsPerRank = slots / ranks;
+        SlotsPerRank = topology.SlotsPerRank;
         Backend = backend;
         _ownsStream = stream is null;
         Stream = stream ?? new ComputeStream(backend);

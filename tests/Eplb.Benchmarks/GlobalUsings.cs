@@ -1,6 +1,5 @@
 // The benchmarks measure every layer of managed/; one list of namespaces instead of one per file.
 global using Eplb.Balancing;
-global using Eplb.Interop;
 global using Eplb.Kernels;
 global using Eplb.Load;
 global using Eplb.Migration;

@@ -51,13 +51,9 @@ public class RuntimeBenchmarks
 
     /// <summary>One pass of counters into the window ring (58 x 288 slots, 64-bit sums), CPU kernel.</summary>
     [Benchmark]
-    public unsafe void WindowPush()
+    public void WindowPush()
     {
-        using var stream = ComputeStream.Cpu.Lease(out var s);
-        using var passLease = _pass.AsSlice().Lease(out var pass);
-        using var windowLease = _window.AsSlice().Lease(out var window);
-        using var sumsLease = _sums.AsSlice().Lease(out var sums);
-        EplbException.ThrowIfFailed(NativeMethods.eplb_load_window_push(s, pass, window, sums, Layers * Slots, Window, _slot));
+        LoadWindow.Push(ComputeStream.Cpu, _pass, _window, _sums, Window, _slot);
         _slot = (_slot + 1) % Window;
     }
 

@@ -169,9 +169,9 @@ public class EplbStateTests
     [Test]
     public void BalancednessReducesOverRanksThenSumsOverLayers()
     {
-        Assert.That(EplbState.Balancedness([[100, 0, 0, 0], [100, 0, 0, 0]]), Is.EqualTo(0.25));
-        Assert.That(EplbState.Balancedness([[5, 5], [1, 3]]), Is.EqualTo((5.0 + 2.0) / (5.0 + 3.0)));
-        Assert.That(EplbState.Balancedness([[0, 0]]), Is.Zero);
+        Assert.That(Balancedness.Of([[100, 0, 0, 0], [100, 0, 0, 0]]), Is.EqualTo(0.25));
+        Assert.That(Balancedness.Of([[5, 5], [1, 3]]), Is.EqualTo((5.0 + 2.0) / (5.0 + 3.0)));
+        Assert.That(Balancedness.Of([[0, 0]]), Is.Zero);
     }
 
     [Test]

@@ -32,4 +32,18 @@ public class LayoutTests
         foreach (var (field, offset) in layout.Fields)
             Assert.That((long)Marshal.OffsetOf(layout.Type, field), Is.EqualTo(offset), $"offsetof({layout.Name}, {field})");
     }
+
+    // Public enums written by hand beside the ones the bindings generate: same values, same names.
+    [TestCase(typeof(Backend), typeof(eplb_backend_t), "EPLB_BACKEND_")]
+    [TestCase(typeof(ReplicaSelection), typeof(eplb_replica_selection_t), "EPLB_REPLICA_SELECTION_")]
+    [TestCase(typeof(RoutingScore), typeof(eplb_routing_score_t), "EPLB_ROUTING_SCORE_")]
+    [TestCase(typeof(EplbStatus), typeof(eplb_status_t), "EPLB_STATUS_")]
+    public void PublicEnumsMirrorTheHeader(Type mirror, Type native, string prefix)
+    {
+        static string Pascal(string name, string prefix) =>
+            string.Concat(name[prefix.Length..].Split('_').Select(p => p[..1] + p[1..].ToLowerInvariant()));
+        var expected = Enum.GetValues(native).Cast<object>().ToDictionary(v => Convert.ToInt64(v), v => Pascal(v.ToString()!, prefix));
+        var actual = Enum.GetValues(mirror).Cast<object>().ToDictionary(v => Convert.ToInt64(v), v => v.ToString()!);
+        Assert.That(actual, Is.EquivalentTo(expected));
+    }
 }

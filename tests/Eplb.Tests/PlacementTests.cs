@@ -106,8 +106,8 @@ public class PlacementTests
         var now = ExpertPlacement.FromPhy2Log([[1, 0, 2, 2, 3, 0]], 4, 3);
         Assert.That(now.SlotsChanged(old), Is.EqualTo(5));
         Assert.That(now.SlotsChanged(old, 0), Is.EqualTo(5));
-        Assert.That(now.ExpertsToReceive(old), Is.EqualTo(1));
-        Assert.That(now.BytesToMove(old, ExpertPlacement.DeepSeekV3ExpertBytes), Is.EqualTo(44_050_944));
+        Assert.That(MigrationPlanner.ExpertsToReceive(old, now), Is.EqualTo(1));
+        Assert.That(MigrationPlanner.BytesToMove(old, now, MigrationPlanner.DeepSeekV3ExpertBytes), Is.EqualTo(44_050_944));
         Assert.That(old.SlotsChanged(old), Is.Zero);
         Assert.Throws<ArgumentException>(() => now.SlotsChanged(ExpertPlacement.Initial(1, 4, 6, 2)));
     }
@@ -116,7 +116,7 @@ public class PlacementTests
     public void DeepSeekV3ExpertIsFp8WeightsPlusBlockScales()
     {
         // gate, up, down: 7168 x 2048 bytes each, plus (7168/128) x (2048/128) float32 scales each.
-        Assert.That(ExpertPlacement.DeepSeekV3ExpertBytes, Is.EqualTo(3 * (7168L * 2048 + 56 * 16 * 4)));
+        Assert.That(MigrationPlanner.DeepSeekV3ExpertBytes, Is.EqualTo(3 * (7168L * 2048 + 56 * 16 * 4)));
     }
 
     [Test]

@@ -1,3 +1,4 @@
+using System.Numerics;
 using Eplb.Kernels;
 using Eplb.Load;
 using Eplb.Migration;
@@ -20,19 +21,14 @@ public sealed class EplbModel : IDisposable
     private int _windowSlot;
     private ExpertPlacement _placement;
 
-    internal EplbModel(string name, IReadOnlyList<IMixtureOfExperts> localRanks, int ranks, int nodes, int windowSize, int maxReplicas,
+    internal EplbModel(string name, IReadOnlyList<IMixtureOfExperts> localRanks, ExpertTopology topology, int windowSize, int maxReplicas,
         ReplicaSelection selection)
     {
-        var first = localRanks[0];
         Name = name;
-        Layers = first.Layers;
-        LogicalExperts = first.LogicalExperts;
-        Slots = first.Slots;
-        Ranks = ranks;
-        SlotsPerRank = first.SlotsPerRank;
+        Topology = topology;
         MaxReplicas = maxReplicas;
         _windowSize = windowSize;
-        _placement = ExpertPlacement.Initial(Layers, LogicalExperts, Slots, ranks, nodes, maxReplicas);
+        _placement = ExpertPlacement.Initial(Layers, LogicalExperts, Slots, Ranks, topology.Nodes, maxReplicas);
         _phy2Log = Enumerable.Range(0, Layers).Select(l => _placement.Phy2Log(l).ToArray()).ToArray();
         _ranks = localRanks.Select(r => new RankState(this, r, selection)).ToArray();
     }
@@ -40,20 +36,23 @@ public sealed class EplbModel : IDisposable
     /// <summary>The model's name (for logs).</summary>
     public string Name { get; }
 
+    /// <summary>L, N, R, G, nodes and groups of the model under EPLB.</summary>
+    public ExpertTopology Topology { get; }
+
     /// <summary>L, MoE layers on this stage (may be 0).</summary>
-    public int Layers { get; }
+    public int Layers => Topology.Layers;
 
     /// <summary>N, logical experts per layer.</summary>
-    public int LogicalExperts { get; }
+    public int LogicalExperts => Topology.LogicalExperts;
 
     /// <summary>R, physical slots per layer.</summary>
-    public int Slots { get; }
+    public int Slots => Topology.Slots;
 
     /// <summary>G, expert-parallel ranks.</summary>
-    public int Ranks { get; }
+    public int Ranks => Topology.Ranks;
 
     /// <summary>R / G.</summary>
-    public int SlotsPerRank { get; }
+    public int SlotsPerRank => Topology.SlotsPerRank;
 
     /// <summary>Kmax, the fixed capacity of a log2phy row.</summary>
     public int MaxReplicas { get; }
@@ -68,32 +67,24 @@ public sealed class EplbModel : IDisposable
     public IReadOnlyList<EplbLayerState> LayerStates(int rank) => RankOf(rank).LayerStates;
 
     /// <summary>The load window's 64-bit per-slot sums of the local ranks, added up, <c>[L * R]</c>.</summary>
-    public long[] WindowPhysicalLoad()
-    {
-        var total = new long[(long)Layers * Slots];
-        var part = new long[total.Length];
-        foreach (var rank in _ranks)
-        {
-            rank.Sums.CopyTo(part, 0, rank.Model.Stream);
-            for (var i = 0; i < total.Length; i++) total[i] += part[i];
-        }
-        return total;
-    }
+    public long[] WindowPhysicalLoad() => SumOverLocalRanks(rank => rank.Sums);
 
     /// <summary>The current pass's counters of the local ranks, added up, <c>[L * R]</c> (a host copy).</summary>
-    public long[] PassPhysicalLoad()
+    public long[] PassPhysicalLoad() => SumOverLocalRanks(rank => rank.Counters);
+
+    private long[] SumOverLocalRanks<T>(Func<RankState, DeviceBuffer<T>> perSlot) where T : unmanaged, IBinaryInteger<T>
     {
         var total = new long[(long)Layers * Slots];
-        var part = new int[total.Length];
+        var part = new T[total.Length];
         foreach (var rank in _ranks)
         {
-            rank.Counters.CopyTo(part, 0, rank.Model.Stream);
-            for (var i = 0; i < total.Length; i++) total[i] += part[i];
+            perSlot(rank).CopyTo(part, 0, rank.Model.Stream);
+            for (var i = 0; i < total.Length; i++) total[i] += long.CreateTruncating(part[i]);
         }
         return total;
     }
 
-    /// <summary>Per-layer GPU loads <c>[L][G]</c> of per-slot loads <c>[L * R]</c>: each rank's slots added up (SPEC 1).</summary>
+    /// <summary>Per-layer rank loads <c>[L][G]</c> of per-slot loads <c>[L * R]</c>: each rank's slots added up (SPEC 1).</summary>
     public double[][] RankLoads(ReadOnlySpan<long> physical)
     {
         if (physical.Length != Layers * Slots) throw new ArgumentException($"{physical.Length} values for {Layers} x {Slots} slots", nameof(physical));

@@ -92,6 +92,9 @@ public sealed class EplbState : IDisposable
     /// <summary>Slots whose expert changed in committed layers so far.</summary>
     public long SlotsMoved { get; private set; }
 
+    /// <summary>Experts received over the transport in committed layers so far (one per rank and expert it lacked).</summary>
+    public long ExpertsMoved { get; private set; }
+
     /// <summary>Bytes of expert weights received over the transport in committed layers so far.</summary>
     public long BytesMoved { get; private set; }
 
@@ -126,15 +129,14 @@ public sealed class EplbState : IDisposable
         var g = _transport.Ranks;
         if (r != n + _options.RedundantExperts)
             throw new ArgumentException($"model '{name}' has R = {r} slots for N = {n} experts, but RedundantExperts = {_options.RedundantExperts}", nameof(localRanks));
-        if (r % g != 0 || first.SlotsPerRank != r / g)
-            throw new ArgumentException($"model '{name}': R = {r} slots do not split into {g} ranks of {first.SlotsPerRank}", nameof(localRanks));
+        var topology = new ExpertTopology(first.Layers, n, r, g, _options.Nodes, _options.Groups);
+        if (first.SlotsPerRank != topology.SlotsPerRank)
+            throw new ArgumentException($"model '{name}': its ranks hold {first.SlotsPerRank} slots each, but R = {r} over G = {g} ranks is {topology.SlotsPerRank}", nameof(localRanks));
         if (_models.Count > 0 && (_models[0].LogicalExperts != n || _models[0].Slots != r))
             throw new ArgumentException($"model '{name}' has N = {n}, R = {r}; the first model '{_models[0].Name}' has N = {_models[0].LogicalExperts}, " +
                                         $"R = {_models[0].Slots}: EPLB models must have identical expert counts", nameof(localRanks));
-        if (g % _options.Nodes != 0)
-            throw new ArgumentException($"{g} ranks do not split over Nodes = {_options.Nodes}", nameof(localRanks));
         var kmax = _options.MaxReplicas > 0 ? _options.MaxReplicas : Math.Min(n, _options.RedundantExperts + 1);
-        var model = new EplbModel(name, localRanks, g, _options.Nodes, _options.WindowSize, kmax, _options.ReplicaSelection);
+        var model = new EplbModel(name, localRanks, topology, _options.WindowSize, kmax, _options.ReplicaSelection);
         _models.Add(model);
         foreach (var rank in localRanks) rank.SetEplbState(model.LayerStates(rank.Rank));
         return model;
@@ -233,28 +235,14 @@ public sealed class EplbState : IDisposable
             if (model.Layers == 0) continue;
             var physical = model.PassPhysicalLoad();
             _transport.AllReduceSum(physical);
-            var gpu = model.RankLoads(physical);
-            var balancedness = Balancedness(gpu);
-            var perRank = Enumerable.Range(0, model.Ranks).Select(g => gpu.Sum(layer => layer[g])).ToArray();
+            var rankLoads = model.RankLoads(physical);
+            var balancedness = Balancedness.Of(rankLoads);
+            var perRank = Enumerable.Range(0, model.Ranks).Select(g => rankLoads.Sum(layer => layer[g])).ToArray();
             LastLoggedBalancedness = balancedness;
             _logger.LogInformation(
                 "EPLB {Model} step {Step}: avg_tokens={AvgTokens:F2}, max_tokens={MaxTokens:F2}, balancedness={Balancedness:F4}, steps until next rearrangement: {Steps}",
                 model.Name, StepCount, perRank.Average(), perRank.Max(), balancedness, StepsUntilRearrangement);
         }
-    }
-
-    /// <summary>Balancedness of GPU loads <c>[L][G]</c>: sum over layers of the mean over ranks / sum of the max (SPEC 1).</summary>
-    public static double Balancedness(IReadOnlyList<IReadOnlyList<double>> gpuLoads)
-    {
-        ArgumentNullException.ThrowIfNull(gpuLoads);
-        double sumMean = 0, sumMax = 0;
-        foreach (var layer in gpuLoads)
-        {
-            if (layer.Count == 0) continue;
-            sumMean += layer.Average();
-            sumMax += layer.Max();
-        }
-        return sumMax > 0 ? sumMean / sumMax : 0;
     }
 
     /// <summary>Cancels a running rearrangement (old placement kept) and releases every model's buffers.</summary>
@@ -297,7 +285,8 @@ public sealed class EplbState : IDisposable
                 return false;
             }
             var options = owner._options;
-            var request = new PlacementRequest(model.Slots, options.Groups, options.Nodes, model.Ranks)
+            var topology = model.Topology;
+            var request = new PlacementRequest(topology.Slots, topology.Groups, topology.Nodes, topology.Ranks)
             {
                 NoDuplicateOnRank = options.NoDuplicateOnRank,
                 PreserveSlots = options.PreserveSlots,
@@ -391,7 +380,8 @@ public sealed class EplbState : IDisposable
             var bytesPerExpert = model.Weights(owner._transport.LocalRanks[0], layer).Sum(w => w.BytesPerExpert);
             owner.LayersCommitted++;
             owner.SlotsMoved += plan.SlotsChanged;
-            owner.BytesMoved += plan.Transfers.Count * bytesPerExpert;
+            owner.ExpertsMoved += plan.ExpertsReceived;
+            owner.BytesMoved += plan.BytesToMove(bytesPerExpert);
             _committedLayers++;
         }
 

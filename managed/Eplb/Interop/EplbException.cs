@@ -3,31 +3,6 @@ using System.Runtime.InteropServices;
 
 namespace Eplb.Interop;
 
-/// <summary>Result codes of libeplb, mirroring <c>eplb_status_t</c>.</summary>
-public enum EplbStatus
-{
-    /// <summary>Success.</summary>
-    Ok = 0,
-    /// <summary>An argument is null, out of range or inconsistent.</summary>
-    InvalidArgument = 1,
-    /// <summary>Host or device memory could not be allocated.</summary>
-    OutOfMemory = 2,
-    /// <summary>The backend was not compiled into libeplb (built without CUDA).</summary>
-    NotCompiled = 3,
-    /// <summary>CUDA is compiled in, but no device or driver is usable.</summary>
-    NoDevice = 4,
-    /// <summary>A CUDA runtime call failed.</summary>
-    CudaError = 5,
-    /// <summary>A kernel found bad input on the device.</summary>
-    DeviceInputError = 6,
-    /// <summary>A cooperative launch is not possible (unsupported, or the grid cannot co-reside).</summary>
-    CooperativeLaunchUnavailable = 7,
-    /// <summary>Valid, but not supported in this configuration.</summary>
-    Unsupported = 8,
-    /// <summary>A bug in libeplb.</summary>
-    Internal = 9,
-}
-
 /// <summary>
 /// A failure reported by libeplb. Invalid arguments surface as <see cref="ArgumentException"/> and
 /// out-of-memory as <see cref="OutOfMemoryException"/>; everything else is this type, with the

@@ -11,8 +11,6 @@ internal sealed unsafe class BufferHandle : SafeHandle
 
     public override bool IsInvalid => handle == 0;
 
-    internal eplb_buffer_t* Pointer => (eplb_buffer_t*)handle;
-
     internal static BufferHandle Create(eplb_backend_t backend, ulong bytes)
     {
         eplb_buffer_t* buffer = null;
@@ -34,8 +32,6 @@ internal sealed unsafe class StreamHandle : SafeHandle
 
     public override bool IsInvalid => handle == 0;
 
-    internal eplb_stream_t* Pointer => (eplb_stream_t*)handle;
-
     internal static StreamHandle Create(eplb_backend_t backend)
     {
         eplb_stream_t* stream = null;
@@ -55,26 +51,4 @@ internal sealed unsafe class StreamHandle : SafeHandle
     }
 
     protected override bool ReleaseHandle() => NativeMethods.eplb_stream_destroy((eplb_stream_t*)handle) == eplb_status_t.EPLB_STATUS_OK;
-}
-
-/// <summary>
-/// Keeps a SafeHandle alive across a native call (AddRef on entry, Release on dispose), so a
-/// concurrent Dispose cannot free the object mid-call. The one place handles become pointers.
-/// </summary>
-internal ref struct HandleLease
-{
-    private SafeHandle? _handle;
-
-    public HandleLease(SafeHandle handle)
-    {
-        var added = false;
-        handle.DangerousAddRef(ref added);
-        _handle = added ? handle : throw new ObjectDisposedException(handle.GetType().Name);
-    }
-
-    public void Dispose()
-    {
-        _handle?.DangerousRelease();
-        _handle = null;
-    }
 }

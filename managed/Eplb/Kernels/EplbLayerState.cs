@@ -82,40 +82,18 @@ public sealed class EplbLayerState
     /// <summary>The backend all views live on.</summary>
     public Backend Backend { get; }
 
-    /// <summary>Leases every view and fills the native struct; dispose the returned leases after the call.</summary>
-    internal unsafe Leases Acquire(out eplb_expert_map_t map)
+    /// <summary>The native struct over the views, leased in <paramref name="leases"/> for the call.</summary>
+    internal unsafe eplb_expert_map_t ToNative(LeaseScope leases) => new()
     {
-        var leases = new Leases();
-        leases.Log2Phy = Log2Phy.Lease(out var log2Phy);
-        leases.LogCnt = LogCnt.Lease(out var logCnt);
-        leases.Counters = Counters.Lease(out var counters);
-        leases.RecordFlag = RecordFlag.Lease(out var recordFlag);
-        map = new eplb_expert_map_t
-        {
-            log2phy = log2Phy,
-            logcnt = logCnt,
-            counters = counters,
-            record_flag = recordFlag,
-            num_logical = LogicalExperts,
-            max_replicas = MaxReplicas,
-            num_physical = Slots,
-            replica_selection = (int)ReplicaSelection,
-        };
-        return leases;
-    }
-
-    internal ref struct Leases
-    {
-        public HandleLease Log2Phy, LogCnt, Counters, RecordFlag;
-
-        public void Dispose()
-        {
-            Log2Phy.Dispose();
-            LogCnt.Dispose();
-            Counters.Dispose();
-            RecordFlag.Dispose();
-        }
-    }
+        log2phy = leases.Pointer(Log2Phy),
+        logcnt = leases.Pointer(LogCnt),
+        counters = leases.Pointer(Counters),
+        record_flag = leases.Pointer(RecordFlag),
+        num_logical = LogicalExperts,
+        max_replicas = MaxReplicas,
+        num_physical = Slots,
+        replica_selection = (int)ReplicaSelection,
+    };
 
     private static void Require(DeviceSlice<int> view, string name)
     {

@@ -52,19 +52,15 @@ public static unsafe class ExpertDispatch
     {
         ArgumentNullException.ThrowIfNull(stream);
         ArgumentNullException.ThrowIfNull(layout);
-        ExpectLength(physicalIds, (long)layout.Tokens * layout.TopK, nameof(physicalIds));
-        SameBackend(stream.Backend, layout.Backend, nameof(layout));
-        SameBackend(stream.Backend, physicalIds, nameof(physicalIds));
+        KernelArguments.ExpectLength(physicalIds, (long)layout.Tokens * layout.TopK, nameof(physicalIds));
+        KernelArguments.SameBackend(stream, layout.Backend, nameof(layout));
+        KernelArguments.SameBackend(stream, physicalIds, nameof(physicalIds));
 
-        using var streamLease = stream.Lease(out var s);
-        using var idsLease = LeaseOrNull(physicalIds, out var ids);
-        using var countsLease = layout.ExpertCounts.Lease(out var counts);
-        using var offsetsLease = layout.ExpertOffsets.Lease(out var offsets);
-        using var sortedLease = LeaseOrNull(layout.SortedPairIds, out var sorted);
-        using var blocksLease = LeaseOrNull(layout.BlockExperts, out var blocks);
-        using var positionsLease = LeaseOrNull(layout.PairPositions, out var positions);
-        EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_align(s, ids, layout.Tokens, layout.TopK, layout.FirstSlot,
-            layout.SlotsPerRank, layout.BlockSize, layout.Capacity, counts, offsets, sorted, blocks, positions));
+        using var leases = new LeaseScope();
+        EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_align(leases.Stream(stream), leases.PointerOrNull(physicalIds), layout.Tokens,
+            layout.TopK, layout.FirstSlot, layout.SlotsPerRank, layout.BlockSize, layout.Capacity, leases.Pointer(layout.ExpertCounts),
+            leases.Pointer(layout.ExpertOffsets), leases.PointerOrNull(layout.SortedPairIds), leases.PointerOrNull(layout.BlockExperts),
+            leases.PointerOrNull(layout.PairPositions)));
     }
 
     /// <summary>
@@ -77,18 +73,14 @@ public static unsafe class ExpertDispatch
     {
         ArgumentNullException.ThrowIfNull(stream);
         ArgumentNullException.ThrowIfNull(buckets);
-        ExpectLength(physicalIds, (long)buckets.Tokens * buckets.TopK, nameof(physicalIds));
-        SameBackend(stream.Backend, buckets.Backend, nameof(buckets));
-        SameBackend(stream.Backend, physicalIds, nameof(physicalIds));
+        KernelArguments.ExpectLength(physicalIds, (long)buckets.Tokens * buckets.TopK, nameof(physicalIds));
+        KernelArguments.SameBackend(stream, buckets.Backend, nameof(buckets));
+        KernelArguments.SameBackend(stream, physicalIds, nameof(physicalIds));
 
-        using var streamLease = stream.Lease(out var s);
-        using var idsLease = LeaseOrNull(physicalIds, out var ids);
-        using var countsLease = buckets.RankCounts.Lease(out var counts);
-        using var offsetsLease = buckets.RankOffsets.Lease(out var offsets);
-        using var sendLease = LeaseOrNull(buckets.SendPairIds, out var send);
-        using var positionsLease = LeaseOrNull(buckets.PairPositions, out var positions);
-        EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_bucket_by_rank(s, ids, buckets.Tokens, buckets.TopK,
-            buckets.Slots, buckets.Ranks, counts, offsets, send, positions));
+        using var leases = new LeaseScope();
+        EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_bucket_by_rank(leases.Stream(stream), leases.PointerOrNull(physicalIds),
+            buckets.Tokens, buckets.TopK, buckets.Slots, buckets.Ranks, leases.Pointer(buckets.RankCounts), leases.Pointer(buckets.RankOffsets),
+            leases.PointerOrNull(buckets.SendPairIds), leases.PointerOrNull(buckets.PairPositions)));
     }
 
     /// <summary>
@@ -112,24 +104,20 @@ public static unsafe class ExpertDispatch
         ArgumentNullException.ThrowIfNull(stream);
         ArgumentOutOfRangeException.ThrowIfLessThan(hidden, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
-        RequireView(x, nameof(x));
-        RequireView(rowPairIds, nameof(rowPairIds));
-        RequireView(output, nameof(output));
-        ExpectLength(numRows, 1, nameof(numRows));
-        var tokens = WholeRows(x.Length, hidden, nameof(x));
-        ExpectLength(output, rowPairIds.Length * hidden, nameof(output));
-        SameBackend(stream.Backend, x, nameof(x));
-        SameBackend(stream.Backend, rowPairIds, nameof(rowPairIds));
-        SameBackend(stream.Backend, numRows, nameof(numRows));
-        SameBackend(stream.Backend, output, nameof(output));
+        KernelArguments.Require(x, nameof(x));
+        KernelArguments.Require(rowPairIds, nameof(rowPairIds));
+        KernelArguments.Require(output, nameof(output));
+        KernelArguments.ExpectLength(numRows, 1, nameof(numRows));
+        var tokens = KernelArguments.WholeRows(x.Length, hidden, nameof(x));
+        KernelArguments.ExpectLength(output, rowPairIds.Length * hidden, nameof(output));
+        KernelArguments.SameBackend(stream, x, nameof(x));
+        KernelArguments.SameBackend(stream, rowPairIds, nameof(rowPairIds));
+        KernelArguments.SameBackend(stream, numRows, nameof(numRows));
+        KernelArguments.SameBackend(stream, output, nameof(output));
 
-        using var streamLease = stream.Lease(out var s);
-        using var xLease = x.Lease(out var input);
-        using var idsLease = rowPairIds.Lease(out var ids);
-        using var rowsLease = numRows.Lease(out var rows);
-        using var outputLease = output.Lease(out var result);
-        EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_permute(s, dtype, input, tokens, hidden, topK, ids, rows,
-            rowPairIds.Length, result));
+        using var leases = new LeaseScope();
+        EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_permute(leases.Stream(stream), dtype, leases.Pointer(x), tokens, hidden, topK,
+            leases.Pointer(rowPairIds), leases.Pointer(numRows), rowPairIds.Length, leases.Pointer(output)));
     }
 
     /// <summary>Permutes <paramref name="x"/> (the layout's T tokens) into the layout's expert-contiguous rows.</summary>
@@ -138,7 +126,7 @@ public static unsafe class ExpertDispatch
     {
         ArgumentNullException.ThrowIfNull(layout);
         ArgumentOutOfRangeException.ThrowIfLessThan(hidden, 1);
-        ExpectLength(x, (long)layout.Tokens * hidden, nameof(x));
+        KernelArguments.ExpectLength(x, (long)layout.Tokens * hidden, nameof(x));
         Permute(stream, x, hidden, layout.TopK, layout.SortedPairIds, layout.NumRows, output);
     }
 
@@ -148,7 +136,7 @@ public static unsafe class ExpertDispatch
     {
         ArgumentNullException.ThrowIfNull(buckets);
         ArgumentOutOfRangeException.ThrowIfLessThan(hidden, 1);
-        ExpectLength(x, (long)buckets.Tokens * hidden, nameof(x));
+        KernelArguments.ExpectLength(x, (long)buckets.Tokens * hidden, nameof(x));
         Permute(stream, x, hidden, buckets.TopK, buckets.SendPairIds, buckets.NumRows, output);
     }
 
@@ -175,25 +163,21 @@ public static unsafe class ExpertDispatch
         ArgumentNullException.ThrowIfNull(stream);
         ArgumentOutOfRangeException.ThrowIfLessThan(hidden, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
-        RequireView(y, nameof(y));
-        RequireView(pairPositions, nameof(pairPositions));
-        RequireView(output, nameof(output));
-        var yRows = WholeRows(y.Length, hidden, nameof(y));
-        var tokens = WholeRows(output.Length, hidden, nameof(output));
-        ExpectLength(pairPositions, tokens * topK, nameof(pairPositions));
-        if (!weights.IsNull) ExpectLength(weights, tokens * topK, nameof(weights));
-        SameBackend(stream.Backend, y, nameof(y));
-        SameBackend(stream.Backend, pairPositions, nameof(pairPositions));
-        SameBackend(stream.Backend, weights, nameof(weights));
-        SameBackend(stream.Backend, output, nameof(output));
+        KernelArguments.Require(y, nameof(y));
+        KernelArguments.Require(pairPositions, nameof(pairPositions));
+        KernelArguments.Require(output, nameof(output));
+        var yRows = KernelArguments.WholeRows(y.Length, hidden, nameof(y));
+        var tokens = KernelArguments.WholeRows(output.Length, hidden, nameof(output));
+        KernelArguments.ExpectLength(pairPositions, tokens * topK, nameof(pairPositions));
+        if (!weights.IsNull) KernelArguments.ExpectLength(weights, tokens * topK, nameof(weights));
+        KernelArguments.SameBackend(stream, y, nameof(y));
+        KernelArguments.SameBackend(stream, pairPositions, nameof(pairPositions));
+        KernelArguments.SameBackend(stream, weights, nameof(weights));
+        KernelArguments.SameBackend(stream, output, nameof(output));
 
-        using var streamLease = stream.Lease(out var s);
-        using var yLease = y.Lease(out var input);
-        using var positionsLease = pairPositions.Lease(out var positions);
-        using var weightsLease = LeaseOrNull(weights, out var w);
-        using var outputLease = output.Lease(out var result);
-        EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_combine(s, inType, input, yRows, hidden, positions, w, tokens, topK,
-            outType, result));
+        using var leases = new LeaseScope();
+        EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_combine(leases.Stream(stream), inType, leases.Pointer(y), yRows, hidden,
+            leases.Pointer(pairPositions), leases.PointerOrNull(weights), tokens, topK, outType, leases.Pointer(output)));
     }
 
     /// <summary>Combines expert outputs in the layout's row order back into its T tokens (see the general overload).</summary>
@@ -202,7 +186,7 @@ public static unsafe class ExpertDispatch
     {
         ArgumentNullException.ThrowIfNull(layout);
         ArgumentOutOfRangeException.ThrowIfLessThan(hidden, 1);
-        ExpectLength(output, (long)layout.Tokens * hidden, nameof(output));
+        KernelArguments.ExpectLength(output, (long)layout.Tokens * hidden, nameof(output));
         Combine(stream, y, hidden, layout.PairPositions, layout.TopK, weights, output);
     }
 
@@ -212,7 +196,7 @@ public static unsafe class ExpertDispatch
     {
         ArgumentNullException.ThrowIfNull(buckets);
         ArgumentOutOfRangeException.ThrowIfLessThan(hidden, 1);
-        ExpectLength(output, (long)buckets.Tokens * hidden, nameof(output));
+        KernelArguments.ExpectLength(output, (long)buckets.Tokens * hidden, nameof(output));
         Combine(stream, returned, hidden, buckets.PairPositions, buckets.TopK, weights, output);
     }
 
@@ -233,32 +217,32 @@ public static unsafe class ExpertDispatch
         ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(slotsPerRank, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(blockSize, 1);
-        var tokens = WholeRows(physicalIds.Length, topK, nameof(physicalIds));
-        ExpectLength(expertCounts.Length, slotsPerRank, nameof(expertCounts));
-        ExpectLength(expertOffsets.Length, slotsPerRank + 1L, nameof(expertOffsets));
-        ExpectLength(blockExperts.Length, sortedPairIds.Length / blockSize, nameof(blockExperts));
-        ExpectLength(pairPositions.Length, physicalIds.Length, nameof(pairPositions));
+        var tokens = KernelArguments.WholeRows(physicalIds.Length, topK, nameof(physicalIds));
+        KernelArguments.ExpectLength(expertCounts.Length, slotsPerRank, nameof(expertCounts));
+        KernelArguments.ExpectLength(expertOffsets.Length, slotsPerRank + 1L, nameof(expertOffsets));
+        KernelArguments.ExpectLength(blockExperts.Length, sortedPairIds.Length / blockSize, nameof(blockExperts));
+        KernelArguments.ExpectLength(pairPositions.Length, physicalIds.Length, nameof(pairPositions));
 
         if (backend == Backend.Cuda)
         {
-            using var stream = new ComputeStream(Backend.Cuda);
-            using var ids = new DeviceBuffer<int>(Backend.Cuda, physicalIds);
-            using var layout = ExpertLayoutOnDevice(tokens, topK, firstSlot, slotsPerRank, blockSize, sortedPairIds.Length);
-            Align(stream, ids, layout);
-            stream.CheckDeviceErrors();
-            layout.ExpertCounts.Buffer!.CopyTo(expertCounts, 0, stream);
-            layout.ExpertOffsets.Buffer!.CopyTo(expertOffsets, 0, stream);
-            layout.SortedPairIds.Buffer!.CopyTo(sortedPairIds, 0, stream);
-            layout.BlockExperts.Buffer!.CopyTo(blockExperts, 0, stream);
-            layout.PairPositions.Buffer!.CopyTo(pairPositions, 0, stream);
+            using var device = new DeviceRoundTrip();
+            // The host spans fix the capacity (it may exceed the worst case), so size the views to them.
+            var layout = device.Own(ExpertLayout.Owning(checked((int)tokens), topK, firstSlot, slotsPerRank, blockSize,
+                ExpertLayout.AllocateBuffers(Backend.Cuda, tokens * topK, slotsPerRank, sortedPairIds.Length, blockSize)));
+            Align(device.Stream, device.Upload(physicalIds), layout);
+            device.Download(layout.ExpertCounts, expertCounts);
+            device.Download(layout.ExpertOffsets, expertOffsets);
+            device.Download(layout.SortedPairIds, sortedPairIds);
+            device.Download(layout.BlockExperts, blockExperts);
+            device.Download(layout.PairPositions, pairPositions);
             return;
         }
-        using var streamLease = ComputeStream.Cpu.Lease(out var s);
+        using var leases = new LeaseScope();
         fixed (int* ids = physicalIds, counts = expertCounts, offsets = expertOffsets, sorted = sortedPairIds, blocks = blockExperts,
                positions = pairPositions)
         {
-            EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_align(s, ids, tokens, topK, firstSlot, slotsPerRank, blockSize,
-                sortedPairIds.Length, counts, offsets, sorted, blocks, positions));
+            EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_align(leases.Stream(ComputeStream.Cpu), ids, tokens, topK, firstSlot,
+                slotsPerRank, blockSize, sortedPairIds.Length, counts, offsets, sorted, blocks, positions));
         }
     }
 
@@ -273,30 +257,28 @@ public static unsafe class ExpertDispatch
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(ranks, 1);
-        var tokens = WholeRows(physicalIds.Length, topK, nameof(physicalIds));
-        ExpectLength(rankCounts.Length, ranks, nameof(rankCounts));
-        ExpectLength(rankOffsets.Length, ranks + 1L, nameof(rankOffsets));
-        ExpectLength(sendPairIds.Length, physicalIds.Length, nameof(sendPairIds));
-        ExpectLength(pairPositions.Length, physicalIds.Length, nameof(pairPositions));
+        var tokens = KernelArguments.WholeRows(physicalIds.Length, topK, nameof(physicalIds));
+        KernelArguments.ExpectLength(rankCounts.Length, ranks, nameof(rankCounts));
+        KernelArguments.ExpectLength(rankOffsets.Length, ranks + 1L, nameof(rankOffsets));
+        KernelArguments.ExpectLength(sendPairIds.Length, physicalIds.Length, nameof(sendPairIds));
+        KernelArguments.ExpectLength(pairPositions.Length, physicalIds.Length, nameof(pairPositions));
 
         if (backend == Backend.Cuda)
         {
-            using var stream = new ComputeStream(Backend.Cuda);
-            using var ids = new DeviceBuffer<int>(Backend.Cuda, physicalIds);
-            using var buckets = RankBuckets.Allocate(Backend.Cuda, checked((int)tokens), topK, slots, ranks);
-            BucketByRank(stream, ids, buckets);
-            stream.CheckDeviceErrors();
-            buckets.RankCounts.Buffer!.CopyTo(rankCounts, 0, stream);
-            buckets.RankOffsets.Buffer!.CopyTo(rankOffsets, 0, stream);
-            buckets.SendPairIds.Buffer!.CopyTo(sendPairIds, 0, stream);
-            buckets.PairPositions.Buffer!.CopyTo(pairPositions, 0, stream);
+            using var device = new DeviceRoundTrip();
+            var buckets = device.Own(RankBuckets.Allocate(Backend.Cuda, checked((int)tokens), topK, slots, ranks));
+            BucketByRank(device.Stream, device.Upload(physicalIds), buckets);
+            device.Download(buckets.RankCounts, rankCounts);
+            device.Download(buckets.RankOffsets, rankOffsets);
+            device.Download(buckets.SendPairIds, sendPairIds);
+            device.Download(buckets.PairPositions, pairPositions);
             return;
         }
-        using var streamLease = ComputeStream.Cpu.Lease(out var s);
+        using var leases = new LeaseScope();
         fixed (int* ids = physicalIds, counts = rankCounts, offsets = rankOffsets, send = sendPairIds, positions = pairPositions)
         {
-            EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_bucket_by_rank(s, ids, tokens, topK, slots, ranks, counts,
-                offsets, send, positions));
+            EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_bucket_by_rank(leases.Stream(ComputeStream.Cpu), ids, tokens, topK, slots,
+                ranks, counts, offsets, send, positions));
         }
     }
 
@@ -312,27 +294,23 @@ public static unsafe class ExpertDispatch
         var dtype = DtypeOf<T>();
         ArgumentOutOfRangeException.ThrowIfLessThan(hidden, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
-        var tokens = WholeRows(x.Length, hidden, nameof(x));
-        ExpectLength(output.Length, (long)rowPairIds.Length * hidden, nameof(output));
+        var tokens = KernelArguments.WholeRows(x.Length, hidden, nameof(x));
+        KernelArguments.ExpectLength(output.Length, (long)rowPairIds.Length * hidden, nameof(output));
 
         if (backend == Backend.Cuda)
         {
-            using var stream = new ComputeStream(Backend.Cuda);
-            using var input = new DeviceBuffer<T>(Backend.Cuda, x);
-            using var ids = new DeviceBuffer<int>(Backend.Cuda, rowPairIds);
-            using var rows = new DeviceBuffer<int>(Backend.Cuda, [numRows]);
-            using var result = new DeviceBuffer<T>(Backend.Cuda, output);  // rows not written keep their values
-            Permute<T>(stream, input, hidden, topK, ids, rows, result);
-            stream.CheckDeviceErrors();
-            result.CopyTo(output, 0, stream);
+            using var device = new DeviceRoundTrip();
+            var result = device.Upload<T>(output);  // rows not written keep their values
+            Permute<T>(device.Stream, device.Upload(x), hidden, topK, device.Upload(rowPairIds), device.Upload<int>([numRows]), result);
+            device.Download(result, output);
             return;
         }
-        using var streamLease = ComputeStream.Cpu.Lease(out var s);
+        using var leases = new LeaseScope();
         fixed (T* input = x, result = output)
         fixed (int* ids = rowPairIds)
         {
-            EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_permute(s, dtype, input, tokens, hidden, topK, ids, &numRows,
-                rowPairIds.Length, result));
+            EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_permute(leases.Stream(ComputeStream.Cpu), dtype, input, tokens, hidden, topK,
+                ids, &numRows, rowPairIds.Length, result));
         }
     }
 
@@ -348,31 +326,28 @@ public static unsafe class ExpertDispatch
         var outType = DtypeOf<TOut>();
         ArgumentOutOfRangeException.ThrowIfLessThan(hidden, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
-        var yRows = WholeRows(y.Length, hidden, nameof(y));
-        var tokens = WholeRows(output.Length, hidden, nameof(output));
-        ExpectLength(pairPositions.Length, tokens * topK, nameof(pairPositions));
-        if (!weights.IsEmpty) ExpectLength(weights.Length, tokens * topK, nameof(weights));
+        var yRows = KernelArguments.WholeRows(y.Length, hidden, nameof(y));
+        var tokens = KernelArguments.WholeRows(output.Length, hidden, nameof(output));
+        KernelArguments.ExpectLength(pairPositions.Length, tokens * topK, nameof(pairPositions));
+        if (!weights.IsEmpty) KernelArguments.ExpectLength(weights.Length, tokens * topK, nameof(weights));
 
         if (backend == Backend.Cuda)
         {
-            using var stream = new ComputeStream(Backend.Cuda);
-            using var input = new DeviceBuffer<TIn>(Backend.Cuda, y);
-            using var positions = new DeviceBuffer<int>(Backend.Cuda, pairPositions);
-            using var w = weights.IsEmpty ? null : new DeviceBuffer<float>(Backend.Cuda, weights);
-            using var result = new DeviceBuffer<TOut>(Backend.Cuda, output.Length);
-            Combine<TIn, TOut>(stream, input, hidden, positions, topK, w is null ? default : w.AsSlice(), result);
-            stream.CheckDeviceErrors();
-            result.CopyTo(output, 0, stream);
+            using var device = new DeviceRoundTrip();
+            var result = device.Allocate<TOut>(output.Length);
+            Combine<TIn, TOut>(device.Stream, device.Upload(y), hidden, device.Upload(pairPositions), topK,
+                weights.IsEmpty ? default : device.Upload(weights).AsSlice(), result);
+            device.Download(result, output);
             return;
         }
-        using var streamLease = ComputeStream.Cpu.Lease(out var s);
+        using var leases = new LeaseScope();
         fixed (TIn* input = y)
         fixed (TOut* result = output)
         fixed (int* positions = pairPositions)
         fixed (float* w = weights)
         {
-            EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_combine(s, inType, input, yRows, hidden, positions,
-                weights.IsEmpty ? null : w, tokens, topK, outType, result));
+            EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_combine(leases.Stream(ComputeStream.Cpu), inType, input, yRows, hidden,
+                positions, weights.IsEmpty ? null : w, tokens, topK, outType, result));
         }
     }
 
@@ -382,69 +357,4 @@ public static unsafe class ExpertDispatch
         typeof(T) == typeof(float) ? eplb_dtype_t.EPLB_DTYPE_F32
         : typeof(T) == typeof(BFloat16) ? eplb_dtype_t.EPLB_DTYPE_BF16
         : throw new NotSupportedException($"dispatch ops take float or BFloat16 elements, not {typeof(T).Name}");
-
-    internal static void ExpectLength<T>(DeviceSlice<T> view, long expected, string name) where T : unmanaged
-    {
-        if (view.IsNull)
-        {
-            if (expected == 0) return;
-            throw new ArgumentException($"{name} is required ({expected} elements)", name);
-        }
-        if (view.Length != expected) throw new ArgumentException($"{name} has {view.Length} elements; {expected} are needed", name);
-    }
-
-    internal static void SameBackend<T>(Backend backend, DeviceSlice<T> view, string name) where T : unmanaged
-    {
-        if (!view.IsNull) SameBackend(backend, view.Backend, name);
-    }
-
-    private static void SameBackend(Backend expected, Backend actual, string name)
-    {
-        if (actual != expected) throw new ArgumentException($"{name} lives on {actual} but the stream runs on {expected}", name);
-    }
-
-    private static void ExpectLength(int length, long expected, string name)
-    {
-        if (length != expected) throw new ArgumentException($"{name} has {length} elements; {expected} are needed", name);
-    }
-
-    private static void RequireView<T>(DeviceSlice<T> view, string name) where T : unmanaged
-    {
-        if (view.IsNull) throw new ArgumentNullException(name);
-    }
-
-    private static long WholeRows(long length, int width, string name) =>
-        length % width == 0
-            ? length / width
-            : throw new ArgumentException($"{name} has {length} elements, not a multiple of {width}", name);
-
-    private static HandleLease LeaseOrNull<T>(DeviceSlice<T> view, out T* pointer) where T : unmanaged
-    {
-        if (view.IsNull || view.Length == 0)
-        {
-            pointer = null;
-            return default;
-        }
-        return view.Lease(out pointer);
-    }
-
-    private static ExpertLayout ExpertLayoutOnDevice(long tokens, int topK, int firstSlot, int slotsPerRank, int blockSize, int capacity)
-    {
-        // The host spans fix the capacity (it may exceed the worst case), so size the views to them.
-        var buffers = new DeviceBuffer<int>[5];
-        try
-        {
-            buffers[0] = new DeviceBuffer<int>(Backend.Cuda, slotsPerRank);
-            buffers[1] = new DeviceBuffer<int>(Backend.Cuda, slotsPerRank + 1L);
-            buffers[2] = new DeviceBuffer<int>(Backend.Cuda, capacity);
-            buffers[3] = new DeviceBuffer<int>(Backend.Cuda, capacity / blockSize);
-            buffers[4] = new DeviceBuffer<int>(Backend.Cuda, tokens * topK);
-            return ExpertLayout.Owning(checked((int)tokens), topK, firstSlot, slotsPerRank, blockSize, buffers);
-        }
-        catch
-        {
-            foreach (var buffer in buffers) buffer?.Dispose();
-            throw;
-        }
-    }
 }

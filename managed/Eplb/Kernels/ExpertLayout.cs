@@ -35,15 +35,15 @@ public sealed class ExpertLayout : IDisposable
         if (capacity < needed)
             throw new ArgumentException($"sortedPairIds has {capacity} elements; {pairs} pairs over {slotsPerRank} experts " +
                                         $"padded to {blockSize} need {needed}", nameof(sortedPairIds));
-        ExpertDispatch.ExpectLength(expertCounts, slotsPerRank, nameof(expertCounts));
-        ExpertDispatch.ExpectLength(expertOffsets, slotsPerRank + 1L, nameof(expertOffsets));
-        ExpertDispatch.ExpectLength(blockExperts, capacity / blockSize, nameof(blockExperts));
-        ExpertDispatch.ExpectLength(pairPositions, pairs, nameof(pairPositions));
+        KernelArguments.ExpectLength(expertCounts, slotsPerRank, nameof(expertCounts));
+        KernelArguments.ExpectLength(expertOffsets, slotsPerRank + 1L, nameof(expertOffsets));
+        KernelArguments.ExpectLength(blockExperts, capacity / blockSize, nameof(blockExperts));
+        KernelArguments.ExpectLength(pairPositions, pairs, nameof(pairPositions));
         Backend = expertCounts.Backend;
-        ExpertDispatch.SameBackend(Backend, expertOffsets, nameof(expertOffsets));
-        ExpertDispatch.SameBackend(Backend, sortedPairIds, nameof(sortedPairIds));
-        ExpertDispatch.SameBackend(Backend, blockExperts, nameof(blockExperts));
-        ExpertDispatch.SameBackend(Backend, pairPositions, nameof(pairPositions));
+        KernelArguments.SameBackend(Backend, expertOffsets, nameof(expertOffsets));
+        KernelArguments.SameBackend(Backend, sortedPairIds, nameof(sortedPairIds));
+        KernelArguments.SameBackend(Backend, blockExperts, nameof(blockExperts));
+        KernelArguments.SameBackend(Backend, pairPositions, nameof(pairPositions));
         Tokens = tokens;
         TopK = topK;
         FirstSlot = firstSlot;
@@ -64,7 +64,11 @@ public sealed class ExpertLayout : IDisposable
 
     /// <summary>A layout over five buffers (counts, offsets, sorted ids, block experts, positions) that it then owns.</summary>
     internal static ExpertLayout Owning(int tokens, int topK, int firstSlot, int slotsPerRank, int blockSize, DeviceBuffer<int>[] owned) =>
-        new(tokens, topK, firstSlot, slotsPerRank, blockSize, owned);
+        OwnedBuffers.Own(owned, buffers => new ExpertLayout(tokens, topK, firstSlot, slotsPerRank, blockSize, buffers));
+
+    /// <summary>The five buffers of a layout of <paramref name="pairs"/> pairs with <paramref name="capacity"/> rows.</summary>
+    internal static DeviceBuffer<int>[] AllocateBuffers(Backend backend, long pairs, int slotsPerRank, long capacity, int blockSize) =>
+        OwnedBuffers.Allocate(backend, slotsPerRank, slotsPerRank + 1L, capacity, capacity / blockSize, pairs);
 
     /// <summary>
     /// Allocates the buffers of a layout for <paramref name="tokens"/> x <paramref name="topK"/>
@@ -77,21 +81,7 @@ public sealed class ExpertLayout : IDisposable
         ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
         var pairs = (long)tokens * topK;
         var capacity = ExpertDispatch.AlignCapacity(pairs, slotsPerRank, blockSize);
-        var owned = new DeviceBuffer<int>[5];
-        try
-        {
-            owned[0] = new DeviceBuffer<int>(backend, slotsPerRank);
-            owned[1] = new DeviceBuffer<int>(backend, slotsPerRank + 1L);
-            owned[2] = new DeviceBuffer<int>(backend, capacity);
-            owned[3] = new DeviceBuffer<int>(backend, capacity / blockSize);
-            owned[4] = new DeviceBuffer<int>(backend, pairs);
-            return Owning(tokens, topK, firstSlot, slotsPerRank, blockSize, owned);
-        }
-        catch
-        {
-            foreach (var buffer in owned) buffer?.Dispose();
-            throw;
-        }
+        return Owning(tokens, topK, firstSlot, slotsPerRank, blockSize, AllocateBuffers(backend, pairs, slotsPerRank, capacity, blockSize));
     }
 
     /// <summary>The backend all views live on.</summary>
@@ -106,7 +96,7 @@ public sealed class ExpertLayout : IDisposable
     /// <summary>The first physical slot of this rank; slot <c>FirstSlot + e</c> is local expert e.</summary>
     public int FirstSlot { get; }
 
-    /// <summary>E, the experts (slots) local to this rank.</summary>
+    /// <summary>R/G, the slots of this rank: local expert e is slot <c>FirstSlot + e</c>.</summary>
     public int SlotsPerRank { get; }
 
     /// <summary>Rows per block; every expert's rows are padded to a multiple of it.</summary>
@@ -134,8 +124,5 @@ public sealed class ExpertLayout : IDisposable
     public DeviceSlice<int> PairPositions { get; }
 
     /// <summary>Releases the buffers when the layout owns them (<see cref="Allocate"/>).</summary>
-    public void Dispose()
-    {
-        foreach (var buffer in _owned) buffer.Dispose();
-    }
+    public void Dispose() => OwnedBuffers.Dispose(_owned);
 }

@@ -23,27 +23,23 @@ public static unsafe class ExpertMapping
         ArgumentNullException.ThrowIfNull(stream);
         ArgumentNullException.ThrowIfNull(layer);
         ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
-        if (topkIds.IsNull) throw new ArgumentNullException(nameof(topkIds));
-        if (physicalIds.IsNull) throw new ArgumentNullException(nameof(physicalIds));
+        KernelArguments.Require(topkIds, nameof(topkIds));
+        KernelArguments.Require(physicalIds, nameof(physicalIds));
         if (topkIds.Length % topK != 0)
             throw new ArgumentException($"topkIds has {topkIds.Length} elements, not a multiple of topK = {topK}", nameof(topkIds));
         if (physicalIds.Length != topkIds.Length)
             throw new ArgumentException($"physicalIds has {physicalIds.Length} elements, topkIds {topkIds.Length}", nameof(physicalIds));
         if (!numUnpadded.IsNull && numUnpadded.Length != 1)
             throw new ArgumentException($"numUnpadded must view one element (got {numUnpadded.Length})", nameof(numUnpadded));
-        SameBackend(stream, layer.Backend, "layer");
-        SameBackend(stream, topkIds.Backend, nameof(topkIds));
-        SameBackend(stream, physicalIds.Backend, nameof(physicalIds));
-        if (!numUnpadded.IsNull) SameBackend(stream, numUnpadded.Backend, nameof(numUnpadded));
+        KernelArguments.SameBackend(stream, layer.Backend, "layer");
+        KernelArguments.SameBackend(stream, topkIds, nameof(topkIds));
+        KernelArguments.SameBackend(stream, physicalIds, nameof(physicalIds));
+        KernelArguments.SameBackend(stream, numUnpadded, nameof(numUnpadded));
 
-        using var streamLease = stream.Lease(out var streamPointer);
-        using var tableLeases = layer.Acquire(out var map);
-        using var idsLease = topkIds.Lease(out var ids);
-        using var outLease = physicalIds.Lease(out var output);
-        int* unpadded = null;
-        using var unpaddedLease = numUnpadded.IsNull ? default : numUnpadded.Lease(out unpadded);
-        EplbException.ThrowIfFailed(NativeMethods.eplb_map_logical_to_physical(streamPointer, ids, topkIds.Length / topK, topK, &map,
-            unpadded, output));
+        using var leases = new LeaseScope();
+        var map = layer.ToNative(leases);
+        EplbException.ThrowIfFailed(NativeMethods.eplb_map_logical_to_physical(leases.Stream(stream), leases.Pointer(topkIds),
+            topkIds.Length / topK, topK, &map, leases.Pointer(numUnpadded), leases.Pointer(physicalIds)));
     }
 
     /// <summary>
@@ -77,7 +73,7 @@ public static unsafe class ExpertMapping
         }
         var flag = record ? 1 : 0;
         var unpaddedValue = numUnpadded ?? 0;
-        using var streamLease = ComputeStream.Cpu.Lease(out var stream);
+        using var leases = new LeaseScope();
         fixed (int* ids = topkIds, table = log2Phy, counts = logCnt, output = physicalIds, load = counters)
         {
             var map = new eplb_expert_map_t
@@ -91,8 +87,8 @@ public static unsafe class ExpertMapping
                 num_physical = slots,
                 replica_selection = (int)replicaSelection,
             };
-            EplbException.ThrowIfFailed(NativeMethods.eplb_map_logical_to_physical(stream, ids, topkIds.Length / topK, topK, &map,
-                numUnpadded.HasValue ? &unpaddedValue : null, output));
+            EplbException.ThrowIfFailed(NativeMethods.eplb_map_logical_to_physical(leases.Stream(ComputeStream.Cpu), ids, topkIds.Length / topK,
+                topK, &map, numUnpadded.HasValue ? &unpaddedValue : null, output));
         }
     }
 
@@ -100,26 +96,15 @@ public static unsafe class ExpertMapping
         int maxReplicas, int slots, Span<int> physicalIds, Span<int> counters, bool record, int? numUnpadded,
         ReplicaSelection replicaSelection)
     {
-        using var stream = new ComputeStream(Backend.Cuda);
-        using var ids = new DeviceBuffer<int>(Backend.Cuda, topkIds);
-        using var table = new DeviceBuffer<int>(Backend.Cuda, log2Phy);
-        using var counts = new DeviceBuffer<int>(Backend.Cuda, logCnt);
-        using var load = new DeviceBuffer<int>(Backend.Cuda, slots);
-        if (record) load.CopyFrom(counters);
-        else load.Fill(0);
-        using var flag = new DeviceBuffer<int>(Backend.Cuda, [record ? 1 : 0]);
-        using var unpadded = new DeviceBuffer<int>(Backend.Cuda, [numUnpadded ?? 0]);
-        using var output = new DeviceBuffer<int>(Backend.Cuda, topkIds.Length);
-        var layer = new EplbLayerState(table, counts, load, flag, logCnt.Length, maxReplicas, slots, replicaSelection);
-        MapToPhysical(stream, ids, topK, layer, output, numUnpadded.HasValue ? unpadded.AsSlice() : default);
-        stream.CheckDeviceErrors();
-        output.CopyTo(physicalIds, 0, stream);
-        if (record) load.CopyTo(counters, 0, stream);
-    }
-
-    private static void SameBackend(ComputeStream stream, Backend backend, string name)
-    {
-        if (backend != stream.Backend)
-            throw new ArgumentException($"{name} lives on {backend} but the stream runs on {stream.Backend}", name);
+        using var device = new DeviceRoundTrip();
+        var load = record ? device.Upload<int>(counters) : device.Allocate<int>(slots);
+        if (!record) load.Fill(0);
+        var output = device.Allocate<int>(topkIds.Length);
+        var layer = new EplbLayerState(device.Upload(log2Phy), device.Upload(logCnt), load, device.Upload<int>([record ? 1 : 0]),
+            logCnt.Length, maxReplicas, slots, replicaSelection);
+        MapToPhysical(device.Stream, device.Upload(topkIds), topK, layer, output,
+            numUnpadded.HasValue ? device.Upload<int>([numUnpadded.Value]).AsSlice() : default);
+        device.Download(output, physicalIds);
+        if (record) device.Download(load, counters);
     }
 }

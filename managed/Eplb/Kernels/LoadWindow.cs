@@ -25,37 +25,24 @@ public static unsafe class LoadWindow
     {
         ArgumentNullException.ThrowIfNull(stream);
         ArgumentOutOfRangeException.ThrowIfLessThan(windowSize, 1);
-        if (counters.IsNull) throw new ArgumentNullException(nameof(counters));
-        if (window.IsNull) throw new ArgumentNullException(nameof(window));
-        if (sums.IsNull) throw new ArgumentNullException(nameof(sums));
-        if (window.Length != (long)windowSize * counters.Length)
-            throw new ArgumentException($"window has {window.Length} elements; {windowSize} passes of {counters.Length} counters need {(long)windowSize * counters.Length}", nameof(window));
-        if (sums.Length != counters.Length)
-            throw new ArgumentException($"sums has {sums.Length} elements, counters {counters.Length}", nameof(sums));
-        SameBackend(stream, counters.Backend, nameof(counters));
-        SameBackend(stream, window.Backend, nameof(window));
-        SameBackend(stream, sums.Backend, nameof(sums));
-        using var streamLease = stream.Lease(out var s);
-        using var countersLease = counters.Lease(out var pass);
-        using var windowLease = window.Lease(out var ring);
-        using var sumsLease = sums.Lease(out var totals);
-        EplbException.ThrowIfFailed(NativeMethods.eplb_load_window_push(s, pass, ring, totals, counters.Length, windowSize, slot));
+        KernelArguments.Require(counters, nameof(counters));
+        KernelArguments.ExpectLength(window, (long)windowSize * counters.Length, nameof(window));
+        KernelArguments.ExpectLength(sums, counters.Length, nameof(sums));
+        KernelArguments.SameBackend(stream, counters, nameof(counters));
+        KernelArguments.SameBackend(stream, window, nameof(window));
+        KernelArguments.SameBackend(stream, sums, nameof(sums));
+        using var leases = new LeaseScope();
+        EplbException.ThrowIfFailed(NativeMethods.eplb_load_window_push(leases.Stream(stream), leases.Pointer(counters), leases.Pointer(window),
+            leases.Pointer(sums), counters.Length, windowSize, slot));
     }
 
     /// <summary>Zeroes the pass's counters without recording them (a dummy pass of an idle data-parallel rank).</summary>
     public static void Discard(ComputeStream stream, DeviceSlice<int> counters)
     {
         ArgumentNullException.ThrowIfNull(stream);
-        if (counters.IsNull) throw new ArgumentNullException(nameof(counters));
-        SameBackend(stream, counters.Backend, nameof(counters));
-        using var streamLease = stream.Lease(out var s);
-        using var countersLease = counters.Lease(out var pass);
-        EplbException.ThrowIfFailed(NativeMethods.eplb_load_window_discard(s, pass, counters.Length));
-    }
-
-    private static void SameBackend(ComputeStream stream, Backend backend, string name)
-    {
-        if (backend != stream.Backend)
-            throw new ArgumentException($"{name} lives on {backend} but the stream runs on {stream.Backend}", name);
+        KernelArguments.Require(counters, nameof(counters));
+        KernelArguments.SameBackend(stream, counters, nameof(counters));
+        using var leases = new LeaseScope();
+        EplbException.ThrowIfFailed(NativeMethods.eplb_load_window_discard(leases.Stream(stream), leases.Pointer(counters), counters.Length));
     }
 }

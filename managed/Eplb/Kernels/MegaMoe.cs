@@ -31,12 +31,9 @@ public readonly record struct MoeLayerShape(int Hidden, int Intermediate, int To
     /// <exception cref="ArgumentException">The slots do not split evenly or the rank is out of range.</exception>
     public static MoeLayerShape ForRank(int hidden, int intermediate, int topK, int slots, int ranks, int rank, float swigluLimit = 0f)
     {
-        ArgumentOutOfRangeException.ThrowIfLessThan(ranks, 1);
+        var perRank = ExpertTopology.SlotsPerRankOf(slots, ranks);
         ArgumentOutOfRangeException.ThrowIfNegative(rank);
         ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(rank, ranks);
-        if (slots % ranks != 0)
-            throw new ArgumentException($"{slots} expert slots do not split evenly over {ranks} ranks", nameof(ranks));
-        var perRank = slots / ranks;
         return new MoeLayerShape(hidden, intermediate, topK, slots, perRank, rank * perRank, swigluLimit);
     }
 
@@ -133,8 +130,8 @@ public static unsafe class MegaMoe
         ArgumentOutOfRangeException.ThrowIfNegative(tokens);
         var native = shape.ToNative();
         int blocks, tile;
-        using (stream.Lease(out var streamPointer))
-            EplbException.ThrowIfFailed(NativeMethods.eplb_mega_moe_max_grid(streamPointer, &native, tokens, &blocks, &tile));
+        using (var leases = new LeaseScope())
+            EplbException.ThrowIfFailed(NativeMethods.eplb_mega_moe_max_grid(leases.Stream(stream), &native, tokens, &blocks, &tile));
         blockM = tile;
         return blocks;
     }
@@ -211,28 +208,14 @@ public static unsafe class MegaMoe
         if (backend == Backend.Cuda) return RunOnDevice(shape, tokens, x, topkIds, topkWeights, w1, w2, output, moeBackend, fallback);
 
         using var workspace = new DeviceBuffer<byte>(Backend.Cpu, WorkspaceSize(shape, tokens));
-        var native = shape.ToNative();
-        using var streamLease = ComputeStream.Cpu.Lease(out var stream);
-        using var workspaceLease = workspace.AsSlice().Lease(out var workspacePointer);
+        using var leases = new LeaseScope();
         fixed (BFloat16* xPointer = x, w1Pointer = w1, w2Pointer = w2, outputPointer = output)
         fixed (int* idsPointer = topkIds)
         fixed (float* weightsPointer = topkWeights)
         {
-            var tensors = new eplb_moe_tensors_t
-            {
-                x = (ushort*)xPointer,
-                topk_ids = idsPointer,
-                topk_weights = weightsPointer,
-                w1 = (ushort*)w1Pointer,
-                w2 = (ushort*)w2Pointer,
-                output = (ushort*)outputPointer,
-                workspace = workspacePointer,
-                workspace_bytes = (ulong)workspace.Length,
-            };
-            if (moeBackend == MoeBackend.Unfused)
-                EplbException.ThrowIfFailed(NativeMethods.eplb_moe_unfused(stream, &native, tokens, &tensors));
-            else
-                EplbException.ThrowIfFailed(NativeMethods.eplb_mega_moe(stream, &native, tokens, &tensors, 0));
+            var tensors = Tensors(xPointer, idsPointer, weightsPointer, w1Pointer, w2Pointer, outputPointer, leases.Pointer(workspace.AsSlice()),
+                workspace.Length);
+            Launch(leases.Stream(ComputeStream.Cpu), shape, tokens, &tensors, moeBackend == MoeBackend.MegaMoe, 0);
         }
         return moeBackend;
     }
@@ -241,21 +224,20 @@ public static unsafe class MegaMoe
         ReadOnlySpan<float> topkWeights, ReadOnlySpan<BFloat16> w1, ReadOnlySpan<BFloat16> w2, Span<BFloat16> output, MoeBackend moeBackend,
         MoeFallback fallback)
     {
-        using var stream = new ComputeStream(Backend.Cuda);
-        using var xBuffer = new DeviceBuffer<BFloat16>(Backend.Cuda, x);
-        using var ids = new DeviceBuffer<int>(Backend.Cuda, topkIds);
-        using var weights = new DeviceBuffer<float>(Backend.Cuda, topkWeights);
-        using var w1Buffer = new DeviceBuffer<BFloat16>(Backend.Cuda, w1);
-        using var w2Buffer = new DeviceBuffer<BFloat16>(Backend.Cuda, w2);
-        using var outBuffer = new DeviceBuffer<BFloat16>(Backend.Cuda, output.Length);
-        using var workspace = new DeviceBuffer<byte>(Backend.Cuda, WorkspaceSize(shape, tokens));
+        using var device = new DeviceRoundTrip();
+        var result = device.Allocate<BFloat16>(output.Length);
+        var xs = device.Upload(x);
+        var ids = device.Upload(topkIds);
+        var weights = device.Upload(topkWeights);
+        var w1s = device.Upload(w1);
+        var w2s = device.Upload(w2);
+        var workspace = device.Allocate<byte>(WorkspaceSize(shape, tokens));
         var ran = MoeBackend.Unfused;
         if (moeBackend == MoeBackend.Unfused)
-            RunUnfused(stream, shape, xBuffer, ids, weights, w1Buffer, w2Buffer, outBuffer, workspace);
+            RunUnfused(device.Stream, shape, xs, ids, weights, w1s, w2s, result, workspace);
         else
-            ran = Run(stream, shape, xBuffer, ids, weights, w1Buffer, w2Buffer, outBuffer, workspace, fallback);
-        stream.CheckDeviceErrors();
-        outBuffer.CopyTo(output, 0, stream);
+            ran = Run(device.Stream, shape, xs, ids, weights, w1s, w2s, result, workspace, fallback);
+        device.Download(result, output);
         return ran;
     }
 
@@ -264,49 +246,52 @@ public static unsafe class MegaMoe
         DeviceSlice<byte> workspace, int gridBlocks, bool fused)
     {
         ArgumentNullException.ThrowIfNull(stream);
-        Require(x, nameof(x));
-        Require(topkIds, nameof(topkIds));
-        Require(topkWeights, nameof(topkWeights));
-        Require(w1, nameof(w1));
-        Require(w2, nameof(w2));
-        Require(output, nameof(output));
-        Require(workspace, nameof(workspace));
+        KernelArguments.Require(x, nameof(x));
+        KernelArguments.Require(topkIds, nameof(topkIds));
+        KernelArguments.Require(topkWeights, nameof(topkWeights));
+        KernelArguments.Require(w1, nameof(w1));
+        KernelArguments.Require(w2, nameof(w2));
+        KernelArguments.Require(output, nameof(output));
+        KernelArguments.Require(workspace, nameof(workspace));
         var tokens = CheckLengths(shape, x.Length, topkIds.Length, topkWeights.Length, w1.Length, w2.Length, output.Length);
         var needed = WorkspaceSize(shape, tokens);
         if (workspace.Length < needed)
             throw new ArgumentException($"workspace has {workspace.Length} bytes; {tokens} tokens need {needed} (MegaMoe.WorkspaceSize)", nameof(workspace));
-        SameBackend(stream, x.Backend, nameof(x));
-        SameBackend(stream, topkIds.Backend, nameof(topkIds));
-        SameBackend(stream, topkWeights.Backend, nameof(topkWeights));
-        SameBackend(stream, w1.Backend, nameof(w1));
-        SameBackend(stream, w2.Backend, nameof(w2));
-        SameBackend(stream, output.Backend, nameof(output));
-        SameBackend(stream, workspace.Backend, nameof(workspace));
+        KernelArguments.SameBackend(stream, x, nameof(x));
+        KernelArguments.SameBackend(stream, topkIds, nameof(topkIds));
+        KernelArguments.SameBackend(stream, topkWeights, nameof(topkWeights));
+        KernelArguments.SameBackend(stream, w1, nameof(w1));
+        KernelArguments.SameBackend(stream, w2, nameof(w2));
+        KernelArguments.SameBackend(stream, output, nameof(output));
+        KernelArguments.SameBackend(stream, workspace, nameof(workspace));
 
+        using var leases = new LeaseScope();
+        var tensors = Tensors(leases.Pointer(x), leases.Pointer(topkIds), leases.Pointer(topkWeights), leases.Pointer(w1), leases.Pointer(w2),
+            leases.Pointer(output), leases.Pointer(workspace), workspace.Length);
+        Launch(leases.Stream(stream), shape, tokens, &tensors, fused, gridBlocks);
+    }
+
+    // The one eplb_moe_tensors_t of both forms: bf16 travels as its raw bits.
+    private static eplb_moe_tensors_t Tensors(BFloat16* x, int* topkIds, float* topkWeights, BFloat16* w1, BFloat16* w2, BFloat16* output,
+        byte* workspace, long workspaceBytes) => new()
+    {
+        x = (ushort*)x,
+        topk_ids = topkIds,
+        topk_weights = topkWeights,
+        w1 = (ushort*)w1,
+        w2 = (ushort*)w2,
+        output = (ushort*)output,
+        workspace = workspace,
+        workspace_bytes = (ulong)workspaceBytes,
+    };
+
+    private static void Launch(eplb_stream_t* stream, MoeLayerShape shape, long tokens, eplb_moe_tensors_t* tensors, bool fused, int gridBlocks)
+    {
         var native = shape.ToNative();
-        using var streamLease = stream.Lease(out var streamPointer);
-        using var xLease = x.Lease(out var xPointer);
-        using var idsLease = topkIds.Lease(out var idsPointer);
-        using var weightsLease = topkWeights.Lease(out var weightsPointer);
-        using var w1Lease = w1.Lease(out var w1Pointer);
-        using var w2Lease = w2.Lease(out var w2Pointer);
-        using var outputLease = output.Lease(out var outputPointer);
-        using var workspaceLease = workspace.Lease(out var workspacePointer);
-        var tensors = new eplb_moe_tensors_t
-        {
-            x = (ushort*)xPointer,
-            topk_ids = idsPointer,
-            topk_weights = weightsPointer,
-            w1 = (ushort*)w1Pointer,
-            w2 = (ushort*)w2Pointer,
-            output = (ushort*)outputPointer,
-            workspace = workspacePointer,
-            workspace_bytes = (ulong)workspace.Length,
-        };
         if (fused)
-            EplbException.ThrowIfFailed(NativeMethods.eplb_mega_moe(streamPointer, &native, tokens, &tensors, gridBlocks));
+            EplbException.ThrowIfFailed(NativeMethods.eplb_mega_moe(stream, &native, tokens, tensors, gridBlocks));
         else
-            EplbException.ThrowIfFailed(NativeMethods.eplb_moe_unfused(streamPointer, &native, tokens, &tensors));
+            EplbException.ThrowIfFailed(NativeMethods.eplb_moe_unfused(stream, &native, tokens, tensors));
     }
 
     // Checks the element counts against the shape; returns T.
@@ -327,16 +312,5 @@ public static unsafe class MegaMoe
         if (w2 != shape.W2Length)
             throw new ArgumentException($"w2 has {w2} elements; [E_local = {shape.SlotsPerRank}][{shape.Hidden}][{shape.Intermediate}] needs {shape.W2Length}", "w2");
         return tokens;
-    }
-
-    private static void Require<T>(DeviceSlice<T> slice, string name) where T : unmanaged
-    {
-        if (slice.IsNull) throw new ArgumentNullException(name);
-    }
-
-    private static void SameBackend(ComputeStream stream, Backend backend, string name)
-    {
-        if (backend != stream.Backend)
-            throw new ArgumentException($"{name} lives on {backend} but the stream runs on {stream.Backend}", name);
     }
 }

@@ -23,19 +23,17 @@ public sealed class RankBuckets : IDisposable
     {
         ArgumentOutOfRangeException.ThrowIfNegative(tokens);
         ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
-        ArgumentOutOfRangeException.ThrowIfLessThan(ranks, 1);
+        ExpertTopology.SlotsPerRankOf(slots, ranks);
         ArgumentOutOfRangeException.ThrowIfLessThan(slots, ranks);
-        if (slots % ranks != 0)
-            throw new ArgumentException($"slots ({slots}) must be a multiple of ranks ({ranks})", nameof(slots));
         var pairs = (long)tokens * topK;
-        ExpertDispatch.ExpectLength(rankCounts, ranks, nameof(rankCounts));
-        ExpertDispatch.ExpectLength(rankOffsets, ranks + 1L, nameof(rankOffsets));
-        ExpertDispatch.ExpectLength(sendPairIds, pairs, nameof(sendPairIds));
-        ExpertDispatch.ExpectLength(pairPositions, pairs, nameof(pairPositions));
+        KernelArguments.ExpectLength(rankCounts, ranks, nameof(rankCounts));
+        KernelArguments.ExpectLength(rankOffsets, ranks + 1L, nameof(rankOffsets));
+        KernelArguments.ExpectLength(sendPairIds, pairs, nameof(sendPairIds));
+        KernelArguments.ExpectLength(pairPositions, pairs, nameof(pairPositions));
         Backend = rankCounts.Backend;
-        ExpertDispatch.SameBackend(Backend, rankOffsets, nameof(rankOffsets));
-        ExpertDispatch.SameBackend(Backend, sendPairIds, nameof(sendPairIds));
-        ExpertDispatch.SameBackend(Backend, pairPositions, nameof(pairPositions));
+        KernelArguments.SameBackend(Backend, rankOffsets, nameof(rankOffsets));
+        KernelArguments.SameBackend(Backend, sendPairIds, nameof(sendPairIds));
+        KernelArguments.SameBackend(Backend, pairPositions, nameof(pairPositions));
         Tokens = tokens;
         TopK = topK;
         Slots = slots;
@@ -57,20 +55,8 @@ public sealed class RankBuckets : IDisposable
         ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(ranks, 1);
         var pairs = (long)tokens * topK;
-        var owned = new DeviceBuffer<int>[4];
-        try
-        {
-            owned[0] = new DeviceBuffer<int>(backend, ranks);
-            owned[1] = new DeviceBuffer<int>(backend, ranks + 1L);
-            owned[2] = new DeviceBuffer<int>(backend, pairs);
-            owned[3] = new DeviceBuffer<int>(backend, pairs);
-            return new RankBuckets(tokens, topK, slots, ranks, owned);
-        }
-        catch
-        {
-            foreach (var buffer in owned) buffer?.Dispose();
-            throw;
-        }
+        return OwnedBuffers.Own(OwnedBuffers.Allocate(backend, ranks, ranks + 1L, pairs, pairs),
+            buffers => new RankBuckets(tokens, topK, slots, ranks, buffers));
     }
 
     /// <summary>The backend all views live on.</summary>
@@ -104,8 +90,5 @@ public sealed class RankBuckets : IDisposable
     public DeviceSlice<int> PairPositions { get; }
 
     /// <summary>Releases the buffers when the buckets own them (<see cref="Allocate"/>).</summary>
-    public void Dispose()
-    {
-        foreach (var buffer in _owned) buffer.Dispose();
-    }
+    public void Dispose() => OwnedBuffers.Dispose(_owned);
 }

@@ -69,14 +69,19 @@ public sealed record RouterOptions
         RoutedScalingFactor = 2.5f,
     };
 
-    /// <summary>Throws one <see cref="ArgumentException"/> listing every violated rule.</summary>
+    /// <summary>
+    /// Throws one <see cref="ArgumentException"/> listing every violated rule, in the names of these
+    /// properties. The rules and limits are the ABI's (<c>eplb_routing.h</c>: the
+    /// <c>EPLB_ROUTING_MAX_*</c> constants the bindings generate); libeplb checks them again on every
+    /// call, so the two can only differ in wording.
+    /// </summary>
     public void Validate()
     {
         var problems = new List<string>();
         if (LogicalExperts is < 1 or > NativeConstants.EPLB_ROUTING_MAX_EXPERTS)
             problems.Add($"LogicalExperts must be in [1, {NativeConstants.EPLB_ROUTING_MAX_EXPERTS}] (got {LogicalExperts})");
         var maxTopK = Math.Min(Math.Max(LogicalExperts, 1), NativeConstants.EPLB_ROUTING_MAX_TOP_K);
-        if (TopK < 1 || TopK > maxTopK) problems.Add($"TopK must be in [1, min(LogicalExperts, 32) = {maxTopK}] (got {TopK})");
+        if (TopK < 1 || TopK > maxTopK) problems.Add($"TopK must be in [1, min(LogicalExperts, {NativeConstants.EPLB_ROUTING_MAX_TOP_K}) = {maxTopK}] (got {TopK})");
         if (!Enum.IsDefined(Score)) problems.Add($"Score {(int)Score} is not a RoutingScore");
         if (Groups is < 1 or > NativeConstants.EPLB_ROUTING_MAX_GROUPS)
             problems.Add($"Groups must be in [1, {NativeConstants.EPLB_ROUTING_MAX_GROUPS}] (got {Groups})");
@@ -167,22 +172,14 @@ public sealed unsafe class Router
         if (!bias.IsNull)
         {
             CheckBias(bias.Length);
-            SameBackend(stream, bias.Backend, nameof(bias));
+            KernelArguments.SameBackend(stream, bias, nameof(bias));
         }
 
         var config = Options.ToNative();
-        using var streamLease = stream.Lease(out var streamPointer);
-        eplb_expert_map_t map = default;
-        using var mapLeases = LayerState is null ? default : LayerState.Acquire(out map);
-        using var logitsLease = logits.Lease(out var logitsPointer);
-        using var idsLease = topkIds.Lease(out var idsPointer);
-        using var weightsLease = topkWeights.Lease(out var weightsPointer);
-        float* biasPointer = null;
-        using var biasLease = bias.IsNull ? default : bias.Lease(out biasPointer);
-        int* unpaddedPointer = null;
-        using var unpaddedLease = numUnpadded.IsNull ? default : numUnpadded.Lease(out unpaddedPointer);
-        EplbException.ThrowIfFailed(NativeMethods.eplb_route_topk(streamPointer, &config, logitsPointer, biasPointer, tokens,
-            LayerState is null ? null : &map, unpaddedPointer, idsPointer, weightsPointer));
+        using var leases = new LeaseScope();
+        var map = LayerState?.ToNative(leases) ?? default;
+        EplbException.ThrowIfFailed(NativeMethods.eplb_route_topk(leases.Stream(stream), &config, leases.Pointer(logits), leases.Pointer(bias),
+            tokens, LayerState is null ? null : &map, leases.Pointer(numUnpadded), leases.Pointer(topkIds), leases.Pointer(topkWeights)));
         AfterLaunch(stream);
     }
 
@@ -205,25 +202,18 @@ public sealed unsafe class Router
         ArgumentNullException.ThrowIfNull(stream);
         CheckHashOptions();
         var tokens = CheckCommon(stream, logits, topkIds, topkWeights, numUnpadded);
-        if (tokenIds.IsNull) throw new ArgumentNullException(nameof(tokenIds));
-        if (tid2eid.IsNull) throw new ArgumentNullException(nameof(tid2eid));
+        KernelArguments.Require(tokenIds, nameof(tokenIds));
+        KernelArguments.Require(tid2eid, nameof(tid2eid));
         var vocab = CheckHashTables(tokens, tokenIds.Length, tid2eid.Length);
-        SameBackend(stream, tokenIds.Backend, nameof(tokenIds));
-        SameBackend(stream, tid2eid.Backend, nameof(tid2eid));
+        KernelArguments.SameBackend(stream, tokenIds, nameof(tokenIds));
+        KernelArguments.SameBackend(stream, tid2eid, nameof(tid2eid));
 
         var config = Options.ToNative();
-        using var streamLease = stream.Lease(out var streamPointer);
-        eplb_expert_map_t map = default;
-        using var mapLeases = LayerState is null ? default : LayerState.Acquire(out map);
-        using var logitsLease = logits.Lease(out var logitsPointer);
-        using var tokensLease = tokenIds.Lease(out var tokensPointer);
-        using var tableLease = tid2eid.Lease(out var tablePointer);
-        using var idsLease = topkIds.Lease(out var idsPointer);
-        using var weightsLease = topkWeights.Lease(out var weightsPointer);
-        int* unpaddedPointer = null;
-        using var unpaddedLease = numUnpadded.IsNull ? default : numUnpadded.Lease(out unpaddedPointer);
-        EplbException.ThrowIfFailed(NativeMethods.eplb_route_hash(streamPointer, &config, logitsPointer, tokensPointer, tablePointer,
-            vocab, tokens, LayerState is null ? null : &map, unpaddedPointer, idsPointer, weightsPointer));
+        using var leases = new LeaseScope();
+        var map = LayerState?.ToNative(leases) ?? default;
+        EplbException.ThrowIfFailed(NativeMethods.eplb_route_hash(leases.Stream(stream), &config, leases.Pointer(logits), leases.Pointer(tokenIds),
+            leases.Pointer(tid2eid), vocab, tokens, LayerState is null ? null : &map, leases.Pointer(numUnpadded), leases.Pointer(topkIds),
+            leases.Pointer(topkWeights)));
         AfterLaunch(stream);
     }
 
@@ -239,13 +229,12 @@ public sealed unsafe class Router
         if (!bias.IsEmpty) CheckBias(bias.Length);
         var config = Options.ToNative();
         var unpadded = numUnpadded ?? 0;
-        using var streamLease = ComputeStream.Cpu.Lease(out var streamPointer);
-        eplb_expert_map_t map = default;
-        using var mapLeases = LayerState is null ? default : LayerState.Acquire(out map);
+        using var leases = new LeaseScope();
+        var map = LayerState?.ToNative(leases) ?? default;
         fixed (float* logitsPointer = logits, biasPointer = bias, weightsPointer = topkWeights)
         fixed (int* idsPointer = topkIds)
         {
-            EplbException.ThrowIfFailed(NativeMethods.eplb_route_topk(streamPointer, &config, logitsPointer,
+            EplbException.ThrowIfFailed(NativeMethods.eplb_route_topk(leases.Stream(ComputeStream.Cpu), &config, logitsPointer,
                 bias.IsEmpty ? null : biasPointer, tokens, LayerState is null ? null : &map, numUnpadded.HasValue ? &unpadded : null,
                 idsPointer, weightsPointer));
         }
@@ -264,15 +253,14 @@ public sealed unsafe class Router
         var vocab = CheckHashTables(tokens, tokenIds.Length, tid2eid.Length);
         var config = Options.ToNative();
         var unpadded = numUnpadded ?? 0;
-        using var streamLease = ComputeStream.Cpu.Lease(out var streamPointer);
-        eplb_expert_map_t map = default;
-        using var mapLeases = LayerState is null ? default : LayerState.Acquire(out map);
+        using var leases = new LeaseScope();
+        var map = LayerState?.ToNative(leases) ?? default;
         fixed (float* logitsPointer = logits, weightsPointer = topkWeights)
         fixed (long* tokensPointer = tokenIds)
         fixed (int* tablePointer = tid2eid, idsPointer = topkIds)
         {
-            EplbException.ThrowIfFailed(NativeMethods.eplb_route_hash(streamPointer, &config, logitsPointer, tokensPointer, tablePointer,
-                vocab, tokens, LayerState is null ? null : &map, numUnpadded.HasValue ? &unpadded : null, idsPointer, weightsPointer));
+            EplbException.ThrowIfFailed(NativeMethods.eplb_route_hash(leases.Stream(ComputeStream.Cpu), &config, logitsPointer, tokensPointer,
+                tablePointer, vocab, tokens, LayerState is null ? null : &map, numUnpadded.HasValue ? &unpadded : null, idsPointer, weightsPointer));
         }
     }
 
@@ -286,17 +274,17 @@ public sealed unsafe class Router
     private long CheckCommon(ComputeStream stream, DeviceSlice<float> logits, DeviceSlice<int> topkIds, DeviceSlice<float> topkWeights,
         DeviceSlice<int> numUnpadded)
     {
-        if (logits.IsNull) throw new ArgumentNullException(nameof(logits));
-        if (topkIds.IsNull) throw new ArgumentNullException(nameof(topkIds));
-        if (topkWeights.IsNull) throw new ArgumentNullException(nameof(topkWeights));
+        KernelArguments.Require(logits, nameof(logits));
+        KernelArguments.Require(topkIds, nameof(topkIds));
+        KernelArguments.Require(topkWeights, nameof(topkWeights));
         var tokens = CheckHostCommon(logits.Length, topkIds.Length, topkWeights.Length);
         if (!numUnpadded.IsNull && numUnpadded.Length != 1)
             throw new ArgumentException($"numUnpadded must view one element (got {numUnpadded.Length})", nameof(numUnpadded));
-        SameBackend(stream, logits.Backend, nameof(logits));
-        SameBackend(stream, topkIds.Backend, nameof(topkIds));
-        SameBackend(stream, topkWeights.Backend, nameof(topkWeights));
-        if (!numUnpadded.IsNull) SameBackend(stream, numUnpadded.Backend, nameof(numUnpadded));
-        if (LayerState is not null) SameBackend(stream, LayerState.Backend, "layerState");
+        KernelArguments.SameBackend(stream, logits, nameof(logits));
+        KernelArguments.SameBackend(stream, topkIds, nameof(topkIds));
+        KernelArguments.SameBackend(stream, topkWeights, nameof(topkWeights));
+        KernelArguments.SameBackend(stream, numUnpadded, nameof(numUnpadded));
+        if (LayerState is not null) KernelArguments.SameBackend(stream, LayerState.Backend, "layerState");
         return tokens;
     }
 
@@ -351,11 +339,5 @@ public sealed unsafe class Router
     private void AfterLaunch(ComputeStream stream)
     {
         if (CheckDeviceErrors && stream.Backend == Backend.Cuda) stream.CheckDeviceErrors();
-    }
-
-    private static void SameBackend(ComputeStream stream, Backend backend, string name)
-    {
-        if (backend != stream.Backend)
-            throw new ArgumentException($"{name} lives on {backend} but the stream runs on {stream.Backend}", name);
     }
 }

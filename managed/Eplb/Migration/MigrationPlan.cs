@@ -65,4 +65,10 @@ public sealed class LayerMigrationPlan
 
     /// <summary>Number of slots whose expert changes, over all ranks.</summary>
     public int SlotsChanged => ChangedSlots.Sum(s => s.Count);
+
+    /// <summary>Experts received over the transport: one per rank and expert it lacks (<see cref="Transfers"/>).</summary>
+    public int ExpertsReceived => Transfers.Count;
+
+    /// <summary>Bytes received over the transport when one expert's tensors weigh <paramref name="bytesPerExpert"/>.</summary>
+    public long BytesToMove(long bytesPerExpert) => checked(ExpertsReceived * bytesPerExpert);
 }

@@ -1,3 +1,5 @@
+using Eplb.Placement;
+
 namespace Eplb.Migration;
 
 /// <summary>
@@ -16,16 +18,49 @@ namespace Eplb.Migration;
 /// </summary>
 public static class MigrationPlanner
 {
+    /// <summary>
+    /// Bytes of one DeepSeek-V3 routed expert in its FP8 checkpoint: gate, up and down projections of
+    /// 7168 x 2048 one-byte weights plus one float32 scale per 128 x 128 block
+    /// (3 x (7168 x 2048 + 56 x 16 x 4) = 44,050,944).
+    /// </summary>
+    public const long DeepSeekV3ExpertBytes = 3L * (7168 * 2048 + 7168 / 128 * (2048 / 128) * 4);
+
+    /// <summary>
+    /// Experts that cross between ranks to go from <paramref name="from"/> to <paramref name="to"/>:
+    /// the transfers of every layer's plan, so each rank receives an expert it lacks once and fans it
+    /// out locally, and slots that change to an expert the rank already had are local copies (SPEC 5).
+    /// </summary>
+    /// <exception cref="ArgumentException">The placements have different shapes.</exception>
+    public static long ExpertsToReceive(ExpertPlacement from, ExpertPlacement to)
+    {
+        ArgumentNullException.ThrowIfNull(from);
+        ArgumentNullException.ThrowIfNull(to);
+        to.CheckSameShape(from, nameof(from));
+        long received = 0;
+        for (var l = 0; l < to.Layers; l++) received += PlanLayer(from.Phy2Log(l), to.Phy2Log(l), to.Ranks, batch: false).ExpertsReceived;
+        return received;
+    }
+
+    /// <summary>
+    /// Bytes that cross between ranks to go from <paramref name="from"/> to <paramref name="to"/>:
+    /// <see cref="ExpertsToReceive"/> times the bytes of one expert's tensors (weights and scales).
+    /// </summary>
+    /// <param name="from">The placement in force now.</param>
+    /// <param name="to">The placement to move to.</param>
+    /// <param name="bytesPerExpert">Bytes of one expert of one layer (DeepSeek-V3 FP8: <see cref="DeepSeekV3ExpertBytes"/>).</param>
+    public static long BytesToMove(ExpertPlacement from, ExpertPlacement to, long bytesPerExpert)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(bytesPerExpert);
+        return checked(ExpertsToReceive(from, to) * bytesPerExpert);
+    }
+
     /// <summary>Plans one layer. <paramref name="batch"/> groups transfers so each rank talks to one peer per batch.</summary>
     /// <exception cref="ArgumentException">The lengths differ, are not a multiple of <paramref name="ranks"/>, or an id is negative.</exception>
     public static LayerMigrationPlan PlanLayer(ReadOnlySpan<int> oldPhy2Log, ReadOnlySpan<int> newPhy2Log, int ranks, bool batch = true)
     {
-        ArgumentOutOfRangeException.ThrowIfLessThan(ranks, 1);
         if (oldPhy2Log.Length != newPhy2Log.Length)
             throw new ArgumentException($"old has {oldPhy2Log.Length} slots, new {newPhy2Log.Length}", nameof(newPhy2Log));
-        if (oldPhy2Log.Length % ranks != 0)
-            throw new ArgumentException($"{oldPhy2Log.Length} slots do not split over {ranks} ranks", nameof(ranks));
-        var slotsPerRank = oldPhy2Log.Length / ranks;
+        var slotsPerRank = ExpertTopology.SlotsPerRankOf(oldPhy2Log.Length, ranks);
         for (var s = 0; s < oldPhy2Log.Length; s++)
         {
             if (oldPhy2Log[s] < 0) throw new ArgumentException($"old[{s}] = {oldPhy2Log[s]} is not an expert id", nameof(oldPhy2Log));

@@ -16,13 +16,9 @@ public sealed class ExpertPlacement
     private readonly int[] _logcnt;   // [L][N]
     private int[]? _log2phy;          // [L][N][Kmax], ascending, -1 padded; built on first use
 
-    private ExpertPlacement(int layers, int logicalExperts, int slots, int ranks, int nodes, int maxReplicas, int[] phy2log, int[] logcnt)
+    private ExpertPlacement(ExpertTopology topology, int maxReplicas, int[] phy2log, int[] logcnt)
     {
-        Layers = layers;
-        LogicalExperts = logicalExperts;
-        Slots = slots;
-        Ranks = ranks;
-        Nodes = nodes;
+        Topology = topology;
         MaxReplicas = maxReplicas;
         _phy2log = phy2log;
         _logcnt = logcnt;
@@ -54,28 +50,31 @@ public sealed class ExpertPlacement
     }
 
     /// <summary>L, the number of MoE layers.</summary>
-    public int Layers { get; }
+    public int Layers => Topology.Layers;
 
     /// <summary>N, logical experts per layer.</summary>
-    public int LogicalExperts { get; }
+    public int LogicalExperts => Topology.LogicalExperts;
 
     /// <summary>R, physical slots per layer.</summary>
-    public int Slots { get; }
+    public int Slots => Topology.Slots;
 
     /// <summary>G, expert-parallel ranks; rank <c>g</c> owns slots <c>[g*R/G, (g+1)*R/G)</c>.</summary>
-    public int Ranks { get; }
+    public int Ranks => Topology.Ranks;
 
     /// <summary>Nodes; rank <c>g</c> is on node <c>g / (G/nodes)</c>.</summary>
-    public int Nodes { get; }
+    public int Nodes => Topology.Nodes;
 
     /// <summary>Kmax, the capacity of a <see cref="Log2Phy"/> row: fixed per placement, at least the largest replica count.</summary>
     public int MaxReplicas { get; }
 
     /// <summary>R/G, the slots of one rank.</summary>
-    public int SlotsPerRank => Slots / Ranks;
+    public int SlotsPerRank => Topology.SlotsPerRank;
 
     /// <summary>G/nodes, the ranks of one node.</summary>
-    public int RanksPerNode => Ranks / Nodes;
+    public int RanksPerNode => Topology.RanksPerNode;
+
+    /// <summary>L, N, R, G and nodes (groups are the request's, not the placement's: 1 here).</summary>
+    internal ExpertTopology Topology { get; }
 
     /// <summary>The logical expert held by each slot of a layer, <c>[R]</c>.</summary>
     public ReadOnlySpan<int> Phy2Log(int layer)
@@ -108,10 +107,10 @@ public sealed class ExpertPlacement
     public ReadOnlySpan<int> Log2PhyTable => Log2PhyArray;
 
     /// <summary>The rank that owns a slot.</summary>
-    public int RankOfSlot(int slot) => slot / SlotsPerRank;
+    public int RankOfSlot(int slot) => Topology.RankOfSlot(slot);
 
     /// <summary>The node of a rank.</summary>
-    public int NodeOfRank(int rank) => rank / RanksPerNode;
+    public int NodeOfRank(int rank) => Topology.NodeOfRank(rank);
 
     /// <summary>The initial placement (SPEC 1): slot <c>s</c> holds logical expert <c>s % N</c> in every layer.</summary>
     /// <param name="layers">L (0 is valid: a pipeline stage without MoE layers).</param>
@@ -123,12 +122,12 @@ public sealed class ExpertPlacement
     /// <exception cref="ArgumentException">A size is out of range or inconsistent.</exception>
     public static ExpertPlacement Initial(int layers, int logicalExperts, int slots, int ranks, int nodes = 1, int maxReplicas = 0)
     {
-        ValidateShape(layers, logicalExperts, slots, ranks, nodes, maxReplicas);
+        var topology = CheckedTopology(layers, logicalExperts, slots, ranks, nodes, maxReplicas);
         var phy2log = new int[(long)layers * slots];
         for (var l = 0; l < layers; l++)
             for (var s = 0; s < slots; s++)
                 phy2log[l * slots + s] = s % logicalExperts;
-        return Create(layers, logicalExperts, slots, ranks, nodes, maxReplicas, phy2log, "initial placement");
+        return Create(topology, maxReplicas, phy2log, "initial placement");
     }
 
     /// <summary>A placement from its <c>phy2log</c> rows (copied); <c>logcnt</c> and <c>log2phy</c> are derived.</summary>
@@ -145,7 +144,7 @@ public sealed class ExpertPlacement
         if (layers == 0)
             throw new ArgumentException("phy2log has no layers, so R is unknown: use Initial(0, logicalExperts, slots, ranks) for a stage without MoE layers", nameof(phy2log));
         var slots = phy2log[0]?.Length ?? 0;
-        ValidateShape(layers, logicalExperts, slots, ranks, nodes, maxReplicas);
+        var topology = CheckedTopology(layers, logicalExperts, slots, ranks, nodes, maxReplicas);
         var flat = new int[(long)layers * slots];
         for (var l = 0; l < layers; l++)
         {
@@ -154,28 +153,32 @@ public sealed class ExpertPlacement
                 throw new ArgumentException($"ragged phy2log: layer {l} has {row.Length} slots, layer 0 has {slots}", nameof(phy2log));
             row.CopyTo(flat, l * slots);
         }
-        return Create(layers, logicalExperts, slots, ranks, nodes, maxReplicas, flat, nameof(phy2log));
+        return Create(topology, maxReplicas, flat, nameof(phy2log));
     }
 
     /// <summary>
     /// Builds and validates a placement that takes ownership of <paramref name="phy2log"/> (<c>[L][R]</c>, row-major).
     /// </summary>
-    internal static ExpertPlacement Create(int layers, int logicalExperts, int slots, int ranks, int nodes, int maxReplicas, int[] phy2log, string what)
+    internal static ExpertPlacement Create(int layers, int logicalExperts, int slots, int ranks, int nodes, int maxReplicas, int[] phy2log, string what) =>
+        Create(new ExpertTopology(layers, logicalExperts, slots, ranks, nodes), maxReplicas, phy2log, what);
+
+    private static ExpertPlacement Create(ExpertTopology topology, int maxReplicas, int[] phy2log, string what)
     {
-        var logcnt = new int[(long)layers * logicalExperts];
+        var (layers, experts, slots) = (topology.Layers, topology.LogicalExperts, topology.Slots);
+        var logcnt = new int[(long)layers * experts];
         var largest = 0;
         for (var l = 0; l < layers; l++)
         {
-            var counts = logcnt.AsSpan(l * logicalExperts, logicalExperts);
+            var counts = logcnt.AsSpan(l * experts, experts);
             var row = phy2log.AsSpan(l * slots, slots);
             for (var s = 0; s < slots; s++)
             {
                 var e = row[s];
-                if ((uint)e >= (uint)logicalExperts)
-                    throw new ArgumentException($"{what}: layer {l} slot {s} holds expert {e}, outside [0, {logicalExperts})", what);
+                if ((uint)e >= (uint)experts)
+                    throw new ArgumentException($"{what}: layer {l} slot {s} holds expert {e}, outside [0, {experts})", what);
                 counts[e]++;
             }
-            for (var e = 0; e < logicalExperts; e++)
+            for (var e = 0; e < experts; e++)
             {
                 if (counts[e] == 0) throw new ArgumentException($"{what}: layer {l} has no slot for expert {e} (every expert needs a replica)", what);
                 largest = Math.Max(largest, counts[e]);
@@ -184,21 +187,15 @@ public sealed class ExpertPlacement
         if (maxReplicas > 0 && largest > maxReplicas)
             throw new ArgumentException($"{what}: an expert has {largest} replicas, more than maxReplicas = {maxReplicas}", nameof(maxReplicas));
         var kmax = maxReplicas > 0 ? maxReplicas : Math.Max(largest, 1);
-        return new ExpertPlacement(layers, logicalExperts, slots, ranks, nodes, kmax, phy2log, logcnt);
+        return new ExpertPlacement(topology, kmax, phy2log, logcnt);
     }
 
-    internal static void ValidateShape(int layers, int logicalExperts, int slots, int ranks, int nodes, int maxReplicas)
+    // The topology of a placement, with the Kmax rules.
+    private static ExpertTopology CheckedTopology(int layers, int logicalExperts, int slots, int ranks, int nodes, int maxReplicas)
     {
-        ArgumentOutOfRangeException.ThrowIfNegative(layers);
-        ArgumentOutOfRangeException.ThrowIfLessThan(logicalExperts, 1);
-        ArgumentOutOfRangeException.ThrowIfLessThan(ranks, 1);
-        ArgumentOutOfRangeException.ThrowIfLessThan(nodes, 1);
-        ArgumentOutOfRangeException.ThrowIfNegative(maxReplicas);
-        if (slots < logicalExperts) throw new ArgumentException($"slots (R = {slots}) must be >= logical experts (N = {logicalExperts})", nameof(slots));
-        if (slots % ranks != 0) throw new ArgumentException($"slots (R = {slots}) must be a multiple of ranks (G = {ranks})", nameof(slots));
-        if (ranks % nodes != 0) throw new ArgumentException($"ranks (G = {ranks}) must be a multiple of nodes ({nodes})", nameof(ranks));
-        if (maxReplicas > 0 && (long)maxReplicas * logicalExperts < slots)
-            throw new ArgumentException($"maxReplicas = {maxReplicas} cannot fill R = {slots} slots with N = {logicalExperts} experts", nameof(maxReplicas));
+        var topology = new ExpertTopology(layers, logicalExperts, slots, ranks, nodes);
+        topology.CheckMaxReplicas(maxReplicas);
+        return topology;
     }
 
     /// <summary>The same tables with another <see cref="MaxReplicas"/> capacity.</summary>
@@ -206,7 +203,7 @@ public sealed class ExpertPlacement
     public ExpertPlacement WithMaxReplicas(int maxReplicas)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(maxReplicas, 1);
-        return maxReplicas == MaxReplicas ? this : Create(Layers, LogicalExperts, Slots, Ranks, Nodes, maxReplicas, _phy2log, "placement");
+        return maxReplicas == MaxReplicas ? this : Create(Topology, maxReplicas, _phy2log, "placement");
     }
 
     /// <summary>
@@ -233,7 +230,7 @@ public sealed class ExpertPlacement
                     result.AsSpan(offset, perGpu), used, kept);
             }
         }
-        return new ExpertPlacement(Layers, LogicalExperts, Slots, Ranks, Nodes, MaxReplicas, result, (int[])_logcnt.Clone());
+        return new ExpertPlacement(Topology, MaxReplicas, result, (int[])_logcnt.Clone());
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -269,40 +266,27 @@ public sealed class ExpertPlacement
         var loads = new double[Ranks];
         for (var l = 0; l < Layers; l++)
         {
-            var (mean, max) = MeanMax(load, l, loads);
-            result[l] = max > 0 ? mean / max : 0;
+            RankLoads(load, l, loads);
+            result[l] = Load.Balancedness.OfLayer(loads);
         }
         return result;
     }
 
     /// <summary>
-    /// Aggregate balancedness: <c>sum over layers of mean / sum over layers of max</c> (the
-    /// token-weighted form vLLM logs, reduced over ranks); 0 when every layer is empty.
+    /// Aggregate balancedness (<see cref="Load.Balancedness"/>): <c>sum over layers of mean / sum over
+    /// layers of max</c> of the rank loads; 0 when every layer is empty.
     /// </summary>
     public double Balancedness(ExpertLoad load)
     {
         CheckLoad(load);
         var loads = new double[Ranks];
-        double sumMean = 0, sumMax = 0;
+        var balancedness = new Balancedness();
         for (var l = 0; l < Layers; l++)
         {
-            var (mean, max) = MeanMax(load, l, loads);
-            sumMean += mean;
-            sumMax += max;
+            RankLoads(load, l, loads);
+            balancedness.Add(loads);
         }
-        return sumMax > 0 ? sumMean / sumMax : 0;
-    }
-
-    private (double Mean, double Max) MeanMax(ExpertLoad load, int layer, double[] loads)
-    {
-        RankLoads(load, layer, loads);
-        double sum = 0, max = 0;
-        foreach (var v in loads)
-        {
-            sum += v;
-            max = Math.Max(max, v);
-        }
-        return (sum / loads.Length, max);
+        return balancedness.Value;
     }
 
     /// <summary>
@@ -371,56 +355,6 @@ public sealed class ExpertPlacement
         return changed;
     }
 
-    /// <summary>
-    /// Expert weights that cross between ranks to go from <paramref name="from"/> to this placement:
-    /// for every layer and rank, the distinct experts the rank holds here but not in
-    /// <paramref name="from"/>. Each is received once per rank and fanned out locally (SPEC 5); slots
-    /// that change to an expert the rank already had are local copies and are not counted.
-    /// </summary>
-    public long ExpertsToReceive(ExpertPlacement from)
-    {
-        ArgumentNullException.ThrowIfNull(from);
-        CheckSameShape(from, nameof(from));
-        var perGpu = SlotsPerRank;
-        long received = 0;
-        for (var l = 0; l < Layers; l++)
-        {
-            var now = Phy2Log(l);
-            var before = from.Phy2Log(l);
-            for (var g = 0; g < Ranks; g++)
-            {
-                var mine = now.Slice(g * perGpu, perGpu);
-                var had = before.Slice(g * perGpu, perGpu);
-                for (var i = 0; i < perGpu; i++)
-                {
-                    var e = mine[i];
-                    if (had.Contains(e) || mine[..i].Contains(e)) continue;
-                    received++;
-                }
-            }
-        }
-        return received;
-    }
-
-    /// <summary>
-    /// Bytes that cross between ranks to go from <paramref name="from"/> to this placement:
-    /// <see cref="ExpertsToReceive"/> times the bytes of one expert's tensors (weights and scales).
-    /// </summary>
-    /// <param name="from">The placement in force now.</param>
-    /// <param name="bytesPerExpert">Bytes of one expert of one layer (DeepSeek-V3 FP8: <see cref="DeepSeekV3ExpertBytes"/>).</param>
-    public long BytesToMove(ExpertPlacement from, long bytesPerExpert)
-    {
-        ArgumentOutOfRangeException.ThrowIfNegative(bytesPerExpert);
-        return checked(ExpertsToReceive(from) * bytesPerExpert);
-    }
-
-    /// <summary>
-    /// Bytes of one DeepSeek-V3 routed expert in its FP8 checkpoint: gate, up and down projections of
-    /// 7168 x 2048 one-byte weights plus one float32 scale per 128 x 128 block
-    /// (3 x (7168 x 2048 + 56 x 16 x 4) = 44,050,944).
-    /// </summary>
-    public const long DeepSeekV3ExpertBytes = 3L * (7168 * 2048 + 7168 / 128 * (2048 / 128) * 4);
-
     private void CheckLayer(int layer)
     {
         if ((uint)layer >= (uint)Layers)
@@ -436,10 +370,8 @@ public sealed class ExpertPlacement
 
     internal void CheckSameShape(ExpertPlacement other, string name)
     {
-        if (other.Layers != Layers || other.LogicalExperts != LogicalExperts || other.Slots != Slots || other.Ranks != Ranks)
-            throw new ArgumentException(
-                $"{name} is {other.Layers} layers x {other.Slots} slots of {other.LogicalExperts} experts on {other.Ranks} ranks; " +
-                $"expected {Layers} x {Slots} of {LogicalExperts} on {Ranks}", name);
+        if (!other.Topology.HasSameTables(Topology))
+            throw new ArgumentException($"{name} is {other.Topology.TablesText}; expected {Topology.TablesText}", name);
     }
 
     /// <summary>A short description: sizes and the largest replica count.</summary>

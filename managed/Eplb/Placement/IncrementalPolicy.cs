@@ -39,18 +39,18 @@ public sealed class IncrementalPolicy : IPlacementPolicy
         var fresh = Reference.Plan(load, request with { PreserveSlots = true }, current);
 
         var freshMax = new double[load.Layers];
-        var gpuLoads = new double[request.Ranks];
-        double sumMean = 0, freshSum = 0;
+        var rankLoads = new double[request.Ranks];
+        var freshBalancedness = new Balancedness();
         for (var l = 0; l < load.Layers; l++)
         {
-            fresh.RankLoads(load, l, gpuLoads);
-            freshMax[l] = gpuLoads.Max();
-            sumMean += gpuLoads.Average();
-            freshSum += freshMax[l];
+            fresh.RankLoads(load, l, rankLoads);
+            freshMax[l] = Balancedness.MeanAndMax(rankLoads).Max;
+            freshBalancedness.Add(rankLoads);
         }
         // Aggregate balancedness is sum(mean) / sum(max): a sum of maxima at most
         // freshSum * B / (B - tol) keeps it at or above B - tol.
-        var b = freshSum > 0 ? sumMean / freshSum : 0;
+        var freshSum = freshBalancedness.SumOfMaxima;
+        var b = freshBalancedness.Value;
         var tolerance = request.BalancednessTolerance;
         var goal = b > tolerance ? freshSum * b / (b - tolerance) * (1 - 1e-12) : double.PositiveInfinity;
         var budget = request.MaxChangedSlotsPerLayer > 0 ? request.MaxChangedSlotsPerLayer : int.MaxValue;

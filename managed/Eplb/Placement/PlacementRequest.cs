@@ -46,34 +46,29 @@ public sealed record PlacementRequest(int Slots, int Groups, int Nodes, int Rank
     /// </summary>
     public bool IsHierarchical(int logicalExperts) => Groups % Nodes == 0 && logicalExperts % Groups == 0;
 
+    /// <summary>The topology the request asks for over <paramref name="load"/> (L and N from the load).</summary>
+    /// <exception cref="ArgumentException">The sizes break a rule of <see cref="ExpertTopology"/>.</exception>
+    public ExpertTopology TopologyFor(ExpertLoad load)
+    {
+        ArgumentNullException.ThrowIfNull(load);
+        return new ExpertTopology(load.Layers, load.LogicalExperts, Slots, Ranks, Nodes, Groups);
+    }
+
     /// <summary>
-    /// Checks the request against a load of N experts (SPEC 2.1 preconditions) and an optional current placement.
+    /// Checks the request against a load of N experts (SPEC 2.1 preconditions, through
+    /// <see cref="TopologyFor"/>) and an optional current placement.
     /// </summary>
     /// <exception cref="ArgumentException">The first violated rule, naming the values.</exception>
     public void Validate(ExpertLoad load, ExpertPlacement? current = null)
     {
-        ArgumentNullException.ThrowIfNull(load);
-        var n = load.LogicalExperts;
-        if (Ranks < 1) throw new ArgumentException($"ranks (G = {Ranks}) must be >= 1");
-        if (Nodes < 1) throw new ArgumentException($"nodes ({Nodes}) must be >= 1");
-        if (Groups < 1) throw new ArgumentException($"groups ({Groups}) must be >= 1");
-        if (Slots < n) throw new ArgumentException($"slots (R = {Slots}) must be >= logical experts (N = {n})");
-        if (Slots % Ranks != 0) throw new ArgumentException($"slots (R = {Slots}) must be a multiple of ranks (G = {Ranks})");
-        if (Ranks % Nodes != 0) throw new ArgumentException($"ranks (G = {Ranks}) must be a multiple of nodes ({Nodes})");
-        if (MaxReplicas < 0) throw new ArgumentException($"maxReplicas ({MaxReplicas}) must be >= 0 (0 = derive)");
+        var topology = TopologyFor(load);
+        topology.CheckMaxReplicas(MaxReplicas);
         if (MaxChangedSlotsPerLayer < 0) throw new ArgumentException($"maxChangedSlotsPerLayer ({MaxChangedSlotsPerLayer}) must be >= 0 (0 = no limit)");
         if (!(BalancednessTolerance >= 0 && BalancednessTolerance < 1))
             throw new ArgumentException($"balancednessTolerance ({BalancednessTolerance}) must be in [0, 1)");
-        if (MaxReplicas > 0 && (long)MaxReplicas * n < Slots)
-            throw new ArgumentException($"maxReplicas = {MaxReplicas} cannot fill R = {Slots} slots with N = {n} experts");
-        if (NoDuplicateOnRank && (long)Ranks * n < Slots)
-            throw new ArgumentException($"noDuplicateOnRank: R/G = {Slots / Ranks} slots per rank exceed the N = {n} distinct experts");
-        if (current != null)
-        {
-            if (current.Layers != load.Layers || current.LogicalExperts != n || current.Slots != Slots || current.Ranks != Ranks)
-                throw new ArgumentException(
-                    $"the current placement is {current.Layers} layers x {current.Slots} slots of {current.LogicalExperts} experts on {current.Ranks} GPUs; " +
-                    $"the request is {load.Layers} x {Slots} of {n} on {Ranks}");
-        }
+        if (NoDuplicateOnRank && (long)Ranks * topology.LogicalExperts < Slots)
+            throw new ArgumentException($"noDuplicateOnRank: R/G = {topology.SlotsPerRank} slots per rank exceed the N = {topology.LogicalExperts} distinct experts");
+        if (current != null && !current.Topology.HasSameTables(topology))
+            throw new ArgumentException($"the current placement is {current.Topology.TablesText}; the request is {topology.TablesText}");
     }
 }

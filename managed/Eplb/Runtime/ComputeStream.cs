@@ -71,13 +71,6 @@ public sealed unsafe class ComputeStream : IDisposable
         }
     }
 
-    internal HandleLease Lease(out eplb_stream_t* pointer)
-    {
-        var lease = new HandleLease(_handle);
-        pointer = _handle.Pointer;
-        return lease;
-    }
-
     /// <summary>Waits for the stream's work and releases it.</summary>
     public void Dispose() => _handle.Dispose();
 }

@@ -62,23 +62,25 @@ public sealed unsafe class DeviceBuffer<T> : IDisposable where T : unmanaged
     /// <summary>Copies host values into the buffer at <paramref name="offset"/> (complete on return).</summary>
     public void CopyFrom(ReadOnlySpan<T> source, long offset = 0, ComputeStream? stream = null)
     {
-        CheckRange(offset, source.Length, nameof(source));
-        if (source.IsEmpty) return;
-        using var leases = new LeaseScope();
-        fixed (T* pointer = source)
-            EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_write(leases.Buffer(_handle), Bytes(offset), pointer, Bytes(source.Length),
-                leases.Stream(stream)));
+        fixed (T* pointer = source) CopyHost(pointer, source.Length, offset, stream, toDevice: true, nameof(source));
     }
 
     /// <summary>Copies elements starting at <paramref name="offset"/> into host memory, after the stream's queued work.</summary>
     public void CopyTo(Span<T> destination, long offset = 0, ComputeStream? stream = null)
     {
-        CheckRange(offset, destination.Length, nameof(destination));
-        if (destination.IsEmpty) return;
+        fixed (T* pointer = destination) CopyHost(pointer, destination.Length, offset, stream, toDevice: false, nameof(destination));
+    }
+
+    // Host memory <-> this buffer from element offset on (eplb_buffer_write / eplb_buffer_read).
+    private void CopyHost(T* host, int length, long offset, ComputeStream? stream, bool toDevice, string name)
+    {
+        CheckRange(offset, length, name);
+        if (length == 0) return;
         using var leases = new LeaseScope();
-        fixed (T* pointer = destination)
-            EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_read(leases.Buffer(_handle), Bytes(offset), pointer, Bytes(destination.Length),
-                leases.Stream(stream)));
+        var buffer = leases.Buffer(_handle);
+        var queue = leases.Stream(stream);
+        if (toDevice) EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_write(buffer, Bytes(offset), host, Bytes(length), queue));
+        else EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_read(buffer, Bytes(offset), host, Bytes(length), queue));
     }
 
     /// <summary>Copies the whole buffer into a new array.</summary>
@@ -192,6 +194,15 @@ public readonly struct DeviceSlice<T> where T : unmanaged
         return values;
     }
 
+    /// <summary>Copies the viewed elements into host memory (lengths must match), after the stream's queued work.</summary>
+    public void CopyTo(Span<T> destination, ComputeStream? stream = null)
+    {
+        var buffer = Buffer ?? throw new InvalidOperationException("default DeviceSlice has no buffer");
+        if (destination.Length != Length)
+            throw new ArgumentException($"destination has {destination.Length} elements, the slice {Length}", nameof(destination));
+        buffer.CopyTo(destination, Offset, stream);
+    }
+
     /// <summary>Copies host values into the viewed range (lengths must match).</summary>
     public void CopyFrom(ReadOnlySpan<T> source, ComputeStream? stream = null)
     {
@@ -234,14 +245,6 @@ public readonly struct DeviceSlice<T> where T : unmanaged
     {
         using var leases = new LeaseScope();
         return use((nint)leases.Pointer(this));
-    }
-
-    internal unsafe HandleLease Lease(out T* pointer)
-    {
-        var buffer = Buffer ?? throw new InvalidOperationException("default DeviceSlice has no buffer");
-        var lease = new HandleLease(buffer.Handle);
-        pointer = buffer.Data + Offset;
-        return lease;
     }
 
     /// <inheritdoc/>

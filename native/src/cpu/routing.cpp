@@ -50,15 +50,6 @@ void write_padding(int64_t row, int32_t top_k, int32_t* topk_ids, float* topk_we
     std::fill_n(topk_weights + row * top_k, top_k, 0.0f);
 }
 
-// std::fma is the correctly rounded fused operation everywhere, but without an FMA target it is a
-// libm call per use (about 20 an expert). An FMA clone of the scoring loop, picked at load time,
-// inlines the instruction; the result is the same IEEE operation, so the bits do not change.
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
-#define EPLB_FMA_CLONES __attribute__((target_clones("fma", "default")))
-#else
-#define EPLB_FMA_CLONES
-#endif
-
 // Selection keys and values (s, or the clamped logit for softmax) of one row.
 EPLB_FMA_CLONES void score_row(const float* x, const float* bias, int32_t n, int32_t score_function, uint32_t* keys,
                                float* values) {
