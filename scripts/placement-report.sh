@@ -35,10 +35,10 @@ echo "| file | deepseek hierarchical (worst layer) | locality balancedness (wors
 echo "|---|---:|---:|---:|---:|---:|"
 for f in $files; do
   name=$(basename "$f" .json)
-  read -r hb _ _ hw < <(plan "$WORK/h.json" --load "$f" --replicas 288 --nodes 4 --gpus 32)
-  read -r lb ln _ lw < <(plan "$WORK/l.json" --load "$f" --replicas 288 --nodes 4 --gpus 32 --policy locality)
-  read -r g40 _ _ _ < <(plan "$WORK/g40.json" --load "$f" --replicas 320 --nodes 5 --gpus 40)
-  read -r g72 _ _ _ < <(plan "$WORK/g72.json" --load "$f" --replicas 288 --nodes 9 --gpus 72)
+  read -r hb _ _ hw < <(plan "$WORK/h.json" --load "$f" --slots 288 --nodes 4 --ranks 32)
+  read -r lb ln _ lw < <(plan "$WORK/l.json" --load "$f" --slots 288 --nodes 4 --ranks 32 --policy locality)
+  read -r g40 _ _ _ < <(plan "$WORK/g40.json" --load "$f" --slots 320 --nodes 5 --ranks 40)
+  read -r g72 _ _ _ < <(plan "$WORK/g72.json" --load "$f" --slots 288 --nodes 9 --ranks 72)
   echo "| $name | $hb ($hw) | $lb ($lw) | $ln | $g40 | $g72 |"
 done
 
@@ -53,7 +53,7 @@ for layout in "288 4 32" "320 5 40" "288 9 72"; do
   prev=""
   for f in $files; do
     if [ -n "$prev" ]; then
-      shape=(--replicas "$R" --nodes "$NODES" --gpus "$GPUS")
+      shape=(--slots "$R" --nodes "$NODES" --ranks "$GPUS")
       plan "$WORK/old.json" --load "$prev" "${shape[@]}" --policy locality >/dev/null
       # The old placement under the new load: the deepseek run's "balancedness BEFORE -> after" line.
       before=$("$EPLB" plan --groups 8 --out "$WORK/x.json" --load "$f" "${shape[@]}" --old "$WORK/old.json" | awk '/^balancedness/ { print $2 }')

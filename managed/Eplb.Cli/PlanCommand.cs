@@ -10,7 +10,7 @@ namespace Eplb.Cli;
 
 /// <summary>
 /// <c>eplb plan</c>: turns a recorded expert-load dump into a placement file that SGLang's
-/// <c>--init-expert-location</c> can load (SPEC 8), and reports what the plan achieves.
+/// <c>--init-expert-location</c> can load (docs/design.md §8), and reports what the plan achieves.
 /// </summary>
 internal static class PlanCommand
 {

@@ -1,7 +1,7 @@
 namespace Eplb.Simulation;
 
 /// <summary>
-/// Per-iteration routing drawn from a recorded load (the simulator's input, issue "eplb simulate"):
+/// Per-iteration routing drawn from a recorded load (the input of <c>eplb simulate</c>):
 /// for each layer, <c>q ~ Dirichlet(A * p)</c> with <c>p</c> the layer's normalised load, then a
 /// multinomial draw of <c>tokens * K</c> expert choices from <c>q</c> (independent draws, so already
 /// in random order), laid out as top-k ids <c>[T][K]</c>. Real per-batch loads are far noisier than the run-long aggregates

@@ -86,7 +86,7 @@ public sealed record SimulationOptions
 
 /// <summary>One run's figures: no EPLB or one policy.</summary>
 /// <param name="Name">"no EPLB" or the policy name.</param>
-/// <param name="Balancedness">Aggregate balancedness of the routed tokens over every pass and layer (SPEC 1).</param>
+/// <param name="Balancedness">Aggregate balancedness of the routed tokens over every pass and layer (docs/design.md §1).</param>
 /// <param name="NodeLocalFraction">Share of routed tokens served on their group's home node.</param>
 /// <param name="Rearrangements">Rearrangements completed.</param>
 /// <param name="SlotsMoved">Slots whose expert changed.</param>

@@ -3,7 +3,7 @@ using System.Globalization;
 namespace Eplb;
 
 /// <summary>
-/// The shape of an expert-parallel MoE deployment (SPEC 1): <see cref="Layers"/> MoE layers of
+/// The shape of an expert-parallel MoE deployment (docs/design.md §1): <see cref="Layers"/> MoE layers of
 /// <see cref="LogicalExperts"/> logical experts, each layer held in <see cref="Slots"/> physical slots
 /// spread over <see cref="Ranks"/> ranks (rank g owns slots <c>[g*R/G, (g+1)*R/G)</c>) on
 /// <see cref="Nodes"/> nodes, the experts forming <see cref="Groups"/> groups of consecutive ids.

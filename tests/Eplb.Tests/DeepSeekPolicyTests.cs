@@ -4,7 +4,7 @@ using NUnit.Framework;
 
 namespace Eplb.Tests;
 
-/// <summary>The <c>deepseek</c> policy: exact parity with deepseek-ai/EPLB <c>rebalance_experts</c> (SPEC 2.1).</summary>
+/// <summary>The <c>deepseek</c> policy: exact parity with deepseek-ai/EPLB <c>rebalance_experts</c> (docs/design.md §2.1).</summary>
 public class DeepSeekPolicyTests
 {
     private static readonly IPlacementPolicy DeepSeek = PlacementPolicies.DeepSeek;
@@ -178,7 +178,7 @@ public class DeepSeekPolicyTests
     [Test]
     public void HierarchicalReachesTheSpecRangeOnEveryRealFile([ValueSource(typeof(TestSupport), nameof(TestSupport.LoadFileNames))] string name)
     {
-        // SPEC 2.3: 0.75-0.89 aggregate at 4 nodes x 8 GPUs, R = 288; global 0.97-0.99.
+        // docs/design.md §2.3: 0.75-0.89 aggregate at 4 nodes x 8 GPUs, R = 288; global 0.97-0.99.
         var load = TestSupport.RealLoad(name);
         var hierarchical = DeepSeek.Plan(load, new PlacementRequest(288, 8, 4, 32));
         var global = DeepSeek.Plan(load, new PlacementRequest(288, 8, 3, 72));

@@ -2,7 +2,7 @@ using NUnit.Framework;
 
 namespace Eplb.Tests;
 
-/// <summary>The dispatch ops (SPEC 6) through the managed API: align/sort, EP bucketing, permute, combine.</summary>
+/// <summary>The dispatch ops (docs/design.md §6) through the managed API: align/sort, EP bucketing, permute, combine.</summary>
 public class DispatchTests
 {
     private const int Pad = ExpertDispatch.Padding;

@@ -5,7 +5,7 @@ using NUnit.Framework;
 
 namespace Eplb.Tests;
 
-/// <summary>EplbOptions: defaults, binding through Microsoft.Extensions.Options, validation (SPEC 3.1).</summary>
+/// <summary>EplbOptions: defaults, binding through Microsoft.Extensions.Options, validation (docs/design.md §3.1).</summary>
 public class EplbOptionsTests
 {
     [Test]

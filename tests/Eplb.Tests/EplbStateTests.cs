@@ -102,7 +102,7 @@ internal sealed class FaultyTransport(int ranks) : IExpertTransport
     public void Dispose() => _inner.Dispose();
 }
 
-/// <summary>The EPLB loop: step semantics, window, logging, sync/async rearrangement, faults (SPEC 3.2, 5).</summary>
+/// <summary>The EPLB loop: step semantics, window, logging, sync/async rearrangement, faults (docs/design.md §3.2, 5).</summary>
 public class EplbStateTests
 {
     // Expert 15 is hot in every layer and starts only on the last rank, so rebalancing must send it elsewhere.

@@ -2,7 +2,7 @@ using NUnit.Framework;
 
 namespace Eplb.Tests;
 
-/// <summary>The <c>incremental</c> policy (SPEC 2.3, vLLM #24069): few slot changes from the current placement.</summary>
+/// <summary>The <c>incremental</c> policy (docs/design.md §2.3, vLLM #24069): few slot changes from the current placement.</summary>
 public class IncrementalPolicyTests
 {
     private static readonly PlacementRequest FourNodes = new(288, 8, 4, 32);

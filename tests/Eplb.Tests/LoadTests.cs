@@ -3,7 +3,7 @@ using NUnit.Framework;
 
 namespace Eplb.Tests;
 
-/// <summary>Reading SGLang expert-distribution dumps (SPEC 8).</summary>
+/// <summary>Reading SGLang expert-distribution dumps (docs/design.md §8).</summary>
 public class LoadTests
 {
     [Test]

@@ -2,7 +2,7 @@ using NUnit.Framework;
 
 namespace Eplb.Tests;
 
-/// <summary>The <c>locality</c> policy (SPEC 2.3): primaries group-to-node, redundant replicas anywhere.</summary>
+/// <summary>The <c>locality</c> policy (docs/design.md §2.3): primaries group-to-node, redundant replicas anywhere.</summary>
 public class LocalityPolicyTests
 {
     private static readonly PlacementRequest FourNodes = new(288, 8, 4, 32);

@@ -2,10 +2,10 @@ using NUnit.Framework;
 
 namespace Eplb.Tests;
 
-/// <summary>The logical -> physical mapping op (SPEC 4.3) through the managed API.</summary>
+/// <summary>The logical -> physical mapping op (docs/design.md §4.3) through the managed API.</summary>
 public class MappingTests
 {
-    // SPEC 4.3 written out independently: 64-bit arithmetic with an explicit mod 2^32.
+    // docs/design.md §4.3 written out independently: 64-bit arithmetic with an explicit mod 2^32.
     private static (int[] Physical, int[] Counters) Oracle(int[] ids, int topK, HostTables t, long numUnpadded, bool record)
     {
         var tokens = ids.Length / topK;

@@ -2,7 +2,7 @@ using NUnit.Framework;
 
 namespace Eplb.Tests;
 
-/// <summary>Mega MoE (SPEC 7) through the managed API: CPU reference against a per-token oracle, the unfused path, bad input, and on a GPU the fused kernel.</summary>
+/// <summary>Mega MoE (docs/design.md §7) through the managed API: CPU reference against a per-token oracle, the unfused path, bad input, and on a GPU the fused kernel.</summary>
 public class MegaMoeTests
 {
     /// <summary>One layer with host inputs (bf16 as raw bits).</summary>
@@ -49,7 +49,7 @@ public class MegaMoeTests
             random.Next(0, experts - local + 1), limits[random.Next(limits.Length)], tiles[random.Next(tiles.Length)]);
     }
 
-    // SPEC 7 per token: double dot products, bf16 rounding of the intermediate, of each expert's
+    // docs/design.md §7 per token: double dot products, bf16 rounding of the intermediate, of each expert's
     // output row and of the sum; the combine in ascending k in fp32.
     private static ushort[] Oracle(Layer l)
     {

@@ -2,7 +2,7 @@ using NUnit.Framework;
 
 namespace Eplb.Tests;
 
-/// <summary>The per-layer migration plan (SPEC 5).</summary>
+/// <summary>The per-layer migration plan (docs/design.md §5).</summary>
 public class MigrationPlannerTests
 {
     [Test]

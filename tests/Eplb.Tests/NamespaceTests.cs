@@ -28,6 +28,18 @@ public class NamespaceTests
     }
 
     [Test]
+    public void TheCheckerSeesATypeNamedLikeItsNamespace()
+    {
+        var files = new[]
+        {
+            new SourceFile("Eplb/Placement/Placement.cs", "namespace Eplb.Placement;\npublic sealed class Placement { void F<T>() where T : class { } }"),
+            new SourceFile("Eplb/Placement/ExpertPlacement.cs", "namespace Eplb.Placement;\npublic readonly record struct ExpertPlacement;"),
+        };
+        Assert.That(NamespaceLayout.TypesNamedLikeTheirNamespace(files),
+            Is.EqualTo(new[] { "Eplb/Placement/Placement.cs: type Placement in namespace Eplb.Placement" }));
+    }
+
+    [Test]
     public void TheCheckerFindsCyclesOfAnyLength()
     {
         var files = new[]
@@ -83,6 +95,7 @@ public class NamespaceTests
             ["Eplb/Balancing/EplbServiceCollectionExtensions.cs"] = "Microsoft.Extensions.DependencyInjection",
         };
         Assert.That(NamespaceLayout.FolderMismatches(files, exceptions), Is.Empty);
+        Assert.That(NamespaceLayout.TypesNamedLikeTheirNamespace(files), Is.Empty);
         var graph = NamespaceLayout.Dependencies(files);
         TestContext.Out.WriteLine(string.Join("\n", graph.Select(p => $"{p.Key} uses {string.Join(", ", p.Value)}")));
         Assert.That(NamespaceLayout.Cycles(graph), Is.Empty);
@@ -105,6 +118,7 @@ internal static class NamespaceLayout
     private static readonly Regex Cref = new("cref=\"([^\"]*)\"");
     private static readonly Regex Comment = new(@"//[^\n]*|/\*.*?\*/", RegexOptions.Singleline);
     private static readonly Regex StringLiteral = new("@\"(?:\"\"|[^\"])*\"|\"(?:\\\\.|[^\"\\\\\\n])*\"");
+    private static readonly Regex TypeDeclaration = new(@"\b(?:record\s+(?:struct|class)|record|class|struct|interface|enum)\s+([A-Za-z_]\w*)");
     private static readonly Regex QualifiedName = new(@"(?<![\w.])((?:[A-Z]\w*\.)+)[A-Z]\w*");
 
     /// <summary>Every .cs file below <paramref name="managed"/>, outside bin/ and obj/.</summary>
@@ -134,6 +148,21 @@ internal static class NamespaceLayout
             if (declared.Count == 0) problems.Add($"{file.Path}: no namespace, but its folder is {expected}");
             foreach (var name in declared.Where(n => n != expected))
                 problems.Add($"{file.Path}: namespace {name}, but its folder is {expected}");
+        }
+        return problems;
+    }
+
+    /// <summary>Types whose name is the last part of their namespace (<c>Eplb.Placement.Placement</c>): a reader cannot tell them apart.</summary>
+    public static IReadOnlyList<string> TypesNamedLikeTheirNamespace(IEnumerable<SourceFile> files)
+    {
+        var problems = new List<string>();
+        foreach (var file in files)
+        {
+            var code = Code(file.Text);
+            var name = Namespace.Match(code).Groups[1].Value;
+            var last = name[(name.LastIndexOf('.') + 1)..];
+            foreach (Match m in TypeDeclaration.Matches(code))
+                if (m.Groups[1].Value == last) problems.Add($"{file.Path}: type {last} in namespace {name}");
         }
         return problems;
     }

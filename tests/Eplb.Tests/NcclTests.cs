@@ -3,7 +3,7 @@ using NUnit.Framework;
 
 namespace Eplb.Tests;
 
-/// <summary>The NCCL_MAX_CTAS rule (SPEC 3.4) and the run-time loaded NCCL transport.</summary>
+/// <summary>The NCCL_MAX_CTAS rule (docs/design.md §3.4) and the run-time loaded NCCL transport.</summary>
 public class NcclTests
 {
     private static NcclEnvironmentContext Firing(MoeBackend moe = MoeBackend.MegaMoe) =>

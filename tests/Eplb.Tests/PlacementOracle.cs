@@ -2,10 +2,10 @@ using NUnit.Framework;
 
 namespace Eplb.Tests;
 
-/// <summary>SPEC 1 written out independently of <see cref="ExpertPlacement"/>: invariants and metrics from phy2log alone.</summary>
+/// <summary>docs/design.md §1 written out independently of <see cref="ExpertPlacement"/>: invariants and metrics from phy2log alone.</summary>
 internal static class PlacementOracle
 {
-    /// <summary>Every invariant of SPEC 1, checked from the raw tables.</summary>
+    /// <summary>Every invariant of docs/design.md §1, checked from the raw tables.</summary>
     public static void AssertValid(ExpertPlacement p, int layers, int experts, int slots, int gpus)
     {
         Assert.That((p.Layers, p.LogicalExperts, p.Slots, p.Ranks), Is.EqualTo((layers, experts, slots, gpus)));

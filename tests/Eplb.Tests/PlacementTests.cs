@@ -2,7 +2,7 @@ using NUnit.Framework;
 
 namespace Eplb.Tests;
 
-/// <summary><see cref="ExpertPlacement"/>: tables, invariants, metrics (SPEC 1) and slot preservation (SPEC 2.2).</summary>
+/// <summary><see cref="ExpertPlacement"/>: tables, invariants, metrics (docs/design.md §1) and slot preservation (docs/design.md §2.2).</summary>
 public class PlacementTests
 {
     [Test]

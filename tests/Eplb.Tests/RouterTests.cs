@@ -2,7 +2,7 @@ using NUnit.Framework;
 
 namespace Eplb.Tests;
 
-/// <summary>The routing kernels (SPEC 4) through the managed <see cref="Router"/>.</summary>
+/// <summary>The routing kernels (docs/design.md §4) through the managed <see cref="Router"/>.</summary>
 public class RouterTests
 {
     private const int PoisonId = unchecked((int)0xDEADBEEF);

@@ -84,7 +84,7 @@ public sealed class EplbModel : IDisposable
         return total;
     }
 
-    /// <summary>Per-layer rank loads <c>[L][G]</c> of per-slot loads <c>[L * R]</c>: each rank's slots added up (SPEC 1).</summary>
+    /// <summary>Per-layer rank loads <c>[L][G]</c> of per-slot loads <c>[L * R]</c>: each rank's slots added up (docs/design.md §1).</summary>
     public double[][] RankLoads(ReadOnlySpan<long> physical)
     {
         if (physical.Length != Layers * Slots) throw new ArgumentException($"{physical.Length} values for {Layers} x {Slots} slots", nameof(physical));
@@ -99,7 +99,7 @@ public sealed class EplbModel : IDisposable
 
     /// <summary>
     /// Folds per-slot loads <c>[L * R]</c> into logical loads through the placement in force: the
-    /// slots of one expert add up (SPEC 3.2).
+    /// slots of one expert add up (docs/design.md §3.2).
     /// </summary>
     public ExpertLoad ToLogical(ReadOnlySpan<long> physical)
     {

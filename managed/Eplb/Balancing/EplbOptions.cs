@@ -6,7 +6,7 @@ using Microsoft.Extensions.Options;
 namespace Eplb.Balancing;
 
 /// <summary>
-/// EPLB settings (SPEC 3.1), bound from configuration (<c>services.AddEplb(configuration.GetSection("Eplb"))</c>)
+/// EPLB settings (docs/design.md §3.1), bound from configuration (<c>services.AddEplb(configuration.GetSection("Eplb"))</c>)
 /// and validated at start; invalid settings fail with one message listing every violation.
 /// </summary>
 public sealed class EplbOptions
@@ -67,16 +67,16 @@ public sealed class EplbOptions
     /// </summary>
     public int MaxReplicas { get; set; }
 
-    /// <summary>Keep experts in their old slot inside a GPU when they stay on it (SPEC 2.2). Default true.</summary>
+    /// <summary>Keep experts in their old slot inside a rank when they stay on it (docs/design.md §2.2). Default true.</summary>
     public bool PreserveSlots { get; set; } = true;
 
-    /// <summary>Never place two replicas of one expert on one GPU. Default false.</summary>
+    /// <summary>Never place two replicas of one expert on one rank (GPU). Default false.</summary>
     public bool NoDuplicateOnRank { get; set; }
 
     /// <summary>Order transfers so each rank talks to one peer per batch. Default true.</summary>
     public bool BatchTransfers { get; set; } = true;
 
-    /// <summary>The violations of the rules of SPEC 3.1 (empty when valid).</summary>
+    /// <summary>The violations of the rules of docs/design.md §3.1 (empty when valid).</summary>
     public IReadOnlyList<string> Violations()
     {
         var errors = new List<string>();
@@ -120,7 +120,7 @@ public sealed class EplbOptions
     }
 }
 
-/// <summary>Validates <see cref="EplbOptions"/>: every violation of SPEC 3.1 in one result.</summary>
+/// <summary>Validates <see cref="EplbOptions"/>: every violation of docs/design.md §3.1 in one result.</summary>
 public sealed class EplbOptionsValidator : IValidateOptions<EplbOptions>
 {
     /// <inheritdoc/>

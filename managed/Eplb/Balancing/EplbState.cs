@@ -9,7 +9,7 @@ using Microsoft.Extensions.Options;
 namespace Eplb.Balancing;
 
 /// <summary>
-/// The EPLB loop (SPEC 3.2): call <see cref="Step"/> once per forward pass. It pushes the pass's
+/// The EPLB loop (docs/design.md §3.2): call <see cref="Step"/> once per forward pass. It pushes the pass's
 /// expert counters into each model's load window (dummy passes advance the counter only), logs the
 /// balancedness when asked, and every <see cref="EplbOptions.StepInterval"/> passes (the first after
 /// a quarter of it) rearranges: window load folded to logical experts through the placement in force,
@@ -36,7 +36,7 @@ public sealed class EplbState : IDisposable
     private bool _disposed;
 
     /// <summary>Creates the loop; the options are validated (one exception lists every violation).</summary>
-    /// <exception cref="OptionsValidationException">The options break a rule of SPEC 3.1.</exception>
+    /// <exception cref="OptionsValidationException">The options break a rule of docs/design.md §3.1.</exception>
     public EplbState(EplbOptions options, IExpertTransport transport, ILogger<EplbState>? logger = null)
     {
         ArgumentNullException.ThrowIfNull(options);

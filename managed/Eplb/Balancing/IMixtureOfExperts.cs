@@ -5,7 +5,7 @@ using Eplb.Runtime;
 namespace Eplb.Balancing;
 
 /// <summary>
-/// What EPLB needs from one rank of an MoE model (vLLM's <c>MixtureOfExperts</c>, SPEC 3.3): its MoE
+/// What EPLB needs from one rank of an MoE model (vLLM's <c>MixtureOfExperts</c>, docs/design.md §3.3): its MoE
 /// layers and their local expert weights, a place to hang the EPLB tables, and a hook when a layer's
 /// placement changes. A pipeline stage may own no MoE layer (<see cref="Layers"/> = 0).
 /// </summary>

@@ -20,7 +20,7 @@ public class EplbException : Exception
     public EplbStatus Status { get; }
 
     /// <summary>
-    /// The one choke point from native status to exception (STYLE 7): does nothing for OK, otherwise
+    /// The one choke point from native status to exception (docs/ARCHITECTURE.md): does nothing for OK, otherwise
     /// throws with the thread's last native error message and the failing call's expression.
     /// </summary>
     internal static unsafe void ThrowIfFailed(eplb_status_t status, [CallerArgumentExpression(nameof(status))] string? call = null)

@@ -18,7 +18,7 @@ internal static partial class NativeMethods
 internal sealed record StructLayoutInfo(string Name, Type Type, long Size, (string Field, long Offset)[] Fields);
 
 /// <summary>
-/// Loads libeplb explicitly (STYLE 8): <c>EPLB_NATIVE_PATH</c> first (a file or a folder), then the
+/// Loads libeplb explicitly: <c>EPLB_NATIVE_PATH</c> first (a file or a folder), then the
 /// runtime's own probing (the NuGet <c>runtimes/</c> folders), then the application folder, then a
 /// repository build (<c>build/native/lib</c>) above it. The ABI version is checked once, on load.
 /// </summary>

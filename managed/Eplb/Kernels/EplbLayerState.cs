@@ -3,7 +3,7 @@ using Eplb.Runtime;
 
 namespace Eplb.Kernels;
 
-/// <summary>How a token picks one of an expert's replicas (SPEC 4.3).</summary>
+/// <summary>How a token picks one of an expert's replicas (docs/design.md §4.3).</summary>
 public enum ReplicaSelection
 {
     /// <summary>
@@ -16,7 +16,7 @@ public enum ReplicaSelection
 }
 
 /// <summary>
-/// The EPLB views of one MoE layer (SPEC 3.3): its <c>log2phy</c> table <c>[N][Kmax]</c>, replica
+/// The EPLB views of one MoE layer (docs/design.md §3.3): its <c>log2phy</c> table <c>[N][Kmax]</c>, replica
 /// counts <c>[N]</c>, load counters <c>[R]</c> and a one-element record flag, all on one backend.
 /// A router holds an <c>EplbLayerState?</c>: null means EPLB is off for the layer. The views are
 /// slices of the model-wide tables, updated in place on rebalance so their addresses never change.

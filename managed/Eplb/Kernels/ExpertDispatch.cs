@@ -4,7 +4,7 @@ using Eplb.Runtime;
 namespace Eplb.Kernels;
 
 /// <summary>
-/// The data movement between routing and the experts (SPEC 6): align/sort the routed (token, k)
+/// The data movement between routing and the experts (docs/design.md §6): align/sort the routed (token, k)
 /// pairs into an expert-contiguous layout, permute activation rows into it, combine the expert
 /// outputs back into token order, and bucket pairs by destination rank for expert parallelism.
 /// A pair is named by its flat index <c>token * topK + k</c>; <c>physicalIds</c> are the slots of

@@ -4,7 +4,7 @@ namespace Eplb.Kernels;
 
 /// <summary>
 /// The expert-contiguous layout of one rank's (token, k) pairs that <see cref="ExpertDispatch.Align(ComputeStream, DeviceSlice{int}, ExpertLayout)"/>
-/// fills (SPEC 6, <c>eplb_dispatch_align</c>): the pairs whose slot lies in
+/// fills (docs/design.md §6, <c>eplb_dispatch_align</c>): the pairs whose slot lies in
 /// <c>[FirstSlot, FirstSlot + SlotsPerRank)</c>, grouped by local expert in ascending pair order
 /// (pair = token * TopK + k), each expert padded to a multiple of <see cref="BlockSize"/> rows.
 /// Expert e owns rows <c>[ExpertOffsets[e], ExpertOffsets[e + 1])</c>; padding rows and rows past

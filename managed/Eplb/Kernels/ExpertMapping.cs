@@ -4,7 +4,7 @@ using Eplb.Runtime;
 namespace Eplb.Kernels;
 
 /// <summary>
-/// Logical -> physical expert mapping with load recording (SPEC 4.3): route -> map (replica
+/// Logical -> physical expert mapping with load recording (docs/design.md §4.3): route -> map (replica
 /// choice) -> mask padding rows -> count the physical ids into the layer's counters when recording.
 /// The routing kernels fuse the same epilogue; this op is the stand-alone form.
 /// </summary>

@@ -4,7 +4,7 @@ using Eplb.Runtime;
 namespace Eplb.Kernels;
 
 /// <summary>
-/// The expert-load window (SPEC 3.2, <c>eplb_window.h</c>): each pass's int32 per-slot counters go
+/// The expert-load window (docs/design.md §3.2, <c>eplb_window.h</c>): each pass's int32 per-slot counters go
 /// into a ring of the last W passes with 64-bit running sums, queued on the stream without host
 /// synchronisation, and the counters start the next pass from zero.
 /// </summary>

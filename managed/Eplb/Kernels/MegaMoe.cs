@@ -4,7 +4,7 @@ using Eplb.Runtime;
 namespace Eplb.Kernels;
 
 /// <summary>
-/// The shape of one MoE layer on this rank (SPEC 7, <c>eplb_moe_shape_t</c>): expert sizes, top-k,
+/// The shape of one MoE layer on this rank (docs/design.md §7, <c>eplb_moe_shape_t</c>): expert sizes, top-k,
 /// and which physical expert slots this rank holds.
 /// </summary>
 /// <param name="Hidden">H, the model's hidden size; a positive multiple of 64.</param>
@@ -78,7 +78,7 @@ public enum MoeFallback
 }
 
 /// <summary>
-/// Mega MoE (SPEC 7): the expert computation of one MoE layer,
+/// Mega MoE (docs/design.md §7): the expert computation of one MoE layer,
 /// <c>Y[t] = Σ_k w[t,k] · W2[e] · (silu(clampG(W1g[e] · x_t)) ⊙ clampU(W1u[e] · x_t))</c>, e = ids[t,k],
 /// over the experts local to this rank (others contribute 0, the expert-parallel partial sum), in
 /// one cooperative CUDA kernel: token counting and permutation, GEMM1 with the SwiGLU epilogue,
@@ -97,7 +97,7 @@ public enum MoeFallback
 /// the grid-barrier timeout (the output is then undefined).
 /// </para>
 /// <para>
-/// NCCL interplay (SPEC 3.4): NCCL kernels of EPLB weight transfers run on other streams and occupy
+/// NCCL interplay (docs/design.md §3.4): NCCL kernels of EPLB weight transfers run on other streams and occupy
 /// SMs for as long as they wait for their peers, which a cooperative kernel cannot tolerate. When
 /// this kernel is the MoE backend, data parallelism is above 1, EPLB is enabled and its communicator
 /// is NCCL-based, <c>NCCL_MAX_CTAS=8</c> must be set before any communicator is created (the EPLB

@@ -4,7 +4,7 @@ namespace Eplb.Kernels;
 
 /// <summary>
 /// The EP all-to-all metadata that <see cref="ExpertDispatch.BucketByRank(ComputeStream, DeviceSlice{int}, RankBuckets)"/>
-/// fills (SPEC 6, <c>eplb_dispatch_bucket_by_rank</c>): the routed (token, k) pairs grouped by
+/// fills (docs/design.md §6, <c>eplb_dispatch_bucket_by_rank</c>): the routed (token, k) pairs grouped by
 /// destination rank (slot s lives on rank <c>s / (Slots / Ranks)</c>), ascending pair order
 /// inside a rank, one send row per pair; and the send row of every pair, to bring the results back
 /// in token order with <see cref="ExpertDispatch.Combine{TIn, TOut}(ComputeStream, DeviceSlice{TIn}, int, RankBuckets, DeviceSlice{float}, DeviceSlice{TOut})"/>.

@@ -4,7 +4,7 @@ using Eplb.Runtime;
 
 namespace Eplb.Kernels;
 
-/// <summary>How a router turns logits into expert scores (SPEC 4.1).</summary>
+/// <summary>How a router turns logits into expert scores (docs/design.md §4.1).</summary>
 public enum RoutingScore
 {
     /// <summary><c>s = sigmoid(logit)</c>: DeepSeek-V3 (noaux_tc).</summary>
@@ -113,7 +113,7 @@ public sealed record RouterOptions
 }
 
 /// <summary>
-/// The router of one MoE layer (SPEC 4): scored top-k (<see cref="Route(ComputeStream, DeviceSlice{float}, DeviceSlice{int}, DeviceSlice{float}, DeviceSlice{float}, DeviceSlice{int})"/>)
+/// The router of one MoE layer (docs/design.md §4): scored top-k (<see cref="Route(ComputeStream, DeviceSlice{float}, DeviceSlice{int}, DeviceSlice{float}, DeviceSlice{float}, DeviceSlice{int})"/>)
 /// or DeepSeek-V4 hash routing (<see cref="RouteByHash(ComputeStream, DeviceSlice{float}, DeviceSlice{long}, DeviceSlice{int}, DeviceSlice{int}, DeviceSlice{float}, DeviceSlice{int})"/>),
 /// each one kernel with the EPLB epilogue fused: logical ids become physical slots through
 /// <see cref="LayerState"/> (TokenHash replica choice), padding rows become -1, and the layer's

@@ -1,7 +1,7 @@
 namespace Eplb.Load;
 
 /// <summary>
-/// Balancedness (SPEC 1), the one figure every log, test and benchmark uses. Per layer: the mean
+/// Balancedness (docs/design.md §1), the one figure every log, test and benchmark uses. Per layer: the mean
 /// over ranks of the rank loads divided by their maximum. Over layers: the sum of the layers' means
 /// divided by the sum of their maxima (the token-weighted form vLLM logs, reduced over ranks). 0
 /// when every maximum is 0; 1 is the ideal. Accumulate layers with <see cref="Add(ReadOnlySpan{double})"/>

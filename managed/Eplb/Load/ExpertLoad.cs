@@ -6,7 +6,7 @@ namespace Eplb.Load;
 
 /// <summary>
 /// Expert load <c>weight[L][N]</c>: non-negative token counts routed to each logical expert of each
-/// MoE layer (SPEC 1). Reads and writes SGLang's expert-distribution dump
+/// MoE layer (docs/design.md §1). Reads and writes SGLang's expert-distribution dump
 /// (<c>{"logical_count": [L][N]}</c> or <c>[T][L][N]</c>, summed over T) and plain <c>[L][N]</c> arrays.
 /// </summary>
 public sealed class ExpertLoad

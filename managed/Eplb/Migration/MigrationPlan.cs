@@ -15,7 +15,7 @@ public readonly record struct ExpertTransfer(int Expert, int SourceRank, int Sou
 public readonly record struct LocalCopy(int Rank, int Expert, int SourceSlot, int DestinationSlot, bool FromStaging);
 
 /// <summary>
-/// How one layer moves from an old to a new slot assignment (SPEC 5). Executed in three phases per
+/// How one layer moves from an old to a new slot assignment (docs/design.md §5). Executed in three phases per
 /// rank: (1) local copies from old weights, (2) receives (in batches), (3) fan-out copies inside the
 /// staging buffer; then the changed slots are committed from staging to the weights, together with
 /// the layer's tables. Old weights are only read until the commit, so any fault before it leaves the

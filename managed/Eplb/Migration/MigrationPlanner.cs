@@ -3,7 +3,7 @@ using Eplb.Placement;
 namespace Eplb.Migration;
 
 /// <summary>
-/// Plans the weight moves of one layer from an old to a new <c>phy2log</c> (SPEC 5, after vLLM's
+/// Plans the weight moves of one layer from an old to a new <c>phy2log</c> (docs/design.md §5, after vLLM's
 /// <c>rearrange_expert_weights_inplace</c>). Every rank computes the same plan from the same inputs,
 /// so senders and receivers agree without talking:
 /// <list type="number">
@@ -28,7 +28,7 @@ public static class MigrationPlanner
     /// <summary>
     /// Experts that cross between ranks to go from <paramref name="from"/> to <paramref name="to"/>:
     /// the transfers of every layer's plan, so each rank receives an expert it lacks once and fans it
-    /// out locally, and slots that change to an expert the rank already had are local copies (SPEC 5).
+    /// out locally, and slots that change to an expert the rank already had are local copies (docs/design.md §5).
     /// </summary>
     /// <exception cref="ArgumentException">The placements have different shapes.</exception>
     public static long ExpertsToReceive(ExpertPlacement from, ExpertPlacement to)

@@ -12,7 +12,7 @@ public enum AllToAllBackend
     DeepEpLowLatency = 1,
 }
 
-/// <summary>The facts the NCCL environment rule looks at (SPEC 3.4).</summary>
+/// <summary>The facts the NCCL environment rule looks at (docs/design.md §3.4).</summary>
 /// <param name="DataParallelSize">Data-parallel ranks.</param>
 /// <param name="EplbEnabled">Whether EPLB runs.</param>
 /// <param name="Communicator">How EPLB moves weights between ranks.</param>
@@ -34,7 +34,7 @@ public enum NcclEnvironmentDecision
 }
 
 /// <summary>
-/// The NCCL environment rule for EPLB (SPEC 3.4, vLLM <c>override_envs_for_eplb</c>): cooperative
+/// The NCCL environment rule for EPLB (docs/design.md §3.4, vLLM <c>override_envs_for_eplb</c>): cooperative
 /// kernels (DeepEP low-latency, the Mega MoE kernel) need every SM co-resident, and NCCL kernels
 /// launched by EPLB transfers can occupy SMs and deadlock them. Before any NCCL communicator is
 /// created, set <c>NCCL_MAX_CTAS=8</c> when all of: data-parallel size &gt; 1, EPLB enabled, the EPLB

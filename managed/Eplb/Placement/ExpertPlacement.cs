@@ -4,7 +4,7 @@ using Eplb.Load;
 namespace Eplb.Placement;
 
 /// <summary>
-/// An expert placement for a whole model (SPEC 1): for each of <see cref="Layers"/> MoE layers, which
+/// An expert placement for a whole model (docs/design.md §1): for each of <see cref="Layers"/> MoE layers, which
 /// logical expert each of the <see cref="Slots"/> physical slots holds, spread over <see cref="Ranks"/>
 /// ranks (rank <c>g</c> owns slots <c>[g*R/G, (g+1)*R/G)</c>) on <see cref="Nodes"/> nodes. Immutable;
 /// every instance satisfies the invariants (each expert at least once, rows of R slots, R/G slots per
@@ -112,7 +112,7 @@ public sealed class ExpertPlacement
     /// <summary>The node of a rank.</summary>
     public int NodeOfRank(int rank) => Topology.NodeOfRank(rank);
 
-    /// <summary>The initial placement (SPEC 1): slot <c>s</c> holds logical expert <c>s % N</c> in every layer.</summary>
+    /// <summary>The initial placement (docs/design.md §1): slot <c>s</c> holds logical expert <c>s % N</c> in every layer.</summary>
     /// <param name="layers">L (0 is valid: a pipeline stage without MoE layers).</param>
     /// <param name="logicalExperts">N.</param>
     /// <param name="slots">R, at least N and a multiple of <paramref name="ranks"/>.</param>
@@ -207,7 +207,7 @@ public sealed class ExpertPlacement
     }
 
     /// <summary>
-    /// Slot preservation (SPEC 2.2, vLLM <c>preserve_intragpu_slots</c>): the same experts on every
+    /// Slot preservation (docs/design.md §2.2, vLLM <c>preserve_intragpu_slots</c>): the same experts on every
     /// rank, but an expert that <paramref name="old"/> already had on a rank goes back to its old slot
     /// (each old slot, in order, takes the first unclaimed new copy of its expert); the remaining new
     /// experts fill the remaining slots in ascending order. Balancedness is unchanged; copies are saved.
@@ -234,7 +234,7 @@ public sealed class ExpertPlacement
     }
 
     // ---------------------------------------------------------------------------------------------
-    // Metrics (SPEC 1)
+    // Metrics (docs/design.md §1)
 
     /// <summary>
     /// The load of each rank in one layer: the sum over its slots of <c>weight[e] / logcnt[e]</c>

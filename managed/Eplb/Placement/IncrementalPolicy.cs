@@ -3,14 +3,14 @@ using Eplb.Load;
 namespace Eplb.Placement;
 
 /// <summary>
-/// <c>incremental</c> (SPEC 2.3, vLLM #24069): transfer-aware rebalancing. It first plans afresh
+/// <c>incremental</c> (docs/design.md §2.3, vLLM #24069): transfer-aware rebalancing. It first plans afresh
 /// with a reference policy (<see cref="LocalityPolicy"/> by default) to learn what balancedness B is
 /// reachable, then starts from the current placement and changes as few slots as it can to come
 /// within <see cref="PlacementRequest.BalancednessTolerance"/> of B. Aggregate balancedness is
 /// <c>sum(mean) / sum(max)</c> over layers, so the goal is a sum of layer maxima of at most
 /// <c>freshSum * B / (B - tolerance)</c>, and moves compete across layers: a local search per layer
 /// (<see cref="LayerSearch"/>: swaps and retargets) offers its best move, and the move with the most
-/// load taken off a heaviest GPU per slot changed wins, until the goal is met. Layers the search
+/// load taken off a heaviest rank per slot changed wins, until the goal is met. Layers the search
 /// leaves short take the fresh plan's layer (slot-preserved), most load saved per slot first, when
 /// that fits <see cref="PlacementRequest.MaxChangedSlotsPerLayer"/>. With
 /// <see cref="PlacementRequest.NoDuplicateOnRank"/>, duplicates of the current placement are removed

@@ -1,7 +1,7 @@
 namespace Eplb.Placement;
 
 /// <summary>
-/// Local search on one layer's placement that lowers the heaviest GPU's load (SPEC 1: balancedness
+/// Local search on one layer's placement that lowers the heaviest GPU's load (docs/design.md §1: balancedness
 /// is mean / max, and the mean is fixed by the load). Two moves, both keeping R/G slots per GPU:
 /// <list type="bullet">
 /// <item><b>swap</b> a slot of the heaviest GPU with a lighter slot of another GPU;</item>

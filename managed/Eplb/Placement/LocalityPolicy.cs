@@ -3,7 +3,7 @@ using Eplb.Load;
 namespace Eplb.Placement;
 
 /// <summary>
-/// <c>locality</c> (SPEC 2.3): the primary copy of every expert stays on its group's node, as in
+/// <c>locality</c> (docs/design.md §2.3): the primary copy of every expert stays on its group's node, as in
 /// DeepSeek's hierarchical policy, but redundant replicas may go to any node. The hierarchical policy
 /// gives each node exactly (R-N)/nodes spare slots for its own hot experts, which caps it at
 /// 0.75-0.89 balancedness on the real DeepSeek-V3 loads; letting extras cross nodes removes the cap

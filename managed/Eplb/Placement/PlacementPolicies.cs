@@ -2,7 +2,7 @@ using Eplb.Load;
 
 namespace Eplb.Placement;
 
-/// <summary>A placement policy: turns an expert load into a placement (SPEC 2).</summary>
+/// <summary>A placement policy: turns an expert load into a placement (docs/design.md §2).</summary>
 public interface IPlacementPolicy
 {
     /// <summary>The registered name ("deepseek", "locality", "incremental").</summary>
@@ -10,14 +10,14 @@ public interface IPlacementPolicy
 
     /// <summary>Plans a placement for <paramref name="load"/>.</summary>
     /// <param name="load">The logical load <c>[L][N]</c> (non-negative, finite).</param>
-    /// <param name="request">Slots, groups, nodes, GPUs and options.</param>
+    /// <param name="request">Slots, groups, nodes, ranks and options.</param>
     /// <param name="current">The placement in force, if any: used for slot preservation and by transfer-aware policies.</param>
     /// <returns>A valid placement with <c>load.Layers</c> layers.</returns>
     /// <exception cref="ArgumentException">The request violates a precondition (the message names the values).</exception>
     ExpertPlacement Plan(ExpertLoad load, PlacementRequest request, ExpertPlacement? current = null);
 
     /// <summary>
-    /// Whether the policy may run on EPLB's background worker (async rearrangement, SPEC 3.1): a
+    /// Whether the policy may run on EPLB's background worker (async rearrangement, docs/design.md §3.1): a
     /// pure function of its inputs, thread-safe. The built-in policies do.
     /// </summary>
     bool SupportsAsync => true;
@@ -26,13 +26,13 @@ public interface IPlacementPolicy
 /// <summary>The registered placement policies, by name: the three built-in ones and any added with <see cref="Register"/>.</summary>
 public static class PlacementPolicies
 {
-    /// <summary>DeepSeek's policy with exact parity (SPEC 2.1), the default.</summary>
+    /// <summary>DeepSeek's policy with exact parity (docs/design.md §2.1), the default.</summary>
     public static IPlacementPolicy DeepSeek { get; } = new DeepSeekPolicy();
 
-    /// <summary>Primaries group-to-node, redundant replicas anywhere (SPEC 2.3).</summary>
+    /// <summary>Primaries group-to-node, redundant replicas anywhere (docs/design.md §2.3).</summary>
     public static IPlacementPolicy Locality { get; } = new LocalityPolicy();
 
-    /// <summary>Transfer-aware: as few slot changes as possible from the current placement (SPEC 2.3).</summary>
+    /// <summary>Transfer-aware: as few slot changes as possible from the current placement (docs/design.md §2.3).</summary>
     public static IPlacementPolicy Incremental { get; } = new IncrementalPolicy();
 
     private static readonly List<IPlacementPolicy> Registered = [DeepSeek, Locality, Incremental];

@@ -3,7 +3,7 @@ using Eplb.Load;
 namespace Eplb.Placement;
 
 /// <summary>
-/// What a placement policy is asked for (SPEC 2): R slots per layer on G ranks in <see cref="Nodes"/>
+/// What a placement policy is asked for (docs/design.md §2): R slots per layer on G ranks in <see cref="Nodes"/>
 /// nodes, for a model whose N experts form <see cref="Groups"/> groups of consecutive ids.
 /// </summary>
 /// <param name="Slots">R, physical slots per layer (N + redundant); a multiple of <paramref name="Ranks"/>.</param>
@@ -17,7 +17,7 @@ public sealed record PlacementRequest(int Slots, int Groups, int Nodes, int Rank
 
     /// <summary>
     /// When a current placement is given, keep experts that stay on a rank in their old slots
-    /// (SPEC 2.2). On by default; it never changes balancedness.
+    /// (docs/design.md §2.2). On by default; it never changes balancedness.
     /// </summary>
     public bool PreserveSlots { get; init; } = true;
 
@@ -55,7 +55,7 @@ public sealed record PlacementRequest(int Slots, int Groups, int Nodes, int Rank
     }
 
     /// <summary>
-    /// Checks the request against a load of N experts (SPEC 2.1 preconditions, through
+    /// Checks the request against a load of N experts (docs/design.md §2.1 preconditions, through
     /// <see cref="TopologyFor"/>) and an optional current placement.
     /// </summary>
     /// <exception cref="ArgumentException">The first violated rule, naming the values.</exception>

@@ -1,6 +1,6 @@
 namespace Eplb.Placement;
 
-/// <summary>SPEC 2.2 on one rank's slots (vLLM <c>preserve_intragpu_slots</c>).</summary>
+/// <summary>docs/design.md §2.2 on one rank's slots (vLLM <c>preserve_intragpu_slots</c>).</summary>
 internal static class SlotPreservation
 {
     /// <summary>

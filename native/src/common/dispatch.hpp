@@ -1,4 +1,4 @@
-// Per-element rules of the dispatch ops (SPEC 6), shared by the CPU reference and the CUDA kernels
+// Per-element rules of the dispatch ops (docs/design.md §6), shared by the CPU reference and the CUDA kernels
 // so that both bucket the same pairs and round the same sums.
 #pragma once
 
@@ -23,7 +23,7 @@ struct LocalExpertOf {
     }
 };
 
-// Destination rank of a slot for EP bucketing: slot / (R / G) (SPEC 1: rank g owns slots
+// Destination rank of a slot for EP bucketing: slot / (R / G) (docs/design.md §1: rank g owns slots
 // [g*R/G, (g+1)*R/G)). -1 (not routed) has none; any other slot outside [0, R) has none and sets *bad.
 struct RankOf {
     int32_t num_physical;

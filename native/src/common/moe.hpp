@@ -1,4 +1,4 @@
-// Mega MoE pieces shared by the CPU reference and the CUDA kernels (SPEC 7): the problem on raw
+// Mega MoE pieces shared by the CPU reference and the CUDA kernels (docs/design.md §7): the problem on raw
 // pointers, the workspace layout, and the element math (the clamped SwiGLU, the combine step; bf16
 // rounding is common/bf16.hpp) as EPLB_HD functions so both backends round alike.
 #pragma once

@@ -1,4 +1,4 @@
-// Float arithmetic, scores and selection keys of the routing kernels (SPEC 4.1, 4.2), shared by the
+// Float arithmetic, scores and selection keys of the routing kernels (docs/design.md §4.1, 4.2), shared by the
 // CPU reference and the CUDA kernels so both compute the same bits from the same source lines.
 //
 // Why not expf/log1pf: glibc and CUDA's libdevice round them differently (CUDA's expf is within
@@ -140,7 +140,7 @@ EPLB_HD float sigmoid(float x) {
     return x >= 0.0f ? fdiv(1.0f, d) : fdiv(e, d);
 }
 
-// sqrt(softplus(x)), softplus computed stably as max(x, 0) + log1p(exp(-|x|)) (SPEC 4.1). x finite;
+// sqrt(softplus(x)), softplus computed stably as max(x, 0) + log1p(exp(-|x|)) (docs/design.md §4.1). x finite;
 // the result lies in [0, 1.85e19], so sums of up to EPLB_ROUTING_MAX_TOP_K of them stay finite.
 EPLB_HD float sqrt_softplus(float x) {
     const float e = exp_nonpositive(-fabsf(x));
@@ -194,7 +194,7 @@ EPLB_HD float softmax_numerator(float x, float max) {
     return exp_nonpositive(fsub(x, max));
 }
 
-// The floor that keeps an all-underflow row at weight 0 instead of 0 / 0 (SPEC 4.1).
+// The floor that keeps an all-underflow row at weight 0 instead of 0 / 0 (docs/design.md §4.1).
 constexpr float kRenormalizeEpsilon = 1e-20f;
 
 // Final weight from a selected value: renormalised by sum (the top-k values added in selection order)
