@@ -202,6 +202,27 @@ public class TorchArchiveTests
     }
 
     [Test]
+    public void ADamagedRecordFailsItsChecksum()
+    {
+        // Flip one byte inside the stored logical_count record: the archive still opens, the counts would be wrong.
+        var bytes = File.ReadAllBytes(Path.Combine(FixtureDir, "recorder_stat.pt"));
+        using (var zip = new ZipArchive(new MemoryStream(bytes)))
+        {
+            var data = zip.GetEntry("recorder_stat/data/0")!;
+            var record = new byte[data.Length];
+            using (var s = data.Open()) s.ReadExactly(record);
+            var pattern = record.AsSpan(64, 32);  // step 0, layer 2: random counts (layers 0 and 1 are zero)
+            var at = bytes.AsSpan().IndexOf(pattern);
+            Assert.That(at, Is.GreaterThan(0));
+            Assert.That(bytes.AsSpan().LastIndexOf(pattern), Is.EqualTo(at), "the counts occur once in the file");
+            bytes[at + 1] ^= 0xff;
+        }
+        var path = Path.Combine(_dir, "damaged.pt");
+        File.WriteAllBytes(path, bytes);
+        AssertRefused(path, "record data/0 fails its CRC-32 check (damaged?)");
+    }
+
+    [Test]
     public void ZipsThatAreNotTorchArchives()
     {
         AssertRefused(Archive(null, ("other.txt", [1, 2, 3])), "it has no <name>/data.pkl record");

@@ -146,8 +146,9 @@ public sealed class ExpertLoadFile
             {
                 return SglangRecorderDump.Read(archive.Root);
             }
-            catch (InvalidDataException e)
+            catch (InvalidDataException e) when (!e.Message.StartsWith(path, StringComparison.Ordinal))
             {
+                // Storage records are read here, lazily; their errors already name the file.
                 throw new InvalidDataException($"{path}: {e.Message}", e);
             }
         }

@@ -135,7 +135,7 @@ public sealed class PlacementFile
         {
             values = tensor.ToInt64s();
         }
-        catch (InvalidDataException e)
+        catch (InvalidDataException e) when (!e.Message.StartsWith(path, StringComparison.Ordinal))
         {
             throw new InvalidDataException($"{path}: {MapKey}: {e.Message}", e);
         }

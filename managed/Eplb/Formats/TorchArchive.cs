@@ -168,7 +168,11 @@ public sealed class TorchArchive : IDisposable
             }
             if (buffer.Length != entry.Length)
                 throw new InvalidDataException($"{_source}: record {name} ends after {buffer.Length} of {entry.Length} bytes (truncated?)");
-            return buffer.ToArray();
+            var bytes = buffer.ToArray();
+            // torch's reader (miniz) checks each record's CRC-32; ZipArchive does not.
+            if (System.IO.Hashing.Crc32.HashToUInt32(bytes) != entry.Crc32)
+                throw new InvalidDataException($"{_source}: record {name} fails its CRC-32 check (damaged?)");
+            return bytes;
         }
         catch (InvalidDataException e) when (!e.Message.StartsWith(_source, StringComparison.Ordinal))
         {
