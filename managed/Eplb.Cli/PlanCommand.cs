@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json;
+using Eplb.Formats;
 using Eplb.Load;
 using Eplb.Migration;
 using Eplb.Placement;
@@ -9,20 +10,36 @@ using Eplb.Placement;
 namespace Eplb.Cli;
 
 /// <summary>
-/// <c>eplb plan</c>: turns a recorded expert-load dump into a placement file that SGLang's
-/// <c>--init-expert-location</c> can load (docs/design.md §8), and reports what the plan achieves.
+/// <c>eplb plan</c>: turns a recorded expert-load dump (SGLang's recorder <c>.pt</c> or JSON) into a
+/// placement file that SGLang's <c>--init-expert-location</c> loads as is (docs/design.md §8: only
+/// <c>physical_to_logical_map</c>, one row per model layer), and reports what the plan achieves in
+/// <c>&lt;out&gt;.report.json</c> and on stdout.
 /// </summary>
 internal static class PlanCommand
 {
     public static Command Create()
     {
-        var load = new Option<string>("--load") { Description = "Expert-load dump: SGLang's {\"logical_count\": [L][N] or [T][L][N]} or a bare [L][N] array", Required = true };
+        var load = new Option<string[]>("--load")
+        {
+            Description = "Expert-load dump: SGLang's recorder .pt (stat, stat_approx, per_pass), {\"logical_count\": [L][N] or [T][L][N]} or a bare [L][N] array; " +
+                "repeat it to sum files (per_pass writes one per rank)",
+            Required = true,
+        };
+        var modelLayers = new Option<int>("--model-layers")
+        {
+            Description = "The model's layer count (num_hidden_layers, 61 for DeepSeek-V3) when the load has only MoE rows (they are taken as the last layers); " +
+                "default: the load's rows",
+        };
         var slots = new Option<int>("--slots", "--replicas") { Description = "R, physical slots per layer (N + redundant), a multiple of --ranks", Required = true };
         var groups = new Option<int>("--groups") { Description = "Expert groups of group-limited routing (8 for DeepSeek-V3; 1 for none)", Required = true };
         var nodes = new Option<int>("--nodes") { Description = "Nodes; --ranks must be a multiple of it", Required = true };
         var ranks = new Option<int>("--ranks", "--gpus") { Description = "G, expert-parallel ranks (GPUs)", Required = true };
         var policy = new Option<string>("--policy") { Description = $"Placement policy: {string.Join(", ", PlacementPolicies.Names)}", DefaultValueFactory = _ => "deepseek" };
-        var old = new Option<string?>("--old") { Description = "The placement in force (a file this command wrote): slots are preserved, incremental starts from it" };
+        var old = new Option<string?>("--old")
+        {
+            Description = "The placement in force (SGLang's physical_to_logical_map as .json or .pt, or an older file of this command): " +
+                "slots are preserved, incremental starts from it",
+        };
         var noDuplicate = new Option<bool>("--no-duplicate-on-rank", "--no-duplicate-on-gpu") { Description = "Never put two replicas of one expert on one rank" };
         var maxReplicas = new Option<int>("--max-replicas") { Description = "Kmax, the width of logical_to_physical_map (0 derives it from the plan)" };
         var expertBytes = new Option<long>("--expert-bytes")
@@ -30,35 +47,42 @@ internal static class PlanCommand
             Description = "Bytes of one expert of one layer, for the bytes-to-move figure (default: DeepSeek-V3 FP8 weights and block scales)",
             DefaultValueFactory = _ => MigrationPlanner.DeepSeekV3ExpertBytes,
         };
-        var output = new Option<string>("--out") { Description = "Placement file to write (JSON)", Required = true };
+        var output = new Option<string>("--out")
+        {
+            Description = "Placement file for --init-expert-location: JSON, or torch.save format when it ends in .pt; the report goes to <out>.report.json",
+            Required = true,
+        };
         var command = new Command("plan", "Plan an expert placement from a load dump and write it for SGLang's --init-expert-location")
         {
-            load, slots, groups, nodes, ranks, policy, old, noDuplicate, maxReplicas, expertBytes, output,
+            load, modelLayers, slots, groups, nodes, ranks, policy, old, noDuplicate, maxReplicas, expertBytes, output,
         };
-        command.SetAction(parse => Run(new Arguments(parse.GetValue(load)!, parse.GetValue(slots), parse.GetValue(groups), parse.GetValue(nodes),
-            parse.GetValue(ranks), parse.GetValue(policy)!, parse.GetValue(old), parse.GetValue(noDuplicate), parse.GetValue(maxReplicas),
+        command.SetAction(parse => Run(new Arguments(parse.GetValue(load)!, parse.GetValue(modelLayers), parse.GetValue(slots), parse.GetValue(groups),
+            parse.GetValue(nodes), parse.GetValue(ranks), parse.GetValue(policy)!, parse.GetValue(old), parse.GetValue(noDuplicate), parse.GetValue(maxReplicas),
             parse.GetValue(expertBytes), parse.GetValue(output)!)));
         return command;
     }
 
-    private sealed record Arguments(string Load, int Slots, int Groups, int Nodes, int Ranks, string Policy, string? Old,
+    private sealed record Arguments(string[] Load, int ModelLayers, int Slots, int Groups, int Nodes, int Ranks, string Policy, string? Old,
         bool NoDuplicateOnRank, int MaxReplicas, long ExpertBytes, string Out);
 
     private static int Run(Arguments args)
     {
         if (args.ExpertBytes < 0) throw new ArgumentException($"--expert-bytes must be >= 0 (got {args.ExpertBytes})");
         if (string.IsNullOrWhiteSpace(args.Out)) throw new ArgumentException("--out must name a file");
+        if (args.ModelLayers < 0) throw new ArgumentException($"--model-layers must be >= 0 (got {args.ModelLayers})");
         var policy = PlacementPolicies.Get(args.Policy);
-        var raw = ExpertLoad.Read(args.Load);
-        var load = raw.WithoutEmptyLayers(out var dropped);
-        if (load.Layers == 0) throw new InvalidDataException($"{args.Load}: every layer's load is 0; there is nothing to plan");
+        var file = ExpertLoadFile.Read(args.Load, new ExpertLoadReadOptions { ModelLayers = args.ModelLayers });
+        var load = file.Planned;
+        if (load.Layers == 0) throw new InvalidDataException($"{string.Join(", ", args.Load)}: every layer's load is 0; there is nothing to plan");
         var request = new PlacementRequest(args.Slots, args.Groups, args.Nodes, args.Ranks)
         {
             NoDuplicateOnRank = args.NoDuplicateOnRank,
             MaxReplicas = args.MaxReplicas,
         };
         request.Validate(load);
-        var current = args.Old != null ? ReadPlacement(args.Old, raw, load, request) : null;
+        var current = args.Old == null
+            ? null
+            : PlacementFile.Read(args.Old).ForLayers(load.LayerIds, file.ModelLayers, load.LogicalExperts, request.Slots, request.Ranks, request.Nodes, args.Old);
 
         // Run the policy on two layers first (code compiled, threads started): elapsed_ms is the
         // policy's time, not the JIT's or the thread pool's.
@@ -73,135 +97,94 @@ internal static class PlanCommand
         var perLayer = placement.BalancednessPerLayer(load);
         var balancedness = placement.Balancedness(load);
         var nodeLocal = placement.NodeLocalFraction(load, load.LogicalExperts % request.Groups == 0 ? request.Groups : 1);
-        WriteAtomically(args.Out, writer => Write(writer, placement, load, policy.Name, request, balancedness, perLayer, nodeLocal, elapsedMs));
+        var model = PlacementFile.ForModel(placement, load.LayerIds, file.ModelLayers, request.MaxReplicas);
+        var report = new Report(file, policy.Name, request, model, before.Balancedness(load), balancedness, perLayer, nodeLocal,
+            placement.SlotsChanged(before), (long)load.Layers * request.Slots, current != null, MigrationPlanner.BytesToMove(before, placement, args.ExpertBytes),
+            args.ExpertBytes, elapsedMs);
+        var reportPath = args.Out + ".report.json";
+        var torch = args.Out.EndsWith(".pt", StringComparison.OrdinalIgnoreCase);
+        WriteAtomically(
+            (args.Out, stream => { if (torch) PlacementFile.WriteTorch(stream, model); else PlacementFile.WriteJson(stream, model); }),
+            (reportPath, stream => { using var writer = new Utf8JsonWriter(stream); WriteReport(writer, report, args.Out); }));
 
         var hierarchical = request.IsHierarchical(load.LogicalExperts) ? "hierarchical" : "global";
-        var slots = (long)load.Layers * request.Slots;
-        var changed = placement.SlotsChanged(before);
-        var bytes = MigrationPlanner.BytesToMove(before, placement, args.ExpertBytes);
         var invariant = CultureInfo.InvariantCulture;
+        foreach (var source in file.Sources) Console.WriteLine($"read {source.Path}: {source.Description}");
+        Console.WriteLine(file.UnplannedLayerIds.Count == 0
+            ? $"{file.ModelLayers} model layers x {load.LogicalExperts} experts, all planned"
+            : $"{file.ModelLayers} model layers x {load.LogicalExperts} experts: {file.UnplannedLayerIds.Count} layers with no load keep SGLang's trivial row: " +
+              string.Join(", ", file.UnplannedLayerIds));
         Console.WriteLine(string.Create(invariant,
             $"{policy.Name} ({hierarchical} layout): {load.Layers} layers x {load.LogicalExperts} experts -> R = {request.Slots} slots on {request.Ranks} ranks, " +
             $"{request.Nodes} nodes, {request.Groups} groups"));
-        if (dropped.Count > 0) Console.WriteLine($"left out {dropped.Count} layers with no load: {string.Join(", ", dropped)}");
         Console.WriteLine(string.Create(invariant,
-            $"balancedness {before.Balancedness(load):F3} -> {balancedness:F3} (worst layer {perLayer.Min():F3}), node-local {nodeLocal:F3}"));
+            $"balancedness {report.BalancednessBefore:F3} -> {balancedness:F3} (worst layer {perLayer.Min():F3}), node-local {nodeLocal:F3}"));
         Console.WriteLine(string.Create(invariant,
-            $"slots changed {changed} of {slots} (against the {(current != null ? "old" : "initial")} placement), " +
-            $"{bytes / (1024.0 * 1024 * 1024):F2} GiB to move at {args.ExpertBytes} bytes per expert"));
-        Console.WriteLine(string.Create(invariant, $"planned in {elapsedMs:F2} ms; wrote {args.Out}"));
+            $"slots changed {report.SlotsChanged} of {report.SlotsTotal} (against the {(current != null ? "old" : "initial")} placement), " +
+            $"{report.BytesToMove / (1024.0 * 1024 * 1024):F2} GiB to move at {args.ExpertBytes} bytes per expert"));
+        Console.WriteLine(string.Create(invariant,
+            $"planned in {elapsedMs:F2} ms; wrote {args.Out} ({PlacementFile.MapKey} only, {model.Layers} layers x {model.Slots} slots, " +
+            $"{(torch ? "torch.save" : "JSON")}) for SGLang's --init-expert-location, and the report {reportPath}"));
         return 0;
     }
 
-    /// <summary>
-    /// Reads the placement in force from a file in this command's format (<c>physical_to_logical_map</c>
-    /// [L][R], optional <c>layer_ids</c>). Rows are matched to the load's kept layers by layer id when
-    /// the file has ids, else by position (all layers of the dump, or only the kept ones).
-    /// </summary>
-    private static ExpertPlacement ReadPlacement(string path, ExpertLoad raw, ExpertLoad load, PlacementRequest request)
-    {
-        if (!File.Exists(path)) throw new FileNotFoundException($"placement file '{path}' does not exist", path);
-        JsonDocument document;
-        try
-        {
-            document = JsonDocument.Parse(File.ReadAllBytes(path));
-        }
-        catch (JsonException e)
-        {
-            throw new InvalidDataException($"{path}: malformed JSON: {e.Message}", e);
-        }
-        using (document)
-        {
-            var root = document.RootElement;
-            if (root.ValueKind != JsonValueKind.Object || !root.TryGetProperty("physical_to_logical_map", out var map) || map.ValueKind != JsonValueKind.Array)
-                throw new InvalidDataException($"{path}: expected an object with a \"physical_to_logical_map\" array");
-            var rows = new List<int[]>();
-            foreach (var row in map.EnumerateArray())
-            {
-                if (row.ValueKind != JsonValueKind.Array) throw new InvalidDataException($"{path}: physical_to_logical_map[{rows.Count}] is not an array");
-                var values = new int[row.GetArrayLength()];
-                var i = 0;
-                foreach (var cell in row.EnumerateArray())
-                {
-                    if (cell.ValueKind != JsonValueKind.Number || !cell.TryGetInt32(out values[i]))
-                        throw new InvalidDataException($"{path}: physical_to_logical_map[{rows.Count}][{i}] is not an integer ({cell.GetRawText()})");
-                    i++;
-                }
-                rows.Add(values);
-            }
-            List<int[]> selected;
-            if (root.TryGetProperty("layer_ids", out var ids))
-            {
-                if (ids.ValueKind != JsonValueKind.Array || ids.GetArrayLength() != rows.Count || ids.EnumerateArray().Any(v => v.ValueKind != JsonValueKind.Number))
-                    throw new InvalidDataException($"{path}: layer_ids must be {rows.Count} integers, one per physical_to_logical_map row");
-                var byId = new Dictionary<int, int[]>();
-                var k = 0;
-                foreach (var id in ids.EnumerateArray()) byId[id.GetInt32()] = rows[k++];
-                selected = [];
-                foreach (var id in load.LayerIds)
-                {
-                    if (!byId.TryGetValue(id, out var row)) throw new InvalidDataException($"{path}: has no row for layer {id} of the load");
-                    selected.Add(row);
-                }
-            }
-            else if (rows.Count == load.Layers)
-            {
-                selected = rows;
-            }
-            else if (rows.Count == raw.Layers)
-            {
-                selected = load.LayerIds.Select(id => rows[id]).ToList();
-            }
-            else
-            {
-                throw new InvalidDataException($"{path}: {rows.Count} layers, but the load has {raw.Layers} ({load.Layers} with load)");
-            }
-            if (selected.Count > 0 && selected[0].Length != request.Slots)
-                throw new InvalidDataException($"{path}: {selected[0].Length} slots per layer, but --slots is {request.Slots}");
-            try
-            {
-                return ExpertPlacement.FromPhy2Log(selected, load.LogicalExperts, request.Ranks, request.Nodes);
-            }
-            catch (ArgumentException e)
-            {
-                throw new InvalidDataException($"{path}: {e.Message}", e);
-            }
-        }
-    }
+    private sealed record Report(ExpertLoadFile File, string Policy, PlacementRequest Request, ExpertPlacement Model, double BalancednessBefore,
+        double Balancedness, double[] BalancednessPerLayer, double NodeLocalFraction, long SlotsChanged, long SlotsTotal, bool AgainstOld,
+        long BytesToMove, long ExpertBytes, double ElapsedMs);
 
-    private static void Write(Utf8JsonWriter w, ExpertPlacement p, ExpertLoad load, string policy, PlacementRequest request,
-        double balancedness, double[] perLayer, double nodeLocal, double elapsedMs)
+    /// <summary>Everything the placement file cannot hold (SGLang accepts no other key there).</summary>
+    private static void WriteReport(Utf8JsonWriter w, Report r, string placementPath)
     {
+        var model = r.Model;
         w.WriteStartObject();
-        w.WriteStartArray("physical_to_logical_map");
-        for (var l = 0; l < p.Layers; l++) WriteInts(w, p.Phy2Log(l));
+        w.WriteString("placement_file", placementPath);
+        w.WriteStartArray("load_files");
+        foreach (var source in r.File.Sources)
+        {
+            w.WriteStartObject();
+            w.WriteString("path", source.Path);
+            w.WriteString("format", source.Format.ToString());
+            w.WriteString("description", source.Description);
+            w.WriteEndObject();
+        }
         w.WriteEndArray();
+        w.WriteString("policy", r.Policy);
+        w.WriteNumber("slots", r.Request.Slots);
+        w.WriteNumber("groups", r.Request.Groups);
+        w.WriteNumber("nodes", r.Request.Nodes);
+        w.WriteNumber("ranks", r.Request.Ranks);
+        w.WriteNumber("logical_experts", model.LogicalExperts);
+        w.WriteNumber("model_layers", model.Layers);
+        w.WriteStartArray("planned_layer_ids");
+        foreach (var id in r.File.PlannedLayerIds) w.WriteNumberValue(id);
+        w.WriteEndArray();
+        w.WriteStartArray("unplanned_layer_ids");
+        foreach (var id in r.File.UnplannedLayerIds) w.WriteNumberValue(id);
+        w.WriteEndArray();
+        w.WriteNumber("balancedness_before", r.BalancednessBefore);
+        w.WriteNumber("balancedness", r.Balancedness);
+        w.WriteStartArray("balancedness_per_layer");
+        foreach (var b in r.BalancednessPerLayer) w.WriteNumberValue(b);
+        w.WriteEndArray();
+        w.WriteNumber("node_local_fraction", r.NodeLocalFraction);
+        w.WriteNumber("slots_changed", r.SlotsChanged);
+        w.WriteNumber("slots_total", r.SlotsTotal);
+        w.WriteString("changed_against", r.AgainstOld ? "old" : "initial");
+        w.WriteNumber("bytes_to_move", r.BytesToMove);
+        w.WriteNumber("expert_bytes", r.ExpertBytes);
+        w.WriteNumber("elapsed_ms", r.ElapsedMs);
         w.WriteStartArray("logical_to_physical_map");
-        for (var l = 0; l < p.Layers; l++)
+        for (var l = 0; l < model.Layers; l++)
         {
             w.WriteStartArray();
-            var table = p.Log2Phy(l);
-            for (var e = 0; e < p.LogicalExperts; e++) WriteInts(w, table.Slice(e * p.MaxReplicas, p.MaxReplicas));
+            var table = model.Log2Phy(l);
+            for (var e = 0; e < model.LogicalExperts; e++) WriteInts(w, table.Slice(e * model.MaxReplicas, model.MaxReplicas));
             w.WriteEndArray();
         }
         w.WriteEndArray();
         w.WriteStartArray("logical_replica_count");
-        for (var l = 0; l < p.Layers; l++) WriteInts(w, p.LogCnt(l));
+        for (var l = 0; l < model.Layers; l++) WriteInts(w, model.LogCnt(l));
         w.WriteEndArray();
-        w.WriteStartArray("layer_ids");
-        foreach (var id in load.LayerIds) w.WriteNumberValue(id);
-        w.WriteEndArray();
-        w.WriteString("policy", policy);
-        w.WriteNumber("slots", request.Slots);
-        w.WriteNumber("groups", request.Groups);
-        w.WriteNumber("nodes", request.Nodes);
-        w.WriteNumber("ranks", request.Ranks);
-        w.WriteNumber("balancedness", balancedness);
-        w.WriteStartArray("balancedness_per_layer");
-        foreach (var b in perLayer) w.WriteNumberValue(b);
-        w.WriteEndArray();
-        w.WriteNumber("node_local_fraction", nodeLocal);
-        w.WriteNumber("elapsed_ms", elapsedMs);
         w.WriteEndObject();
     }
 
@@ -212,23 +195,23 @@ internal static class PlanCommand
         w.WriteEndArray();
     }
 
-    /// <summary>Writes next to the target and renames, so a failure leaves no partial file.</summary>
-    private static void WriteAtomically(string path, Action<Utf8JsonWriter> write)
+    /// <summary>Writes each file next to its target, then renames them all, so a failure leaves no partial file.</summary>
+    private static void WriteAtomically(params (string Path, Action<Stream> Write)[] files)
     {
-        var full = Path.GetFullPath(path);
-        var temporary = full + $".{Environment.ProcessId}.tmp";
+        var temporaries = files.Select(f => Path.GetFullPath(f.Path) + $".{Environment.ProcessId}.tmp").ToArray();
         try
         {
-            using (var stream = new FileStream(temporary, FileMode.CreateNew, FileAccess.Write))
-            using (var writer = new Utf8JsonWriter(stream))
+            for (var i = 0; i < files.Length; i++)
             {
-                write(writer);
+                using var stream = new FileStream(temporaries[i], FileMode.CreateNew, FileAccess.Write);
+                files[i].Write(stream);
             }
-            File.Move(temporary, full, overwrite: true);
+            for (var i = 0; i < files.Length; i++) File.Move(temporaries[i], Path.GetFullPath(files[i].Path), overwrite: true);
         }
         finally
         {
-            if (File.Exists(temporary)) File.Delete(temporary);
+            foreach (var temporary in temporaries)
+                if (File.Exists(temporary)) File.Delete(temporary);
         }
     }
 }

@@ -3,7 +3,10 @@ using NUnit.Framework;
 
 namespace Eplb.Tests;
 
-/// <summary><c>eplb plan</c> as a user runs it: output keys, figures, and one-line errors with exit code 2.</summary>
+/// <summary>
+/// <c>eplb plan</c> as a user runs it: the placement file (only SGLang's key), the report beside it,
+/// figures, and one-line errors with exit code 2. SGLang's acceptance rules: <see cref="SglangContractTests"/>.
+/// </summary>
 public class CliPlanTests
 {
     private string _dir = "";
@@ -27,27 +30,31 @@ public class CliPlanTests
         ["plan", "--load", load, "--slots", "288", "--groups", "8", "--nodes", "4", "--ranks", "32", "--out", output, .. more];
 
     [Test]
-    public void WritesThePlacementWithExactlyTheDocumentedKeys()
+    public void WritesThePlacementWithOnlySglangsKeyAndTheReportBesideIt()
     {
         var output = Path.Combine(_dir, "placement.json");
         var result = CliRunner.Run(Plan(Dump("decode_in1000out1000"), output));
         Assert.That(result.ExitCode, Is.Zero, result.Stderr);
-        using var json = JsonDocument.Parse(File.ReadAllBytes(output));
+        using var placement = JsonDocument.Parse(File.ReadAllBytes(output));
+        Assert.That(placement.RootElement.EnumerateObject().Select(p => p.Name), Is.EqualTo(new[] { "physical_to_logical_map" }));
+        var rows = placement.RootElement.GetProperty("physical_to_logical_map").EnumerateArray().Select(r => r.EnumerateArray().Select(v => v.GetInt32()).ToArray()).ToList();
+        Assert.That(rows, Has.Count.EqualTo(61));
+        Assert.That(rows, Is.All.Length.EqualTo(288));
+        var phy2log = rows.Skip(3).ToList();
+        using var json = JsonDocument.Parse(File.ReadAllBytes(output + ".report.json"));
         var root = json.RootElement;
         Assert.That(root.EnumerateObject().Select(p => p.Name), Is.EqualTo(new[]
         {
-            "physical_to_logical_map", "logical_to_physical_map", "logical_replica_count", "layer_ids", "policy", "slots",
-            "groups", "nodes", "ranks", "balancedness", "balancedness_per_layer", "node_local_fraction", "elapsed_ms",
+            "placement_file", "load_files", "policy", "slots", "groups", "nodes", "ranks", "logical_experts", "model_layers", "planned_layer_ids",
+            "unplanned_layer_ids", "balancedness_before", "balancedness", "balancedness_per_layer", "node_local_fraction", "slots_changed",
+            "slots_total", "changed_against", "bytes_to_move", "expert_bytes", "elapsed_ms", "logical_to_physical_map", "logical_replica_count",
         }));
-        var phy2log = root.GetProperty("physical_to_logical_map").EnumerateArray().Select(r => r.EnumerateArray().Select(v => v.GetInt32()).ToArray()).ToList();
-        Assert.That(phy2log, Has.Count.EqualTo(58));
-        Assert.That(phy2log, Is.All.Length.EqualTo(288));
-        Assert.That(root.GetProperty("layer_ids").EnumerateArray().Select(v => v.GetInt32()), Is.EqualTo(Enumerable.Range(3, 58)));
+        Assert.That(root.GetProperty("planned_layer_ids").EnumerateArray().Select(v => v.GetInt32()), Is.EqualTo(Enumerable.Range(3, 58)));
         Assert.That(root.GetProperty("policy").GetString(), Is.EqualTo("deepseek"));
         Assert.That((root.GetProperty("slots").GetInt32(), root.GetProperty("groups").GetInt32(), root.GetProperty("nodes").GetInt32(),
             root.GetProperty("ranks").GetInt32()), Is.EqualTo((288, 8, 4, 32)));
 
-        // The file is the deepseek plan, and its figures are those of docs/design.md §1.
+        // The file is the deepseek plan, and its figures are those of SPEC 1.
         var load = TestSupport.RealLoad("decode_in1000out1000");
         var expected = PlacementPolicies.DeepSeek.Plan(load, new PlacementRequest(288, 8, 4, 32));
         var p = ExpertPlacement.FromPhy2Log(phy2log, 256, 32, 4);
@@ -56,16 +63,18 @@ public class CliPlanTests
         Assert.That(root.GetProperty("balancedness_per_layer").EnumerateArray().Select(v => v.GetDouble()), Is.EqualTo(p.BalancednessPerLayer(load)).Within(1e-12));
         Assert.That(root.GetProperty("node_local_fraction").GetDouble(), Is.EqualTo(1.0));
         Assert.That(root.GetProperty("elapsed_ms").GetDouble(), Is.GreaterThan(0));
-        var counts = root.GetProperty("logical_replica_count").EnumerateArray().ToList();
-        var log2phy = root.GetProperty("logical_to_physical_map").EnumerateArray().ToList();
+        var counts = root.GetProperty("logical_replica_count").EnumerateArray().Skip(3).ToList();
+        var log2phy = root.GetProperty("logical_to_physical_map").EnumerateArray().Skip(3).ToList();
         for (var l = 0; l < 58; l++)
         {
             Assert.That(counts[l].EnumerateArray().Select(v => v.GetInt32()), Is.EqualTo(p.LogCnt(l).ToArray()));
-            var rows = log2phy[l].EnumerateArray().ToList();
-            Assert.That(rows, Has.Count.EqualTo(256));
-            Assert.That(rows.SelectMany(r => r.EnumerateArray().Select(v => v.GetInt32())), Is.EqualTo(p.Log2Phy(l).ToArray()));
+            var experts = log2phy[l].EnumerateArray().ToList();
+            Assert.That(experts, Has.Count.EqualTo(256));
+            Assert.That(experts.Select(r => r.EnumerateArray().Select(v => v.GetInt32()).Where(s => s >= 0)),
+                Is.EqualTo(Enumerable.Range(0, 256).Select(e => p.Log2Phy(l).Slice(e * p.MaxReplicas, p.MaxReplicas).ToArray().Where(s => s >= 0))));
         }
-        Assert.That(result.Stdout, Does.Contain("left out 3 layers with no load: 0, 1, 2"));
+        Assert.That(root.GetProperty("slots_changed").GetInt32(), Is.EqualTo(p.SlotsChanged(ExpertPlacement.Initial(58, 256, 288, 32, 4))));
+        Assert.That(result.Stdout, Does.Contain("3 layers with no load keep SGLang's trivial row: 0, 1, 2"));
         Assert.That(result.Stdout, Does.Match(@"balancedness 0\.\d{3} -> 0\.759"));
         Assert.That(result.Stdout, Does.Contain("node-local 1.000").And.Contain("slots changed").And.Contain("GiB to move").And.Contain("planned in"));
     }
@@ -84,7 +93,7 @@ public class CliPlanTests
         static int Changed(string stdout) => int.Parse(System.Text.RegularExpressions.Regex.Match(stdout, @"slots changed (\d+)").Groups[1].Value);
         Assert.That(Changed(small.Stdout), Is.LessThan(Changed(full.Stdout) / 4));
         Assert.That(small.Stdout, Does.Contain("against the old placement"));
-        using var json = JsonDocument.Parse(File.ReadAllBytes(next));
+        using var json = JsonDocument.Parse(File.ReadAllBytes(next + ".report.json"));
         Assert.That(json.RootElement.GetProperty("policy").GetString(), Is.EqualTo("incremental"));
     }
 
@@ -97,11 +106,11 @@ public class CliPlanTests
         // --replicas and --gpus (the README's first names) are aliases of --slots and --ranks.
         var result = CliRunner.Run("plan", "--load", bare, "--replicas", "6", "--groups", "2", "--nodes", "1", "--gpus", "2", "--out", output);
         Assert.That(result.ExitCode, Is.Zero, result.Stderr);
-        using (var json = JsonDocument.Parse(File.ReadAllBytes(output)))
-            Assert.That(json.RootElement.GetProperty("layer_ids").EnumerateArray().Select(v => v.GetInt32()), Is.EqualTo(new[] { 1, 2 }));
+        using (var json = JsonDocument.Parse(File.ReadAllBytes(output + ".report.json")))
+            Assert.That(json.RootElement.GetProperty("planned_layer_ids").EnumerateArray().Select(v => v.GetInt32()), Is.EqualTo(new[] { 1, 2 }));
         result = CliRunner.Run("plan", "--load", steps, "--replicas", "6", "--groups", "2", "--nodes", "1", "--gpus", "2", "--out", output, "--policy", "locality");
         Assert.That(result.ExitCode, Is.Zero, result.Stderr);
-        using (var json = JsonDocument.Parse(File.ReadAllBytes(output)))
+        using (var json = JsonDocument.Parse(File.ReadAllBytes(output + ".report.json")))
             Assert.That(json.RootElement.GetProperty("logical_replica_count")[0].EnumerateArray().Select(v => v.GetInt32()).Sum(), Is.EqualTo(6));
     }
 
@@ -111,7 +120,7 @@ public class CliPlanTests
         var output = Path.Combine(_dir, "p.json");
         var result = CliRunner.Run(Plan(Dump("prefill_in2048"), output, "--policy", "locality", "--max-replicas", "6"));
         Assert.That(result.ExitCode, Is.Zero, result.Stderr);
-        using var json = JsonDocument.Parse(File.ReadAllBytes(output));
+        using var json = JsonDocument.Parse(File.ReadAllBytes(output + ".report.json"));
         foreach (var layer in json.RootElement.GetProperty("logical_to_physical_map").EnumerateArray())
             foreach (var expert in layer.EnumerateArray())
                 Assert.That(expert.GetArrayLength(), Is.EqualTo(6));
@@ -149,7 +158,7 @@ public class CliPlanTests
             else load = path;
         }
         var output = Path.Combine(_dir, "out.json");
-        var args = new List<string> { "plan", "--load", load, "--groups", "8", "--nodes", "4", "--gpus", "32", "--out", output };
+        var args = new List<string> { "plan", "--load", load, "--groups", "8", "--nodes", "4", "--ranks", "32", "--out", output };
         args.AddRange(options.Select(o => o == "nowhere.json" ? Path.Combine(_dir, o) : o));
         var result = CliRunner.Run([.. args]);
         Assert.That(result.ExitCode, Is.EqualTo(2), result.Stdout + result.Stderr);
