@@ -37,10 +37,11 @@ usage_error() {
 # --- The bundle -------------------------------------------------------------------------------------
 
 # Files the GPU run needs none of: libeplb.so (the run builds its own; a stale copy could shadow it),
-# the plotting natives (SkiaSharp/HarfBuzz: no GPU test draws), debugger and tracing support, symbols
-# and XML docs.
-PRUNED=(libeplb.so libSkiaSharp.so libHarfBuzzSharp.so libmscordaccore.so libmscordbi.so createdump
-        libcoreclrtraceptprovider.so libclrgc.so libclrgcexp.so)
+# the plotting natives (SkiaSharp/HarfBuzz: no GPU test draws), zip/brotli (no GPU test compresses),
+# debugger, tracing and alternative-GC support, symbols and XML docs. Native files may go (the host
+# loads them on first use); managed assemblies stay, as the host checks them against deps.json.
+PRUNED=(libeplb.so libSkiaSharp.so libHarfBuzzSharp.so libSystem.IO.Compression.Native.so libmscordaccore.so
+        libmscordbi.so createdump libcoreclrtraceptprovider.so libclrgc.so libclrgcexp.so)
 
 check_bundle() {
   local bundle=$1 bytes listing problems=() name config
@@ -76,7 +77,9 @@ prepare() {
   if ! dotnet publish "$ROOT/tests/Eplb.Tests" -c Release -r linux-x64 --self-contained -o "$stage/gpu-tests" \
       -nologo -v quiet -p:InvariantGlobalization=true -p:SatelliteResourceLanguages=en -p:PublishTrimmed=true \
       -p:TrimMode=partial -p:SuppressTrimAnalysisWarnings=true -p:DebuggerSupport=false \
-      -p:EventSourceSupport=false -p:UseSystemResourceKeys=true -p:GenerateDocumentationFile=false >&2; then
+      -p:EventSourceSupport=false -p:UseSystemResourceKeys=true -p:HttpActivityPropagationSupport=false \
+      -p:MetadataUpdaterSupport=false -p:NullabilityInfoContextSupport=false \
+      -p:XmlResolverIsNetworkingEnabledByDefault=false -p:GenerateDocumentationFile=false >&2; then
     rm -rf "$stage"
     echo "gpu-check prepare: dotnet publish failed" >&2
     return 1

@@ -4,7 +4,8 @@
 #
 #   scripts/kernel-registers.sh [SOURCE] [ARCH]     e.g. scripts/kernel-registers.sh routing 90
 #
-# SOURCE: a file of native/src/cuda (default routing); ARCH: an sm number (default 90).
+# SOURCE: a file of native/src/cuda (default routing); ARCH: an sm number (default 90);
+# EXTRA_FLAGS: more nvcc flags (e.g. -DEPLB_TOPK_MIN_BLOCKS=3).
 # Needs a CUDA-configured Ninja build in BUILD_DIR (default build/native; ./build.sh makes one).
 # Prints "| kernel | registers | spill stores | spill loads | shared |" rows.
 set -euo pipefail
@@ -20,7 +21,7 @@ if [ -z "$command" ] || [[ "$command" != *nvcc* ]]; then
 fi
 # One arch, no object file kept, ptxas verbose.
 command=$(sed -E 's/--generate-code=arch=[^ ]*//g; s/ -MD -MT [^ ]* -MF [^ ]*//; s/ -o [^ ]*$/ -o \/dev\/null/' <<<"$command")
-log=$(cd "$build" && eval "$command --generate-code=arch=compute_$arch,code=sm_$arch -Xptxas -v" 2>&1)
+log=$(cd "$build" && eval "$command --generate-code=arch=compute_$arch,code=sm_$arch -Xptxas -v ${EXTRA_FLAGS:-}" 2>&1)
 echo "| kernel (sm_$arch) | registers | spill stores | spill loads | shared |"
 echo "|---|---:|---:|---:|---:|"
 awk '
