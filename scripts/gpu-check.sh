@@ -195,7 +195,7 @@ run_build() {
   fi
   command -v ninja >/dev/null && generator=(-G Ninja)
   timed "$RESULTS/configure.log" cmake -S "$ROOT" -B "$BUILD" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
-    -DEPLB_REQUIRE_CUDA=ON -DEPLB_CUDA_ARCHS="${EPLB_CUDA_ARCHS:-90}"
+    -DEPLB_REQUIRE_CUDA=ON -DEPLB_CUDA_ARCHS="$ARCHS"
   status=$?
   if [ "$status" -ne 0 ]; then
     step build configure "$(verdict "$status")" "CUDACXX=$CUDACXX; $(tail -n 3 "$RESULTS/configure.log" | tr '\n|' '  ')"
@@ -284,6 +284,12 @@ run_bench() {
     status=$?
     step bench "$name" "$(verdict "$status")" "$name.md"
   done
+  # Registers per routing kernel as this nvcc compiles them (compile-time only; Ninja builds).
+  if [ -f "$BUILD/build.ninja" ]; then
+    BUILD_DIR=$BUILD timed "$RESULTS/registers.md" "$ROOT/scripts/kernel-registers.sh" routing "${ARCHS%%;*}"
+    status=$?
+    step bench "routing registers" "$(verdict "$status")" "registers.md"
+  fi
   write_benchmarks
   end_phase bench
 }
@@ -297,7 +303,7 @@ write_benchmarks() {
     cat "$HEADER"
     echo "- copy bandwidth (device to device, this run): ${copy:-not measured}"
     echo "- bf16 matmul (torch.matmul, this run): ${matmul:-not measured}"
-    for file in "$RESULTS"/eplb_bench_*.md "$RESULTS"/*_peer.md; do
+    for file in "$RESULTS"/eplb_bench_*.md "$RESULTS"/*_peer.md "$RESULTS"/registers.md; do
       [ -f "$file" ] || continue
       echo
       echo "### $(basename "$file" .md)"
@@ -325,6 +331,7 @@ run() {
   mkdir -p "$RESULTS" || usage_error "cannot create $RESULTS"
   RESULTS=$(cd "$RESULTS" && pwd)
   BUILD=${GPU_BUILD_DIR:-$ROOT/build/gpu}
+  ARCHS=${EPLB_CUDA_ARCHS:-90}
   STEPS=$RESULTS/steps.tsv; PHASES=$RESULTS/phases.tsv; HEADER=$RESULTS/header.md
   : >"$STEPS"; : >"$PHASES"
   device=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)
