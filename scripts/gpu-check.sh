@@ -73,13 +73,15 @@ prepare() {
   command -v dotnet >/dev/null || { echo "gpu-check prepare: dotnet is needed (run it on a development machine)" >&2; return 2; }
   stage=$(mktemp -d)
   # Trimming touches only the framework (TrimMode=partial): the test assemblies stay whole for
-  # NUnit's reflection.
+  # NUnit's reflection. Every bin/ and obj/ of the publish lives under the stage (--artifacts-path):
+  # the properties below reach the referenced projects too, and must not rebuild the checkout's
+  # own outputs with them.
   if ! dotnet publish "$ROOT/tests/Eplb.Tests" -c Release -r linux-x64 --self-contained -o "$stage/gpu-tests" \
-      -nologo -v quiet -p:InvariantGlobalization=true -p:SatelliteResourceLanguages=en -p:PublishTrimmed=true \
+      --artifacts-path "$stage/artifacts" -nologo -v quiet -p:InvariantGlobalization=true -p:SatelliteResourceLanguages=en -p:PublishTrimmed=true \
       -p:TrimMode=partial -p:SuppressTrimAnalysisWarnings=true -p:DebuggerSupport=false \
       -p:EventSourceSupport=false -p:UseSystemResourceKeys=true -p:HttpActivityPropagationSupport=false \
       -p:MetadataUpdaterSupport=false -p:NullabilityInfoContextSupport=false \
-      -p:XmlResolverIsNetworkingEnabledByDefault=false -p:GenerateDocumentationFile=false >&2; then
+      -p:XmlResolverIsNetworkingEnabledByDefault=false >&2; then
     rm -rf "$stage"
     echo "gpu-check prepare: dotnet publish failed" >&2
     return 1
