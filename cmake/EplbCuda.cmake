@@ -18,10 +18,8 @@ macro(eplb_configure_cuda)
       find_package(CUDAToolkit REQUIRED)
       set(EPLB_WITH_CUDA ON)
       set(EPLB_CUDA_ARCHS_EFFECTIVE ${EPLB_CUDA_ARCHS})
-      # wgmma/TMA need the arch-specific sm_90a target, which nvcc knows from 12.0 on.
-      if(CMAKE_CUDA_COMPILER_VERSION VERSION_GREATER_EQUAL 12.0 AND NOT "90a" IN_LIST EPLB_CUDA_ARCHS_EFFECTIVE)
-        list(APPEND EPLB_CUDA_ARCHS_EFFECTIVE "90a")
-      endif()
+      # No code uses wgmma/TMA (sm_90a), so it is not compiled unless asked for: each extra arch is
+      # one more full compile of every kernel. nvcc < 12 does not know it at all.
       if("90a" IN_LIST EPLB_CUDA_ARCHS_EFFECTIVE AND CMAKE_CUDA_COMPILER_VERSION VERSION_LESS 12.0)
         list(REMOVE_ITEM EPLB_CUDA_ARCHS_EFFECTIVE "90a")
         message(WARNING "eplb: nvcc ${CMAKE_CUDA_COMPILER_VERSION} cannot target sm_90a; dropped it")

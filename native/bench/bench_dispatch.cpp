@@ -7,7 +7,10 @@
 // calls captured in a CUDA graph (kernels only, as a graph-replayed decode step sees it). GB/s counts
 // the bytes an op must move (rows read + rows written + index arrays) over the graph time, and
 // "of copy" compares it with the measured device-to-device copy bandwidth (read + write).
+// "align (one block)" / "align (several blocks)" force either align path at every size
+// (EPLB_ALIGN_SPLIT_PAIRS); below 2 x max(experts, 4096) pairs both rows are the one-block kernel.
 #include <cmath>
+#include <cstdlib>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -138,8 +141,20 @@ int main() {
             BENCH_CUDA(cudaMemcpy(host_counts.data(), counts, size_t(local) * 4, cudaMemcpyDeviceToHost));
             int64_t local_pairs = 0;
             for (int32_t c : host_counts) local_pairs += c;
-            print_row("align", tokens, ranks, total_rows, align,
-                      double(pairs) * 8 + double(capacity) * 4 + double(capacity / kBlock) * 4, copy);
+            const double align_bytes = double(pairs) * 8 + double(capacity) * 4 + double(capacity / kBlock) * 4;
+            print_row("align", tokens, ranks, total_rows, align, align_bytes, copy);
+            // Both align paths at this size (EPLB_ALIGN_SPLIT_PAIRS forces one), to place the switch
+            // from one block to several (bucket::kSplitPairs) on measured numbers.
+            for (const char* split : {"1000000000", "0"}) {
+                setenv("EPLB_ALIGN_SPLIT_PAIRS", split, 1);
+                const Timing forced = time_op([&] {
+                    return eplb_dispatch_align(stream, d_ids, tokens, kTopK, 0, local, kBlock, capacity, counts, offsets,
+                                               sorted, blocks, positions);
+                }, cuda);
+                print_row(split[0] == '0' ? "align (several blocks)" : "align (one block)", tokens, ranks, total_rows,
+                          forced, align_bytes, copy);
+            }
+            unsetenv("EPLB_ALIGN_SPLIT_PAIRS");
 
             // Permute: every local pair's row read and written; padding rows are not written.
             const Timing permute = time_op([&] {

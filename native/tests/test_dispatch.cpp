@@ -3,6 +3,7 @@
 // expert -> combine round trip (one rank and EP over simulated ranks), bad input, and CUDA == CPU
 // bit for bit with poisoned outputs (skipped without a device).
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <map>
 
@@ -767,6 +768,38 @@ EPLB_TEST(dispatch_cuda_align_matches_cpu) {
                             gpu.offsets == cpu.offsets && gpu.counts == cpu.counts);
             }
         }
+    }
+}
+
+EPLB_TEST(dispatch_cuda_align_one_and_several_blocks_match_cpu) {
+    require_cuda();
+    // EPLB_ALIGN_SPLIT_PAIRS moves the switch to several blocks: 0 puts every batch that can be split
+    // on the several-block path, a huge value keeps everything in one block; both equal the CPU.
+    struct Restore {
+        ~Restore() { unsetenv("EPLB_ALIGN_SPLIT_PAIRS"); }
+    } restore;
+    for (const char* split : {"0", "1000000000"}) {
+        setenv("EPLB_ALIGN_SPLIT_PAIRS", split, 1);
+        for (int iteration = 0; iteration < 12; ++iteration) {
+            const int32_t top_k = 1 + int32_t(rng()() % 9);
+            const int64_t tokens = 512 + int64_t(rng()() % 30000);
+            const int32_t experts = iteration == 0 ? 4096 : 1 + int32_t(rng()() % 300);
+            const int32_t first = int32_t(rng()() % 64);
+            const int32_t block = int32_t(1) << (rng()() % 8);
+            const auto ids = random_slots(size_t(tokens * top_k), -1, first + experts + 40);
+            const Aligned cpu = run_align(EPLB_BACKEND_CPU, ids, tokens, top_k, first, experts, block);
+            const Aligned gpu = run_align(EPLB_BACKEND_CUDA, ids, tokens, top_k, first, experts, block);
+            if (!(gpu.counts == cpu.counts && gpu.offsets == cpu.offsets && gpu.sorted == cpu.sorted &&
+                  gpu.blocks == cpu.blocks && gpu.positions == cpu.positions))
+                EPLB_FAIL("split " << split << ": " << tokens << " tokens x " << top_k << ", " << experts
+                                   << " experts, block " << block << ": CUDA differs from the CPU");
+        }
+        const int32_t ranks = 8;
+        const auto ids = random_slots(size_t(20000) * 8, -1, 255);
+        const Buckets cpu = run_buckets(EPLB_BACKEND_CPU, ids, 20000, 8, 256, ranks);
+        const Buckets gpu = run_buckets(EPLB_BACKEND_CUDA, ids, 20000, 8, 256, ranks);
+        EPLB_EXPECT(gpu.counts == cpu.counts && gpu.offsets == cpu.offsets && gpu.send == cpu.send &&
+                    gpu.positions == cpu.positions);
     }
 }
 

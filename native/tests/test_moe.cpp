@@ -281,6 +281,22 @@ EPLB_TEST(moe_cuda_fused_and_unfused_match_cpu_random) {
     }
 }
 
+EPLB_TEST(moe_cuda_larger_expert_count_after_a_smaller_one) {
+    require_cuda();
+    // The kernels' shared memory grows with E: a layer with fewer local experts must not leave the
+    // limit too low for a later, larger one (E = 256, 32, 256 in one process, as bench_moe and
+    // moe_peer.py run them), for both tile heights and both paths.
+    for (int32_t block_m : {32, 128}) {
+        for (int32_t local : {256, 32, 256}) {
+            const MoeLayer layer = random_layer(moe_shape(128, 64, 8, 256, local, 0, 10.0f, block_m), 40);
+            const auto want = run_moe(EPLB_BACKEND_CPU, layer, MoePath::Fused);
+            const std::string what = describe(layer);
+            expect_close(run_moe(EPLB_BACKEND_CUDA, layer, MoePath::Fused), want, 128, "fused " + what);
+            expect_close(run_moe(EPLB_BACKEND_CUDA, layer, MoePath::Unfused), want, 128, "unfused " + what);
+        }
+    }
+}
+
 EPLB_TEST(moe_cuda_many_tokens_per_expert) {
     require_cuda();
     // Few experts, many tokens: experts span several m-tiles, partial last tiles, both tile heights.

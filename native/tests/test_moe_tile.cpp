@@ -10,6 +10,7 @@
 #include <set>
 
 #include "../src/common/moe_tile.hpp"
+#include "../src/cuda/shared_limit.hpp"
 #include "test_util.hpp"
 
 using namespace eplb::test;
@@ -191,4 +192,88 @@ EPLB_TEST(moe_tile_gemm1_weight_rows) {
     EPLB_EXPECT_EQ(gemm1_weight_row(63, 3, 2048), int64_t(3 * 64 + 63));
     EPLB_EXPECT_EQ(gemm1_weight_row(64, 3, 2048), int64_t(2048 + 3 * 64));
     EPLB_EXPECT_EQ(gemm1_weight_row(127, 31, 2048), int64_t(2048 + 31 * 64 + 63));
+}
+
+// --- The dynamic shared-memory limit of the Mega MoE kernels (cuda/shared_limit.hpp) ------------
+
+namespace {
+
+// A kernel as the CUDA runtime treats it: a launch fails when it asks for more dynamic shared
+// memory than the kernel's current limit (48 KiB until set), and a set above what the device grants
+// per block fails.
+struct FakeKernel {
+    size_t limit = 48 * 1024;
+    size_t device_max = 0;
+    int sets = 0;
+    int set(size_t value) {
+        if (value > device_max) return 1;  // cudaErrorInvalidValue
+        limit = value;
+        ++sets;
+        return 0;
+    }
+    bool launch(size_t bytes) const { return bytes <= limit; }
+};
+
+// Runs launches with the given local-expert counts through the rule, on devices granting the H100 /
+// H200 (227 KiB) and the A100 (163 KiB) maximum per block; every launch the device can hold must go
+// through, the limit must never fall, and it is set once per kernel.
+template <class Cfg>
+void expect_every_launch_covered(const std::vector<int32_t>& experts) {
+    for (size_t device_max : {size_t(232448), size_t(166912)}) {
+        eplb::cuda::SharedLimits<int> limits;
+        FakeKernel kernel;
+        kernel.device_max = device_max;
+        const size_t largest = moe_shared_bytes<Cfg>(EPLB_MOE_MAX_LOCAL_EXPERTS);
+        for (int32_t e : experts) {
+            const size_t needed = moe_shared_bytes<Cfg>(e);
+            const size_t before = kernel.limit;
+            const int error = limits.ensure(0, 1, needed, largest, device_max, [&](size_t v) { return kernel.set(v); });
+            EPLB_EXPECT_EQ(error, 0);
+            if (!kernel.launch(needed))
+                EPLB_FAIL("block_m " << Cfg::kBlockM << ", E = " << e << ": launch of " << needed
+                                     << " bytes over the limit " << kernel.limit);
+            EPLB_EXPECT(kernel.limit >= before);
+        }
+        EPLB_EXPECT_EQ(kernel.sets, 1);
+        EPLB_EXPECT_EQ(kernel.limit, std::min(largest, device_max));
+    }
+}
+
+}  // namespace
+
+EPLB_TEST(moe_shared_limit_covers_a_larger_launch_after_a_smaller_one) {
+    // The sequence that broke: E = 256 sets the limit, E = 32 lowered it, E = 256 again skipped the set.
+    expect_every_launch_covered<SmallTile>({256, 32, 256});
+    expect_every_launch_covered<LargeTile>({256, 32, 256});
+    // Awkward and extreme counts, and fresh random orders.
+    expect_every_launch_covered<SmallTile>({1, EPLB_MOE_MAX_LOCAL_EXPERTS, 7, 1, 1000, 3});
+    for (int round = 0; round < 20; ++round) {
+        std::vector<int32_t> experts(12);
+        for (auto& e : experts) e = 1 + int32_t(rng()() % EPLB_MOE_MAX_LOCAL_EXPERTS);
+        expect_every_launch_covered<SmallTile>(experts);
+        expect_every_launch_covered<LargeTile>(experts);
+    }
+}
+
+EPLB_TEST(moe_shared_limit_rule) {
+    using eplb::cuda::shared_limit_to_set;
+    // Covered: nothing to set.
+    EPLB_EXPECT_EQ(shared_limit_to_set(1000, 1000, 5000, 9000), size_t(0));
+    EPLB_EXPECT_EQ(shared_limit_to_set(999, 4000, 5000, 9000), size_t(0));
+    // Not covered: straight to the largest any launch needs, or what the device grants if less.
+    EPLB_EXPECT_EQ(shared_limit_to_set(1001, 1000, 5000, 9000), size_t(5000));
+    EPLB_EXPECT_EQ(shared_limit_to_set(1001, 0, 5000, 3000), size_t(3000));
+    // More than the device grants: ask for exactly that, so CUDA's set fails and reports it.
+    EPLB_EXPECT_EQ(shared_limit_to_set(9001, 0, 12000, 9000), size_t(9001));
+    // A failed set is not remembered: the next launch tries again.
+    eplb::cuda::SharedLimits<int> limits;
+    FakeKernel kernel;
+    kernel.device_max = 9000;
+    EPLB_EXPECT_EQ(limits.ensure(0, 7, 9500, 12000, 9000, [&](size_t v) { return kernel.set(v); }), 1);
+    EPLB_EXPECT_EQ(limits.current(0, 7), size_t(0));
+    EPLB_EXPECT_EQ(limits.ensure(0, 7, 100, 12000, 9000, [&](size_t v) { return kernel.set(v); }), 0);
+    EPLB_EXPECT_EQ(limits.current(0, 7), size_t(9000));
+    // Kernels and devices are tracked apart.
+    EPLB_EXPECT_EQ(limits.current(1, 7), size_t(0));
+    EPLB_EXPECT_EQ(limits.current(0, 8), size_t(0));
 }

@@ -1101,14 +1101,17 @@ EPLB_TEST(routing_cuda_graph_replay_sees_tables_updated_in_place) {
                                                    unpadded.data(), ids.data(), weights.data());
     GRAPH_CHECK(cudaStreamEndCapture(cuda, &graph));
     EPLB_EXPECT_OK(captured);
-    GRAPH_CHECK(cudaGraphInstantiate(&exec, graph, nullptr, nullptr, 0));
+    // cudaGraphInstantiate changed its signature in CUDA 12; the WithFlags form is the same in 11.4-13.x.
+    GRAPH_CHECK(cudaGraphInstantiateWithFlags(&exec, graph, 0));
 
     auto replay_and_compare = [&](const Tables& t, int32_t rows, int32_t record) {
-        log2phy.write(t.log2phy);
-        logcnt.write(t.logcnt);
-        unpadded.write({rows});
-        flag.write({record});
-        counters.write(std::vector<int32_t>(288, 0));
+        // The writes go through the replay stream, so the replay reads them in stream order (a
+        // blocking copy on the legacy stream is not ordered with a non-blocking stream).
+        log2phy.write(t.log2phy, stream);
+        logcnt.write(t.logcnt, stream);
+        unpadded.write({rows}, stream);
+        flag.write({record}, stream);
+        counters.write(std::vector<int32_t>(288, 0), stream);
         GRAPH_CHECK(cudaGraphLaunch(exec, cuda));
         GRAPH_CHECK(cudaStreamSynchronize(cuda));
         Call want = c;

@@ -67,8 +67,10 @@ public:
     size_t size() const { return count_; }
     eplb_buffer_t* handle() const { return buffer_; }
 
-    void write(const std::vector<T>& values) {
-        EPLB_EXPECT_OK(eplb_buffer_write(buffer_, 0, values.data(), values.size() * sizeof(T), nullptr));
+    // Without a stream the copy is a blocking one on the legacy default stream; with one it is
+    // ordered on that stream (what a test that later launches on a non-blocking stream needs).
+    void write(const std::vector<T>& values, eplb_stream_t* stream = nullptr) {
+        EPLB_EXPECT_OK(eplb_buffer_write(buffer_, 0, values.data(), values.size() * sizeof(T), stream));
     }
     std::vector<T> read() const {
         std::vector<T> values(count_);

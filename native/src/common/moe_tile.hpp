@@ -49,6 +49,13 @@ using SmallTile = TileConfig<32, 1, 4, 2>;
 // on H100, one on A100).
 using LargeTile = TileConfig<128, 2, 3, 2>;
 
+// Dynamic shared memory of a Mega MoE kernel block for E local experts: the cp.async pipeline, then
+// each expert's first permuted row and first m-tile (E + 1 entries each, totals last).
+template <class Cfg>
+EPLB_HD size_t moe_shared_bytes(int32_t num_local_experts) {
+    return Cfg::kPipelineBytes + size_t(2 * (num_local_experts + 1)) * sizeof(int32_t);
+}
+
 // Element offset of 16-byte chunk `chunk` of shared-memory row `row`.
 EPLB_HD int swizzle(int row, int chunk) { return row * kBlockK + ((chunk ^ (row & 7)) << 3); }
 

@@ -2,10 +2,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "common/bf16.hpp"
+#include "common/bucket_partition.hpp"
 #include "common/dispatch.hpp"
 #include "cuda/launch.cuh"
+#include "cuda/shared_limit.hpp"
 
 namespace eplb::cuda {
 
@@ -19,10 +22,10 @@ __device__ __forceinline__ void flag_bad_index(uint32_t* error_flags) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Align and EP bucketing: a stable counting sort of the pairs by bucket, in one block.
+// Align and EP bucketing: a stable counting sort of the pairs by bucket.
 //
-// Warp w owns the contiguous pair range [w*P, (w+1)*P), so (warp, tile of 32 pairs, lane) is
-// ascending pair order and a stable placement only needs each warp's first row in each bucket:
+// Warp w owns a contiguous pair range, so (warp, tile of 32 pairs, lane) is ascending pair order
+// and a stable placement only needs each warp's first row in each bucket:
 //   1. Count  each warp counts its range into its own shared row (shared atomics, no contention
 //             between warps).
 //   2. Scan   per bucket, the warps' counts in warp order give each warp's start inside the
@@ -33,13 +36,19 @@ __device__ __forceinline__ void flag_bad_index(uint32_t* error_flags) {
 //             sort ranks digits the same way, WARP_MATCH_ATOMIC_OR): a few shared accesses per
 //             lane whatever the number of buckets.
 //   4. Pad    padding rows, the tail [total, capacity) and the bucket of every row block.
-// One block and shared-memory counts with a prefix sum, as vLLM's moe_align_block_size (which
-// places pairs with atomics, so its order inside an expert varies from run to run); no workspace
-// and one launch, so it is safe to capture in a CUDA graph.
+// Batches below bucket::kSplitPairs run all four steps in one block and one launch (shared-memory
+// counts and a prefix sum, as vLLM's moe_align_block_size, which places pairs with atomics, so its
+// order inside an expert varies from run to run). Larger ones split the pairs over several blocks
+// (common/bucket_partition.hpp): count per block, scan per bucket over the blocks, then each block
+// runs steps 1-4 on its range from its own first rows. No workspace either way, so both are safe
+// to capture in a CUDA graph.
 
 constexpr int kBucketMaxWarps = 32;
 // Tiles of 32 pairs a lane loads before using any of them: that many loads in flight per warp.
 constexpr int kBucketTiles = 16;
+constexpr int kCountThreads = 512;
+constexpr int kCountUnroll = 8;
+constexpr int kScanThreads = 1024;
 
 // Exclusive scan of values[0, count) in place by the whole block; writes the total to values[count].
 // warp_sums is kBucketMaxWarps ints of shared scratch.
@@ -89,59 +98,42 @@ __device__ __forceinline__ void load_tiles(const int32_t* __restrict__ ids, int6
     }
 }
 
+// Step 1 for one warp: its pairs [begin, end) counted into its shared row `cursor`.
 template <class BucketOf>
-__global__ void __launch_bounds__(kBucketMaxWarps* kWarpSize, 1)
-    stable_bucket_kernel(const int32_t* __restrict__ ids, int64_t num_pairs, BucketOf bucket_of, int32_t num_buckets,
-                         int32_t block_size, int64_t capacity, int32_t* __restrict__ counts,
-                         int32_t* __restrict__ offsets, int32_t* __restrict__ sorted, int32_t* __restrict__ blocks,
-                         int32_t* __restrict__ positions, uint32_t* error_flags) {
-    extern __shared__ int32_t bucket_shared[];
-    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, warps = blockDim.x / kWarpSize;
-    int32_t* cursors = bucket_shared;                                          // [warps][num_buckets]
-    uint32_t* peer_masks = reinterpret_cast<uint32_t*>(cursors + warps * num_buckets);  // [warps][num_buckets]
-    int32_t* starts = reinterpret_cast<int32_t*>(peer_masks + warps * num_buckets);    // [num_buckets + 1]
-    int32_t* warp_sums = starts + num_buckets + 1;                             // [kBucketMaxWarps]
-    int32_t* cursor = cursors + warp * num_buckets;
-    uint32_t* peers = peer_masks + warp * num_buckets;
-    const uint32_t lanes_below = (1u << lane) - 1u;
-
-    for (int32_t i = threadIdx.x; i < 2 * warps * num_buckets; i += blockDim.x) bucket_shared[i] = 0;
-    __syncthreads();
-
-    const int64_t per_warp = (num_pairs + warps - 1) / warps;
-    const int64_t begin = min(num_pairs, warp * per_warp);
-    const int64_t end = min(num_pairs, begin + per_warp);
-    bool bad = false;
-
-    // 1. Count
+__device__ void count_warp_range(const int32_t* __restrict__ ids, int64_t begin, int64_t end, const BucketOf& bucket_of,
+                                 int32_t* cursor, bool* bad) {
+    const int lane = threadIdx.x % kWarpSize;
     for (int64_t base = begin; base < end; base += kWarpSize * kBucketTiles) {
         int32_t bucket[kBucketTiles];
-        load_tiles(ids, base, end, lane, bucket_of, &bad, bucket);
+        load_tiles(ids, base, end, lane, bucket_of, bad, bucket);
 #pragma unroll
         for (int j = 0; j < kBucketTiles; ++j)
             if (bucket[j] != kNoBucket) atomicAdd(&cursor[bucket[j]], 1);
     }
-    if (bad) flag_bad_index(error_flags);
-    __syncthreads();
+}
 
-    // 2. Scan
+// Step 2 within a block: cursors[w][b] becomes first[b] (0 when NULL) + the counts of warps before
+// w; with totals, each bucket's first[b] + block total goes there.
+__device__ void scan_warps(int32_t* cursors, int warps, int32_t num_buckets, const int32_t* first, int32_t* totals) {
     for (int32_t b = threadIdx.x; b < num_buckets; b += blockDim.x) {
-        int32_t running = 0;
+        int32_t running = first != nullptr ? first[b] : 0;
         for (int w = 0; w < warps; ++w) {
             const int32_t count = cursors[w * num_buckets + b];
             cursors[w * num_buckets + b] = running;
             running += count;
         }
-        counts[b] = running;
-        starts[b] = round_up(running, block_size);
+        if (totals != nullptr) totals[b] = running;
     }
-    __syncthreads();
-    block_exclusive_scan(starts, num_buckets, warp_sums);
-    for (int32_t b = threadIdx.x; b <= num_buckets; b += blockDim.x) offsets[b] = starts[b];
-    for (int32_t i = threadIdx.x; i < warps * num_buckets; i += blockDim.x) cursors[i] += starts[i % num_buckets];
-    __syncthreads();
+}
 
-    // 3. Place
+// Step 3 for one warp: places its pairs [begin, end) from its cursors (advanced as it goes).
+template <class BucketOf>
+__device__ void place_warp_range(const int32_t* __restrict__ ids, int64_t begin, int64_t end, const BucketOf& bucket_of,
+                                 int32_t* cursor, uint32_t* peers, int32_t* __restrict__ sorted,
+                                 int32_t* __restrict__ positions) {
+    const int lane = threadIdx.x % kWarpSize;
+    const uint32_t lanes_below = (1u << lane) - 1u;
+    bool bad = false;  // flagged by the counting pass
     for (int64_t base = begin; base < end; base += kWarpSize * kBucketTiles) {
         int32_t bucket[kBucketTiles];
         load_tiles(ids, base, end, lane, bucket_of, &bad, bucket);
@@ -169,17 +161,26 @@ __global__ void __launch_bounds__(kBucketMaxWarps* kWarpSize, 1)
             __syncwarp();
         }
     }
-    __syncthreads();
+}
 
-    // 4. Pad. After placing, the last warp's cursor of a bucket is the bucket's first padding row.
-    const int32_t* pad_begin = cursors + (warps - 1) * num_buckets;
-    for (int32_t b = warp; b < num_buckets; b += warps)
-        for (int32_t row = pad_begin[b] + lane; row < starts[b + 1]; row += kWarpSize) sorted[row] = EPLB_DISPATCH_PADDING;
-    const int32_t total = starts[num_buckets];
-    for (int64_t row = total + int64_t(threadIdx.x); row < capacity; row += blockDim.x) sorted[row] = EPLB_DISPATCH_PADDING;
+// Step 4, shared by all blocks of the launch: padding rows [pad_begin(b), offsets[b + 1]) of every
+// bucket, the tail [total, capacity), and the bucket owning each row block (when blocks != NULL).
+template <class PadBegin>
+__device__ void pad_rows(const int32_t* offsets, const PadBegin& pad_begin, int32_t num_buckets, int32_t block_size,
+                         int64_t capacity, int32_t* __restrict__ sorted, int32_t* __restrict__ blocks) {
+    const int lane = threadIdx.x % kWarpSize;
+    const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
+    const int64_t num_warps = int64_t(gridDim.x) * blockDim.x / kWarpSize;
+    const int64_t thread = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    const int64_t threads = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t b = warp; b < num_buckets; b += num_warps)
+        for (int32_t row = pad_begin(int32_t(b)) + lane; row < offsets[b + 1]; row += kWarpSize)
+            sorted[row] = EPLB_DISPATCH_PADDING;
+    const int32_t total = offsets[num_buckets];
+    for (int64_t row = total + thread; row < capacity; row += threads) sorted[row] = EPLB_DISPATCH_PADDING;
     if (blocks != nullptr) {
         const int64_t num_blocks = capacity / block_size;
-        for (int64_t block = threadIdx.x; block < num_blocks; block += blockDim.x) {
+        for (int64_t block = thread; block < num_blocks; block += threads) {
             const int64_t row = block * block_size;
             int32_t owner = EPLB_DISPATCH_PADDING;
             if (row < total) {
@@ -187,7 +188,7 @@ __global__ void __launch_bounds__(kBucketMaxWarps* kWarpSize, 1)
                 int32_t lo = 0, hi = num_buckets - 1;
                 while (lo < hi) {
                     const int32_t mid = (lo + hi + 1) / 2;
-                    if (starts[mid] <= row)
+                    if (offsets[mid] <= row)
                         lo = mid;
                     else
                         hi = mid - 1;
@@ -199,6 +200,168 @@ __global__ void __launch_bounds__(kBucketMaxWarps* kWarpSize, 1)
     }
 }
 
+// The whole sort in one block (batches below bucket::kSplitPairs).
+template <class BucketOf>
+__global__ void __launch_bounds__(kBucketMaxWarps* kWarpSize, 1)
+    stable_bucket_kernel(const int32_t* __restrict__ ids, int64_t num_pairs, BucketOf bucket_of, int32_t num_buckets,
+                         int32_t block_size, int64_t capacity, int32_t* __restrict__ counts,
+                         int32_t* __restrict__ offsets, int32_t* __restrict__ sorted, int32_t* __restrict__ blocks,
+                         int32_t* __restrict__ positions, uint32_t* error_flags) {
+    extern __shared__ int32_t bucket_shared[];
+    const int warp = threadIdx.x / kWarpSize, warps = blockDim.x / kWarpSize;
+    int32_t* cursors = bucket_shared;                                                   // [warps][num_buckets]
+    uint32_t* peer_masks = reinterpret_cast<uint32_t*>(cursors + warps * num_buckets);  // [warps][num_buckets]
+    int32_t* starts = reinterpret_cast<int32_t*>(peer_masks + warps * num_buckets);     // [num_buckets + 1]
+    int32_t* warp_sums = starts + num_buckets + 1;                                      // [kBucketMaxWarps]
+    int32_t* cursor = cursors + warp * num_buckets;
+
+    for (int32_t i = threadIdx.x; i < 2 * warps * num_buckets; i += blockDim.x) bucket_shared[i] = 0;
+    __syncthreads();
+    const int64_t begin = bucket::warp_begin(warp, warps, 0, num_pairs);
+    const int64_t end = bucket::warp_begin(warp + 1, warps, 0, num_pairs);
+
+    // 1. Count
+    bool bad = false;
+    count_warp_range(ids, begin, end, bucket_of, cursor, &bad);
+    if (bad) flag_bad_index(error_flags);
+    __syncthreads();
+
+    // 2. Scan
+    scan_warps(cursors, warps, num_buckets, nullptr, starts);
+    __syncthreads();
+    for (int32_t b = threadIdx.x; b < num_buckets; b += blockDim.x) {
+        counts[b] = starts[b];
+        starts[b] = round_up(starts[b], block_size);
+    }
+    __syncthreads();
+    block_exclusive_scan(starts, num_buckets, warp_sums);
+    for (int32_t b = threadIdx.x; b <= num_buckets; b += blockDim.x) offsets[b] = starts[b];
+    for (int32_t i = threadIdx.x; i < warps * num_buckets; i += blockDim.x) cursors[i] += starts[i % num_buckets];
+    __syncthreads();
+
+    // 3. Place
+    place_warp_range(ids, begin, end, bucket_of, cursor, peer_masks + warp * num_buckets, sorted, positions);
+    __syncthreads();
+
+    // 4. Pad. After placing, the last warp's cursor of a bucket is the bucket's first padding row.
+    const int32_t* pad_begin = cursors + (warps - 1) * num_buckets;
+    pad_rows(starts, [pad_begin](int32_t b) { return pad_begin[b]; }, num_buckets, block_size, capacity, sorted, blocks);
+}
+
+// Several blocks, launch 1: block c counts its range per bucket into its scratch row.
+template <class BucketOf>
+__global__ void __launch_bounds__(kCountThreads)
+    bucket_count_kernel(const int32_t* __restrict__ ids, int64_t num_pairs, BucketOf bucket_of, int32_t num_buckets,
+                        int32_t* __restrict__ positions, uint32_t* error_flags) {
+    extern __shared__ int32_t count_shared[];  // [num_buckets]
+    const int32_t c = blockIdx.x, grid = gridDim.x;
+    for (int32_t b = threadIdx.x; b < num_buckets; b += blockDim.x) count_shared[b] = 0;
+    __syncthreads();
+    const int64_t begin = bucket::block_begin(c, grid, num_pairs), end = bucket::block_begin(c + 1, grid, num_pairs);
+    bool bad = false;
+    for (int64_t base = begin; base < end; base += int64_t(kCountThreads) * kCountUnroll) {
+        int32_t bucket[kCountUnroll];
+#pragma unroll
+        for (int u = 0; u < kCountUnroll; ++u) {
+            const int64_t pair = base + int64_t(u) * kCountThreads + threadIdx.x;
+            bucket[u] = pair < end ? bucket_of(__ldg(ids + pair), &bad) : kNoBucket;
+        }
+#pragma unroll
+        for (int u = 0; u < kCountUnroll; ++u)
+            if (bucket[u] != kNoBucket) atomicAdd(&count_shared[bucket[u]], 1);
+    }
+    if (bad) flag_bad_index(error_flags);
+    __syncthreads();
+    int32_t* row = positions + bucket::scratch_row(c, grid, num_pairs);
+    for (int32_t b = threadIdx.x; b < num_buckets; b += blockDim.x) row[b] = count_shared[b];
+}
+
+// Several blocks, launch 2 (one block): per bucket, the blocks' counts in block order become each
+// block's count of the bucket's earlier pairs; the totals give counts and the padded offsets.
+__global__ void __launch_bounds__(kScanThreads)
+    bucket_scan_kernel(int64_t num_pairs, int32_t num_buckets, int32_t grid, int32_t block_size,
+                       int32_t* __restrict__ counts, int32_t* __restrict__ offsets, int32_t* __restrict__ positions) {
+    extern __shared__ int32_t scan_shared[];
+    int32_t* starts = scan_shared;                     // [num_buckets + 1]
+    int32_t* warp_sums = scan_shared + num_buckets + 1;  // [kBucketMaxWarps]
+    for (int32_t b = threadIdx.x; b < num_buckets; b += blockDim.x) {
+        int32_t running = 0;
+        for (int32_t c = 0; c < grid; ++c) {
+            int32_t* entry = positions + bucket::scratch_row(c, grid, num_pairs) + b;
+            const int32_t count = *entry;
+            *entry = running;
+            running += count;
+        }
+        counts[b] = running;
+        starts[b] = round_up(running, block_size);
+    }
+    __syncthreads();
+    block_exclusive_scan(starts, num_buckets, warp_sums);
+    for (int32_t b = threadIdx.x; b <= num_buckets; b += blockDim.x) offsets[b] = starts[b];
+}
+
+// Several blocks, launch 3: block c reads its first rows (offsets + its scratch row), then runs
+// count, scan and place on its range as the one-block kernel does; all blocks share the padding.
+template <class BucketOf>
+__global__ void __launch_bounds__(kBucketMaxWarps* kWarpSize, 1)
+    bucket_place_kernel(const int32_t* __restrict__ ids, int64_t num_pairs, BucketOf bucket_of, int32_t num_buckets,
+                        int32_t block_size, int64_t capacity, const int32_t* __restrict__ counts,
+                        const int32_t* __restrict__ offsets, int32_t* __restrict__ sorted, int32_t* __restrict__ blocks,
+                        int32_t* __restrict__ positions) {
+    extern __shared__ int32_t bucket_shared[];
+    const int warp = threadIdx.x / kWarpSize, warps = blockDim.x / kWarpSize;
+    const int32_t c = blockIdx.x, grid = gridDim.x;
+    int32_t* cursors = bucket_shared;                                                   // [warps][num_buckets]
+    uint32_t* peer_masks = reinterpret_cast<uint32_t*>(cursors + warps * num_buckets);  // [warps][num_buckets]
+    int32_t* first = reinterpret_cast<int32_t*>(peer_masks + warps * num_buckets);      // [num_buckets]
+    int32_t* s_offsets = first + num_buckets;                                           // [num_buckets + 1]
+    int32_t* cursor = cursors + warp * num_buckets;
+
+    // Read the scratch row before anything of this block's range is overwritten.
+    const int32_t* row = positions + bucket::scratch_row(c, grid, num_pairs);
+    for (int32_t b = threadIdx.x; b < num_buckets; b += blockDim.x) first[b] = __ldcg(offsets + b) + __ldcg(row + b);
+    for (int32_t b = threadIdx.x; b <= num_buckets; b += blockDim.x) s_offsets[b] = __ldcg(offsets + b);
+    for (int32_t i = threadIdx.x; i < 2 * warps * num_buckets; i += blockDim.x) bucket_shared[i] = 0;
+    __syncthreads();
+    const int64_t block_begin = bucket::block_begin(c, grid, num_pairs);
+    const int64_t block_end = bucket::block_begin(c + 1, grid, num_pairs);
+    const int64_t begin = bucket::warp_begin(warp, warps, block_begin, block_end);
+    const int64_t end = bucket::warp_begin(warp + 1, warps, block_begin, block_end);
+
+    bool bad = false;  // flagged by bucket_count_kernel
+    count_warp_range(ids, begin, end, bucket_of, cursor, &bad);
+    __syncthreads();
+    scan_warps(cursors, warps, num_buckets, first, nullptr);
+    __syncthreads();
+    place_warp_range(ids, begin, end, bucket_of, cursor, peer_masks + warp * num_buckets, sorted, positions);
+    pad_rows(s_offsets, [counts, s_offsets](int32_t b) { return s_offsets[b] + __ldcg(counts + b); }, num_buckets,
+             block_size, capacity, sorted, blocks);
+}
+
+// Batches from this many pairs on use several blocks: bucket::kSplitPairs, or EPLB_ALIGN_SPLIT_PAIRS
+// when set (a measurement knob: the benchmark times both paths on one GPU to place the crossover).
+int64_t split_pairs() {
+    const char* text = std::getenv("EPLB_ALIGN_SPLIT_PAIRS");
+    if (text == nullptr || *text == '\0') return bucket::kSplitPairs;
+    char* end = nullptr;
+    const long long value = std::strtoll(text, &end, 10);
+    return (end != nullptr && *end == '\0' && value >= 0) ? int64_t(value) : bucket::kSplitPairs;
+}
+
+SharedLimits<const void*>& bucket_shared_limits() {
+    static SharedLimits<const void*> limits;
+    return limits;
+}
+
+// Raises a bucketing kernel's dynamic shared-memory limit to what the device grants, once
+// (cuda/shared_limit.hpp: never lowered, so concurrent callers cannot undercut each other).
+cudaError_t ensure_bucket_shared(const void* kernel, int device, size_t bytes, size_t max_shared) {
+    if (bytes <= 48 * 1024) return cudaSuccess;
+    return bucket_shared_limits().ensure(device, kernel, bytes, max_shared, max_shared, [kernel](size_t limit) {
+        return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(limit));
+    });
+}
+
 template <class BucketOf>
 cudaError_t launch_stable_bucket(const int32_t* ids, int64_t num_pairs, BucketOf bucket_of, int32_t num_buckets,
                                  int32_t block_size, int64_t capacity, int32_t* counts, int32_t* offsets,
@@ -208,18 +371,34 @@ cudaError_t launch_stable_bucket(const int32_t* ids, int64_t num_pairs, BucketOf
     int max_shared = 0;
     EPLB_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
     EPLB_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    const int32_t grid = bucket::block_count(num_pairs, num_buckets, split_pairs());
     // As many warps as have room for their private cursors and peer masks, at most 32 (1024 threads).
-    const size_t fixed_bytes = size_t(num_buckets + 1 + kBucketMaxWarps) * sizeof(int32_t);
+    const size_t fixed_ints = grid == 1 ? size_t(num_buckets) + 1 + kBucketMaxWarps : 2 * size_t(num_buckets) + 1;
+    const size_t fixed_bytes = fixed_ints * sizeof(int32_t);
     const size_t warp_bytes = 2 * size_t(num_buckets) * sizeof(int32_t);
     if (size_t(max_shared) < fixed_bytes + warp_bytes) return cudaErrorInvalidConfiguration;
     const int warps = int(std::min<size_t>(kBucketMaxWarps, (size_t(max_shared) - fixed_bytes) / warp_bytes));
     const size_t shared_bytes = fixed_bytes + warp_bytes * size_t(warps);
-    auto* kernel = &stable_bucket_kernel<BucketOf>;
-    if (shared_bytes > 48 * 1024)
-        EPLB_CUDA_RETURN_IF_ERROR(
-            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)));
-    kernel<<<1, warps * kWarpSize, shared_bytes, stream>>>(ids, num_pairs, bucket_of, num_buckets, block_size, capacity,
-                                                           counts, offsets, sorted, blocks, positions, error_flags);
+
+    if (grid == 1) {
+        const void* kernel = reinterpret_cast<const void*>(&stable_bucket_kernel<BucketOf>);
+        EPLB_CUDA_RETURN_IF_ERROR(ensure_bucket_shared(kernel, device, shared_bytes, size_t(max_shared)));
+        stable_bucket_kernel<BucketOf><<<1, warps * kWarpSize, shared_bytes, stream>>>(
+            ids, num_pairs, bucket_of, num_buckets, block_size, capacity, counts, offsets, sorted, blocks, positions,
+            error_flags);
+        return cudaGetLastError();
+    }
+    // Count (B ints of shared memory, at most 32 KiB), scan ((B + 1 + 32) ints), place.
+    bucket_count_kernel<BucketOf><<<grid, kCountThreads, size_t(num_buckets) * sizeof(int32_t), stream>>>(
+        ids, num_pairs, bucket_of, num_buckets, positions, error_flags);
+    EPLB_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    bucket_scan_kernel<<<1, kScanThreads, (size_t(num_buckets) + 1 + kBucketMaxWarps) * sizeof(int32_t), stream>>>(
+        num_pairs, num_buckets, grid, block_size, counts, offsets, positions);
+    EPLB_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    const void* place = reinterpret_cast<const void*>(&bucket_place_kernel<BucketOf>);
+    EPLB_CUDA_RETURN_IF_ERROR(ensure_bucket_shared(place, device, shared_bytes, size_t(max_shared)));
+    bucket_place_kernel<BucketOf><<<grid, warps * kWarpSize, shared_bytes, stream>>>(
+        ids, num_pairs, bucket_of, num_buckets, block_size, capacity, counts, offsets, sorted, blocks, positions);
     return cudaGetLastError();
 }
 

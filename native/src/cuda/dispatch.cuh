@@ -11,8 +11,11 @@
 
 namespace eplb::cuda {
 
-// eplb_dispatch_align in one launch of one block (shared-memory counts and scan, as vLLM's
-// moe_align_block_size, made stable). Inputs validated by the caller.
+// eplb_dispatch_align: one launch of one block below bucket::kSplitPairs pairs (shared-memory counts
+// and scan, as vLLM's moe_align_block_size, made stable), three launches over several blocks from it
+// on (common/bucket_partition.hpp); the same layout either way. The environment variable
+// EPLB_ALIGN_SPLIT_PAIRS, when set, replaces the switch point (a measurement knob for the
+// benchmark). Inputs validated by the caller.
 cudaError_t align(const int32_t* physical_ids, int64_t num_tokens, int32_t top_k, int32_t first_slot,
                   int32_t num_local_experts, int32_t block_size, int64_t capacity, int32_t* expert_counts,
                   int32_t* expert_offsets, int32_t* sorted_pair_ids, int32_t* block_experts, int32_t* pair_positions,

@@ -19,10 +19,15 @@ __global__ void __launch_bounds__(kThreads)
     map_kernel(const int32_t* __restrict__ topk_ids, int64_t num_elements, int32_t top_k, eplb_expert_map_t map,
                const int32_t* __restrict__ num_unpadded, int32_t* physical_ids, uint32_t* error_flags) {
     extern __shared__ int32_t shared_counters[];
+    __shared__ int record_shared;
     const int64_t num_tokens = num_elements / top_k;
     int64_t unpadded = num_tokens;
     if (num_unpadded != nullptr) unpadded = max(int64_t(0), min(num_tokens, int64_t(*num_unpadded)));
-    const bool record = map.record_flag != nullptr && *map.record_flag != 0 && map.counters != nullptr;
+    // The flag is read once per block: it guards __syncthreads below, and another stream may flip
+    // it while the kernel runs, so every thread of the block must see the same value.
+    if (threadIdx.x == 0) record_shared = map.record_flag != nullptr && *map.record_flag != 0 && map.counters != nullptr;
+    __syncthreads();
+    const bool record = record_shared != 0;
 
     if (kSharedHistogram && record) {
         for (int i = threadIdx.x; i < map.num_physical; i += blockDim.x) shared_counters[i] = 0;

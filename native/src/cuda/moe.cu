@@ -30,6 +30,7 @@
 #include "common/moe_tile.hpp"
 #include "cuda/dispatch.cuh"
 #include "cuda/launch.cuh"
+#include "cuda/shared_limit.hpp"
 #include "eplb/eplb.h"
 
 namespace eplb::cuda {
@@ -514,11 +515,6 @@ __device__ __forceinline__ int32_t* persistent_offsets(unsigned char* smem) {
     return reinterpret_cast<int32_t*>(smem + Cfg::kPipelineBytes);
 }
 
-template <class Cfg>
-size_t dynamic_shared_bytes(int32_t num_local_experts) {
-    return Cfg::kPipelineBytes + size_t(2 * (num_local_experts + 1)) * sizeof(int32_t);
-}
-
 // The fused layer: route -> barrier -> GEMM1 (+ready) -> GEMM2 (waits per m-tile) -> barrier -> combine.
 template <class Cfg>
 __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks) mega_moe_kernel(KernelArgs args) {
@@ -564,11 +560,29 @@ int current_device() {
     return cudaGetDevice(&device) == cudaSuccess ? device : -1;
 }
 
+// Makes the kernel's dynamic shared-memory limit cover a launch of `shared_bytes` (the rule of
+// cuda/shared_limit.hpp: raised once to the most any E can need, never lowered). Called before
+// every launch and occupancy query; after the first call per kernel it is a map lookup.
+template <class Cfg>
+cudaError_t ensure_shared_limit(const void* kernel, size_t shared_bytes) {
+    static SharedLimits<const void*> limits;
+    const int device = current_device();
+    if (limits.current(device, kernel) >= shared_bytes) return cudaSuccess;
+    int max_optin = 0;
+    EPLB_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    return limits.ensure(device, kernel, shared_bytes, moe_shared_bytes<Cfg>(kMaxExperts), size_t(max_optin),
+                         [kernel](size_t limit) {
+                             return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(limit));
+                         });
+}
+
 // Blocks per SM of a kernel at a dynamic shared memory size, cached per (device, kernel, bytes):
 // the occupancy calculator is not free and the answer never changes within a process.
+template <class Cfg>
 cudaError_t blocks_per_sm(const void* kernel, size_t shared_bytes, int* out) {
     static std::mutex mutex;
     static std::map<std::tuple<int, const void*, size_t>, int> cache;
+    EPLB_CUDA_RETURN_IF_ERROR(ensure_shared_limit<Cfg>(kernel, shared_bytes));
     const auto key = std::make_tuple(current_device(), kernel, shared_bytes);
     {
         std::lock_guard<std::mutex> lock(mutex);
@@ -578,8 +592,6 @@ cudaError_t blocks_per_sm(const void* kernel, size_t shared_bytes, int* out) {
             return cudaSuccess;
         }
     }
-    EPLB_CUDA_RETURN_IF_ERROR(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)));
     int blocks = 0;
     EPLB_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, shared_bytes));
     std::lock_guard<std::mutex> lock(mutex);
@@ -597,14 +609,14 @@ cudaError_t occupancy_of(int32_t num_local_experts, MegaMoeOccupancy* out) {
     EPLB_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     out->cooperative_launch = cooperative != 0;
     out->sm_count = sms;
-    out->shared_bytes = dynamic_shared_bytes<Cfg>(num_local_experts);
+    out->shared_bytes = moe_shared_bytes<Cfg>(num_local_experts);
     out->max_shared_bytes = size_t(max_optin);
     out->blocks_per_sm = 0;
     // A block that needs more shared memory than the device grants cannot run at all: report 0
     // instead of failing the attribute call.
     if (out->shared_bytes <= out->max_shared_bytes)
         EPLB_CUDA_RETURN_IF_ERROR(
-            blocks_per_sm(reinterpret_cast<const void*>(&mega_moe_kernel<Cfg>), out->shared_bytes, &out->blocks_per_sm));
+            blocks_per_sm<Cfg>(reinterpret_cast<const void*>(&mega_moe_kernel<Cfg>), out->shared_bytes, &out->blocks_per_sm));
     out->max_blocks = out->blocks_per_sm * sms;
     return cudaSuccess;
 }
@@ -615,19 +627,21 @@ cudaError_t launch_fused(const MoeProblem& problem, int grid_blocks, uint32_t* e
     EPLB_CUDA_RETURN_IF_ERROR(occupancy_of<Cfg>(problem.num_local_experts, &occupancy));
     if (!occupancy.cooperative_launch) return cudaErrorNotSupported;
     if (grid_blocks < 1 || grid_blocks > occupancy.max_blocks) return cudaErrorCooperativeLaunchTooLarge;
+    const void* kernel = reinterpret_cast<const void*>(&mega_moe_kernel<Cfg>);
+    EPLB_CUDA_RETURN_IF_ERROR(ensure_shared_limit<Cfg>(kernel, occupancy.shared_bytes));
     EPLB_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(problem.control, 0, 2 * sizeof(uint32_t), stream));
     KernelArgs args{problem, error_flags};
     void* params[] = {&args};
-    return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(&mega_moe_kernel<Cfg>), dim3(grid_blocks),
-                                       dim3(kThreads), params, occupancy.shared_bytes, stream);
+    return cudaLaunchCooperativeKernel(kernel, dim3(grid_blocks), dim3(kThreads), params, occupancy.shared_bytes,
+                                       stream);
 }
 
 template <class Cfg, int kKind>
 cudaError_t launch_gemm(const MoeProblem& problem, int sm_count, cudaStream_t stream) {
     const void* kernel = reinterpret_cast<const void*>(&moe_gemm_kernel<Cfg, kKind>);
-    const size_t shared = dynamic_shared_bytes<Cfg>(problem.num_local_experts);
+    const size_t shared = moe_shared_bytes<Cfg>(problem.num_local_experts);
     int per_sm = 0;
-    EPLB_CUDA_RETURN_IF_ERROR(blocks_per_sm(kernel, shared, &per_sm));
+    EPLB_CUDA_RETURN_IF_ERROR(blocks_per_sm<Cfg>(kernel, shared, &per_sm));  // also sets the shared limit
     // Persistent grid: the tile count is only known on the device.
     const int grid = std::max(1, per_sm) * std::max(1, sm_count);
     moe_gemm_kernel<Cfg, kKind><<<grid, kThreads, shared, stream>>>(problem);

@@ -33,6 +33,14 @@ constexpr uint32_t kFullMask = 0xFFFFFFFFu;
 // Counters of up to this many slots are accumulated in shared memory per block (32 KiB), so a block
 // issues one global atomic per touched slot instead of one per (token, k), as the mapping kernel.
 constexpr int kMaxSharedCounters = 8192;
+// Resident blocks per SM the top-k kernels are compiled for (__launch_bounds__): 1 lets ptxas use
+// what it wants (72-179 registers, no spills); 3 caps them at 80 and 4 at 64, with spills
+// (scripts/kernel-registers.sh; docs/benchmarks.md). Build with -DEPLB_TOPK_MIN_BLOCKS=3 in
+// CMAKE_CUDA_FLAGS to measure the trade on a GPU.
+#ifndef EPLB_TOPK_MIN_BLOCKS
+#define EPLB_TOPK_MIN_BLOCKS 1
+#endif
+constexpr int kTopkMinBlocks = EPLB_TOPK_MIN_BLOCKS;
 
 // The fused epilogue's arguments, shared by both kernels.
 struct Epilogue {
@@ -203,6 +211,9 @@ __device__ __forceinline__ void keep_best_groups(uint32_t (&key)[kMaxPerLane], i
     }
 }
 
+// The value a softmax weight comes from: the clamped logit, -inf for NaN.
+__device__ __forceinline__ float softmax_value(float logit) { return is_nan(logit) ? -INFINITY : clamp_logit(logit); }
+
 // The top-k of one row, as every lane sees it: lane r < K holds the r-th selected expert and its
 // value (s, or the softmax numerator); sum is the K values added in selection order.
 struct Selection {
@@ -217,15 +228,17 @@ template <int kScore, int kMaxPerLane>
 __device__ __forceinline__ Selection select_exact(const float (&x)[kMaxPerLane], const float (&lane_bias)[kMaxPerLane],
                                                   int lane, int first, const Shape& shape) {
     constexpr bool kSoftmax = kScore == EPLB_ROUTING_SCORE_SOFTMAX;
-    // Score: the selection key and the value the weight comes from (s, or the clamped logit).
+    // Score: the selection key of every expert and the value its weight comes from. Softmax
+    // recomputes the value (the clamped logit, two instructions) from the logit instead of keeping
+    // it: one register array less per lane, the same bits. Sigmoid/sqrtsoftplus keep s, which costs
+    // ~50 instructions to recompute (and measured no fewer registers: docs/benchmarks.md).
     uint32_t key[kMaxPerLane];
-    float value[kMaxPerLane];
+    float value[kSoftmax ? 1 : kMaxPerLane];
 #pragma unroll
     for (int i = 0; i < kMaxPerLane; ++i) {
         const bool valid = i < shape.per_lane && first + i < shape.num_experts;
-        if (kSoftmax) {
+        if constexpr (kSoftmax) {
             key[i] = valid ? logit_key(x[i]) : kNoKey;
-            value[i] = is_nan(x[i]) ? -INFINITY : clamp_logit(x[i]);
         } else {
             const float s = score<kScore>(x[i]);
             key[i] = valid ? biased_key(x[i], s, lane_bias[i]) : kNoKey;
@@ -236,7 +249,7 @@ __device__ __forceinline__ Selection select_exact(const float (&x)[kMaxPerLane],
 
     uint32_t best = kNoKey;
     int best_index = 0;
-    float best_value = 0.0f;
+    float best_value = 0.0f;  // softmax: the logit
     auto rescan = [&] {
         best = kNoKey;
 #pragma unroll
@@ -244,7 +257,8 @@ __device__ __forceinline__ Selection select_exact(const float (&x)[kMaxPerLane],
             if (key[i] > best) {  // strict: the lower id keeps a tie
                 best = key[i];
                 best_index = i;
-                best_value = value[i];
+                if constexpr (kSoftmax) best_value = x[i];
+                else best_value = value[i];
             }
         }
     };
@@ -256,9 +270,9 @@ __device__ __forceinline__ Selection select_exact(const float (&x)[kMaxPerLane],
         const int winner = __ffs(__ballot_sync(kFullMask, best == round_key)) - 1;
         const int index = __shfl_sync(kFullMask, best_index, winner);
         float v = __shfl_sync(kFullMask, best_value, winner);
-        if (kSoftmax) {
+        if constexpr (kSoftmax) {
             if (r == 0) top = key_value(round_key);
-            v = softmax_numerator(v, top);
+            v = softmax_numerator(softmax_value(v), top);
         }
         selection.sum = fadd(selection.sum, v);
         if (lane == r) {
@@ -277,7 +291,7 @@ __device__ __forceinline__ Selection select_exact(const float (&x)[kMaxPerLane],
         float partial = 0.0f;
 #pragma unroll
         for (int i = 0; i < kMaxPerLane; ++i)
-            if (i < shape.per_lane && first + i < shape.num_experts) partial = fadd(partial, softmax_numerator(value[i], top));
+            if (i < shape.per_lane && first + i < shape.num_experts) partial = fadd(partial, softmax_numerator(softmax_value(x[i]), top));
         for (int offset = 16; offset > 0; offset /= 2) partial = fadd(partial, __shfl_xor_sync(kFullMask, partial, offset));
         selection.sum = partial;
     }
@@ -486,7 +500,7 @@ __device__ __forceinline__ void route_row(const float (&x)[kMaxPerLane], const f
 }
 
 template <int kScore, int kMaxPerLane>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kTopkMinBlocks)
     topk_kernel(const float* __restrict__ logits, const float* __restrict__ bias, int64_t num_tokens, Shape shape,
                 Epilogue ep) {
     extern __shared__ int32_t shared_counters[];
