@@ -15,7 +15,7 @@ internal static partial class NativeConstants
     /// Version of this ABI. Bumped on every incompatible change; the managed layer refuses a library
     /// whose eplb_abi_version() differs from the value it was generated against.
     /// </summary>
-    public const int EPLB_ABI_VERSION = 1;
+    public const int EPLB_ABI_VERSION = 2;
     /// <summary>
     /// Bits of the device error word a stream carries (see eplb_stream_check_device_errors).
     /// </summary>

@@ -23,6 +23,19 @@ internal enum eplb_replica_selection_t : uint
     /// replica = (row * top_k + k) mod logcnt[id]: spreads the k-slots of a row (vLLM's choice).
     /// </summary>
     EPLB_REPLICA_SELECTION_ROUND_ROBIN = 1,
+    /// <summary>
+    /// Prefer a replica on the token's own node (SGLang's static dispatch does the same), so the
+    /// token's hidden state stays on the node's fast links. The num_physical slots split into
+    /// num_nodes equal, consecutive ranges (slot s is on node s / (num_physical / num_nodes), as ranks
+    /// own consecutive slots and nodes consecutive ranks). Of the id's replicas (its first logcnt
+    /// log2phy entries) those on source_node are its local replicas, in table order; with h =
+    /// (row * 2654435769) mod 2^32 as TOKEN_HASH:
+    /// m local replicas, m &gt;= 1: the (h mod m)-th local replica;
+    /// none:                     replica h mod logcnt[id] (TOKEN_HASH).
+    /// A function of the row, source_node and the tables only: every rank that maps a token from the
+    /// same node picks the same slot, and CPU and CUDA give the same bits.
+    /// </summary>
+    EPLB_REPLICA_SELECTION_NODE_LOCAL = 2,
 }
 
 /// <summary>
@@ -68,6 +81,13 @@ internal unsafe partial struct eplb_expert_map_t
     /// An eplb_replica_selection_t.
     /// </summary>
     public int replica_selection;
+    /// <summary>
+    /// NODE_LOCAL only (ignored otherwise, set 0): nodes over which the slots split, in
+    /// [1, num_physical] and dividing num_physical; and the node the mapped tokens come from (the
+    /// calling rank's node: rank / (ranks / num_nodes)), in [0, num_nodes).
+    /// </summary>
+    public int num_nodes;
+    public int source_node;
 }
 
 internal static unsafe partial class NativeMethods
@@ -95,6 +115,6 @@ internal static partial class NativeLayout
     /// <summary>Struct sizes and field offsets of eplb/eplb_mapping.h, as libclang computed them.</summary>
     internal static readonly StructLayoutInfo[] eplb_mapping_h =
     [
-        new("eplb_expert_map_t", typeof(eplb_expert_map_t), 48, [("log2phy", 0), ("logcnt", 8), ("counters", 16), ("record_flag", 24), ("num_logical", 32), ("max_replicas", 36), ("num_physical", 40), ("replica_selection", 44)]),
+        new("eplb_expert_map_t", typeof(eplb_expert_map_t), 56, [("log2phy", 0), ("logcnt", 8), ("counters", 16), ("record_flag", 24), ("num_logical", 32), ("max_replicas", 36), ("num_physical", 40), ("replica_selection", 44), ("num_nodes", 48), ("source_node", 52)]),
     ];
 }

@@ -21,7 +21,7 @@ extern "C" {
 
 /* Version of this ABI. Bumped on every incompatible change; the managed layer refuses a library
  * whose eplb_abi_version() differs from the value it was generated against. */
-#define EPLB_ABI_VERSION 1
+#define EPLB_ABI_VERSION 2
 
 /* Bits of the device error word a stream carries (see eplb_stream_check_device_errors). */
 #define EPLB_DEVICE_ERROR_BAD_TABLE 1
