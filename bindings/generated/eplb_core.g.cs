@@ -27,6 +27,13 @@ internal static partial class NativeConstants
     /// A cooperative kernel's blocks did not all meet at a grid barrier in time (eplb_mega_moe).
     /// </summary>
     public const int EPLB_DEVICE_ERROR_GRID_BARRIER_TIMEOUT = 16;
+    /// <summary>
+    /// A per-pass load counter (eplb_expert_map_t.counters) reached INT32_MAX. It saturates there, never
+    /// wrapping to a negative load; the slot's count for the pass is then a lower bound. A negative pass
+    /// counter handed to eplb_load_window_push is recorded as INT32_MAX and sets this bit too. Set on
+    /// CPU and CUDA streams alike.
+    /// </summary>
+    public const int EPLB_DEVICE_ERROR_COUNTER_OVERFLOW = 32;
 }
 
 /// <summary>
@@ -345,8 +352,9 @@ internal static unsafe partial class NativeMethods
     /// <summary>
     /// Waits for the stream, then reads and clears its device error word (EPLB_DEVICE_ERROR_* bits set
     /// by kernels that met bad input). *out_flags (may be NULL) receives the bits. Returns
-    /// EPLB_STATUS_DEVICE_INPUT_ERROR naming the bits when any was set. Always 0 on CPU streams, whose
-    /// operations report bad input through their own status instead.
+    /// EPLB_STATUS_DEVICE_INPUT_ERROR naming the bits when any was set. CPU streams carry a host word
+    /// that only EPLB_DEVICE_ERROR_COUNTER_OVERFLOW sets: their operations report bad input through their
+    /// own status, before anything is written.
     /// </summary>
     /// <remarks><c>eplb_status_t eplb_stream_check_device_errors(eplb_stream_t * stream, uint32_t * out_flags)</c></remarks>
     [LibraryImport(LibraryName, EntryPoint = "eplb_stream_check_device_errors")]

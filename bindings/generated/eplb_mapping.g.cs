@@ -56,8 +56,9 @@ internal unsafe partial struct eplb_expert_map_t
     /// </summary>
     public int* logcnt;
     /// <summary>
-    /// [num_physical]: per-slot load counters, incremented once per routed (token, k) when recording.
-    /// NULL when record_flag is NULL.
+    /// [num_physical]: per-slot load counters, incremented once per routed (token, k) when recording,
+    /// atomically (several streams or threads may record into one layer at once), saturating at
+    /// INT32_MAX (EPLB_DEVICE_ERROR_COUNTER_OVERFLOW). NULL when record_flag is NULL.
     /// </summary>
     public int* counters;
     /// <summary>
@@ -95,7 +96,8 @@ internal static unsafe partial class NativeMethods
     /// <summary>
     /// Maps logical expert ids to physical slots and records the load, in one pass:
     /// route (topk_ids, logical) -&gt; map (replica choice of map-&gt;replica_selection) -&gt; mask padding
-    /// -&gt; record (counters[phys] += 1 when recording).
+    /// -&gt; record (counters[phys] += 1 when recording; a counter at INT32_MAX stays there and sets
+    /// EPLB_DEVICE_ERROR_COUNTER_OVERFLOW on the stream, so a load never wraps negative).
     /// topk_ids      [num_tokens][top_k] logical ids; ids &lt; 0 or &gt;= num_logical map to -1, uncounted.
     /// num_unpadded  scalar (device scalar on CUDA, graph-safe); rows &gt;= *num_unpadded become -1 and
     /// are not counted. NULL means every row is real.

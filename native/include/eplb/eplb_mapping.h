@@ -40,8 +40,9 @@ typedef struct eplb_expert_map {
     const int32_t *log2phy;
     /* [num_logical]: replicas of each logical expert, each in [1, max_replicas]. */
     const int32_t *logcnt;
-    /* [num_physical]: per-slot load counters, incremented once per routed (token, k) when recording.
-     * NULL when record_flag is NULL. */
+    /* [num_physical]: per-slot load counters, incremented once per routed (token, k) when recording,
+     * atomically (several streams or threads may record into one layer at once), saturating at
+     * INT32_MAX (EPLB_DEVICE_ERROR_COUNTER_OVERFLOW). NULL when record_flag is NULL. */
     int32_t *counters;
     /* Scalar: record when the value is non-zero (a device scalar on CUDA, so graph replays can turn
      * recording on and off). NULL never records. */
@@ -63,7 +64,8 @@ typedef struct eplb_expert_map {
 
 /* Maps logical expert ids to physical slots and records the load, in one pass:
  *   route (topk_ids, logical) -> map (replica choice of map->replica_selection) -> mask padding
- *   -> record (counters[phys] += 1 when recording).
+ *   -> record (counters[phys] += 1 when recording; a counter at INT32_MAX stays there and sets
+ *   EPLB_DEVICE_ERROR_COUNTER_OVERFLOW on the stream, so a load never wraps negative).
  * topk_ids      [num_tokens][top_k] logical ids; ids < 0 or >= num_logical map to -1, uncounted.
  * num_unpadded  scalar (device scalar on CUDA, graph-safe); rows >= *num_unpadded become -1 and
  *               are not counted. NULL means every row is real.

@@ -1,5 +1,6 @@
 // The core of the C ABI: versions, statuses, runtime info, buffers and streams.
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <memory>
 #include <cstring>
@@ -400,8 +401,10 @@ EPLB_API eplb_status_t eplb_stream_create(eplb_backend_t backend, eplb_stream_t*
     require_backend(backend);
     auto stream = std::make_unique<eplb_stream>();
     stream->backend = backend;
+    stream->device_error_flags = &stream->host_error_flags;
     if (backend == EPLB_BACKEND_CUDA) {
 #if EPLB_WITH_CUDA
+        stream->device_error_flags = nullptr;
         EPLB_CUDA_CHECK(cudaGetDevice(&stream->device));
         note_cuda_initialised();
         EPLB_CUDA_CHECK(cudaDeviceGetAttribute(&stream->sm_count, cudaDevAttrMultiProcessorCount, stream->device));
@@ -502,6 +505,7 @@ EPLB_API eplb_status_t eplb_stream_check_device_errors(eplb_stream_t* stream, ui
     EPLB_API_BEGIN
     eplb_stream_t& checked = checked_stream(stream);
     uint32_t flags = 0;
+    if (checked.backend == EPLB_BACKEND_CPU) flags = std::atomic_ref<uint32_t>(checked.host_error_flags).exchange(0u);
 #if EPLB_WITH_CUDA
     if (checked.backend == EPLB_BACKEND_CUDA) {
         DeviceGuard guard(checked.device);
@@ -526,6 +530,9 @@ EPLB_API eplb_status_t eplb_stream_check_device_errors(eplb_stream_t* stream, ui
             names += " bad-dispatch-index (a slot, pair id, row count or row position outside its range)";
         if (flags & EPLB_DEVICE_ERROR_GRID_BARRIER_TIMEOUT)
             names += " grid-barrier-timeout (a cooperative kernel's blocks did not meet; its output is undefined)";
+        if (flags & EPLB_DEVICE_ERROR_COUNTER_OVERFLOW)
+            names += " counter-overflow (a load counter reached INT32_MAX and stays there; push or discard the pass "
+                     "counters more often)";
         fail(EPLB_STATUS_DEVICE_INPUT_ERROR, "a kernel reported bad input on the device (flags 0x", std::hex, flags,
              std::dec, "):", names);
     }

@@ -26,8 +26,10 @@ struct eplb_stream {
     // cudaStream_t of a CUDA stream (nullptr is the legacy default stream).
     void* cuda_stream = nullptr;
     bool owns_cuda_stream = false;
-    // CUDA: one device word of EPLB_DEVICE_ERROR_* bits, zeroed at creation.
+    // The word of EPLB_DEVICE_ERROR_* bits the kernels set: one device word on CUDA (zeroed at
+    // creation), &host_error_flags on CPU. Updated with atomic or (several threads may share a stream).
     uint32_t* device_error_flags = nullptr;
+    uint32_t host_error_flags = 0;
     int32_t sm_count = 0;
 };
 

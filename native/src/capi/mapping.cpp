@@ -26,7 +26,7 @@ extern "C" EPLB_API eplb_status_t eplb_map_logical_to_physical(eplb_stream_t* st
     if (num_tokens == 0) return EPLB_STATUS_OK;
 
     if (s.backend == EPLB_BACKEND_CPU) {
-        cpu::map_logical_to_physical(topk_ids, num_tokens, top_k, *map, num_unpadded, physical_ids);
+        cpu::map_logical_to_physical(topk_ids, num_tokens, top_k, *map, num_unpadded, physical_ids, s.device_error_flags);
     } else {
 #if EPLB_WITH_CUDA
         DeviceGuard guard(s.device);

@@ -86,7 +86,8 @@ extern "C" EPLB_API eplb_status_t eplb_route_topk(eplb_stream_t* stream, const e
     if (num_tokens == 0) return EPLB_STATUS_OK;
 
     if (s.backend == EPLB_BACKEND_CPU) {
-        cpu::route_topk(logits, bias, num_tokens, *config, map, num_unpadded, topk_ids, topk_weights);
+        cpu::route_topk(logits, bias, num_tokens, *config, map, num_unpadded, topk_ids, topk_weights,
+                        s.device_error_flags);
     } else {
 #if EPLB_WITH_CUDA
         DeviceGuard guard(s.device);
@@ -127,7 +128,7 @@ extern "C" EPLB_API eplb_status_t eplb_route_hash(eplb_stream_t* stream, const e
             }
         }
         cpu::route_hash(logits, token_ids, tid2eid, vocab_size, num_tokens, *config, map, num_unpadded, topk_ids,
-                        topk_weights);
+                        topk_weights, s.device_error_flags);
     } else {
 #if EPLB_WITH_CUDA
         DeviceGuard guard(s.device);

@@ -24,11 +24,12 @@ EPLB_API eplb_status_t eplb_load_window_push(eplb_stream_t* stream, int32_t* pas
     check_pointer(s, window, "window");
     check_pointer(s, window_sums, "window_sums");
     if (s.backend == EPLB_BACKEND_CPU) {
-        cpu::load_window_push(pass_counters, window, window_sums, count, slot);
+        cpu::load_window_push(pass_counters, window, window_sums, count, slot, s.device_error_flags);
     } else {
 #if EPLB_WITH_CUDA
         DeviceGuard guard(s.device);
-        EPLB_CUDA_CHECK(cuda::load_window_push(pass_counters, window, window_sums, count, slot, cuda_stream_of(s)));
+        EPLB_CUDA_CHECK(cuda::load_window_push(pass_counters, window, window_sums, count, slot, s.device_error_flags,
+                                               cuda_stream_of(s)));
 #endif
     }
     return EPLB_STATUS_OK;
