@@ -25,13 +25,13 @@ void check_expert_map(const eplb_stream_t& stream, const eplb_expert_map_t* map)
                     " (NODE_LOCAL: every node holds num_physical / num_nodes slots)");
         check_in_range(map->source_node, 0, int64_t(map->num_nodes) - 1, "map->source_node (NODE_LOCAL)");
     }
-    check_pointer(stream, map->log2phy, "map->log2phy");
-    check_pointer(stream, map->logcnt, "map->logcnt");
+    check_elements(stream, map->log2phy, int64_t(map->num_logical) * map->max_replicas, "map->log2phy");
+    check_elements(stream, map->logcnt, map->num_logical, "map->logcnt");
     if (map->record_flag != nullptr) {
-        check_pointer(stream, map->record_flag, "map->record_flag");
+        check_elements(stream, map->record_flag, 1, "map->record_flag");
         if (map->counters == nullptr) invalid("map->counters must not be NULL when map->record_flag is set");
     }
-    if (map->counters != nullptr) check_pointer(stream, map->counters, "map->counters");
+    if (map->counters != nullptr) check_elements(stream, map->counters, map->num_physical, "map->counters");
 
     if (stream.backend != EPLB_BACKEND_CPU) return;
     for (int32_t expert = 0; expert < map->num_logical; ++expert) {
