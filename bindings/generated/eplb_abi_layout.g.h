@@ -57,7 +57,7 @@ EPLB_LAYOUT_ASSERT(EPLB_DTYPE_F32 == 0, "EPLB_DTYPE_F32");
 EPLB_LAYOUT_ASSERT(EPLB_DTYPE_BF16 == 1, "EPLB_DTYPE_BF16");
 
 /* eplb/eplb_mapping.h: eplb_expert_map_t */
-EPLB_LAYOUT_ASSERT(sizeof(eplb_expert_map_t) == 48, "sizeof(eplb_expert_map_t)");
+EPLB_LAYOUT_ASSERT(sizeof(eplb_expert_map_t) == 56, "sizeof(eplb_expert_map_t)");
 EPLB_LAYOUT_ASSERT(offsetof(eplb_expert_map_t, log2phy) == 0, "offsetof(eplb_expert_map_t, log2phy)");
 EPLB_LAYOUT_ASSERT(offsetof(eplb_expert_map_t, logcnt) == 8, "offsetof(eplb_expert_map_t, logcnt)");
 EPLB_LAYOUT_ASSERT(offsetof(eplb_expert_map_t, counters) == 16, "offsetof(eplb_expert_map_t, counters)");
@@ -66,8 +66,11 @@ EPLB_LAYOUT_ASSERT(offsetof(eplb_expert_map_t, num_logical) == 32, "offsetof(epl
 EPLB_LAYOUT_ASSERT(offsetof(eplb_expert_map_t, max_replicas) == 36, "offsetof(eplb_expert_map_t, max_replicas)");
 EPLB_LAYOUT_ASSERT(offsetof(eplb_expert_map_t, num_physical) == 40, "offsetof(eplb_expert_map_t, num_physical)");
 EPLB_LAYOUT_ASSERT(offsetof(eplb_expert_map_t, replica_selection) == 44, "offsetof(eplb_expert_map_t, replica_selection)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_expert_map_t, num_nodes) == 48, "offsetof(eplb_expert_map_t, num_nodes)");
+EPLB_LAYOUT_ASSERT(offsetof(eplb_expert_map_t, source_node) == 52, "offsetof(eplb_expert_map_t, source_node)");
 EPLB_LAYOUT_ASSERT(EPLB_REPLICA_SELECTION_TOKEN_HASH == 0, "EPLB_REPLICA_SELECTION_TOKEN_HASH");
 EPLB_LAYOUT_ASSERT(EPLB_REPLICA_SELECTION_ROUND_ROBIN == 1, "EPLB_REPLICA_SELECTION_ROUND_ROBIN");
+EPLB_LAYOUT_ASSERT(EPLB_REPLICA_SELECTION_NODE_LOCAL == 2, "EPLB_REPLICA_SELECTION_NODE_LOCAL");
 
 /* eplb/eplb_moe.h: eplb_moe_shape_t */
 EPLB_LAYOUT_ASSERT(sizeof(eplb_moe_shape_t) == 32, "sizeof(eplb_moe_shape_t)");

@@ -15,7 +15,7 @@ internal static partial class NativeConstants
     /// Version of this ABI. Bumped on every incompatible change; the managed layer refuses a library
     /// whose eplb_abi_version() differs from the value it was generated against.
     /// </summary>
-    public const int EPLB_ABI_VERSION = 1;
+    public const int EPLB_ABI_VERSION = 2;
     /// <summary>
     /// Bits of the device error word a stream carries (see eplb_stream_check_device_errors).
     /// </summary>
@@ -27,6 +27,13 @@ internal static partial class NativeConstants
     /// A cooperative kernel's blocks did not all meet at a grid barrier in time (eplb_mega_moe).
     /// </summary>
     public const int EPLB_DEVICE_ERROR_GRID_BARRIER_TIMEOUT = 16;
+    /// <summary>
+    /// A per-pass load counter (eplb_expert_map_t.counters) reached INT32_MAX. It saturates there, never
+    /// wrapping to a negative load; the slot's count for the pass is then a lower bound. A negative pass
+    /// counter handed to eplb_load_window_push is recorded as INT32_MAX and sets this bit too. Set on
+    /// CPU and CUDA streams alike.
+    /// </summary>
+    public const int EPLB_DEVICE_ERROR_COUNTER_OVERFLOW = 32;
 }
 
 /// <summary>
@@ -209,7 +216,14 @@ internal unsafe partial struct eplb_buffer_info_t
 }
 
 /// <summary>
-/// Memory owned by the library: host memory (CPU backend) or device memory (CUDA backend).
+/// A range of host memory (CPU backend) or device memory (CUDA backend): allocated and owned by the
+/// library (eplb_buffer_create), or the caller's memory wrapped without a copy (eplb_buffer_wrap).
+/// 
+/// Handles (eplb_buffer_t, eplb_stream_t) are opaque values, not addresses, and the library never
+/// hands out the same value twice. Every function checks the handles it is given: a destroyed
+/// handle (a second destroy included), one of the other kind, or a value the library never
+/// returned fails with EPLB_STATUS_INVALID_ARGUMENT naming the argument. Destroying a handle while
+/// another thread still uses it in a call is the caller's error.
 /// </summary>
 internal struct eplb_buffer_t
 {
@@ -285,8 +299,33 @@ internal static unsafe partial class NativeMethods
     internal static partial eplb_status_t eplb_buffer_create(eplb_backend_t backend, ulong size_bytes, eplb_buffer_t** out_buffer);
 
     /// <summary>
-    /// Releases a buffer from eplb_buffer_create. NULL is accepted and does nothing. The caller makes
-    /// sure no queued work still uses it (synchronize the streams that used it first).
+    /// Wraps memory the caller owns, without copying it, as a buffer of the backend: every function that
+    /// takes a buffer accepts it, and every kernel accepts pointers into it as into a created buffer.
+    /// Typical use: a framework tensor's data pointer (weights that EPLB moves in place).
+    /// backend     EPLB_BACKEND_CPU: host memory, device must be -1.
+    /// EPLB_BACKEND_CUDA: memory kernels on CUDA device `device` can use at this address:
+    /// device memory of that device, managed memory, or pinned host memory mapped at the
+    /// same address (cudaHostAlloc with cudaHostAllocMapped).
+    /// data        the first byte, not NULL; any alignment (each kernel checks the alignment it needs
+    /// of the pointers it is given: natural alignment of the element type, 16 bytes for
+    /// Mega MoE tensors on CUDA, the pattern size for eplb_buffer_fill).
+    /// size_bytes  the bytes from data that the buffer covers (may be 0).
+    /// Validated once, here: on CUDA the first and the last byte are asked of the driver
+    /// (cudaPointerGetAttributes); later calls find pointers into [data, data + size_bytes) in the
+    /// library's registry instead of asking the driver again (graph capture stays legal either way).
+    /// Ownership: the memory stays the caller's. It must stay allocated until eplb_buffer_destroy
+    /// (the library cannot detect memory freed under a live wrap); destroy frees the handle only, never
+    /// the memory. *out_buffer receives the buffer; nothing is written on failure.
+    /// </summary>
+    /// <remarks><c>eplb_status_t eplb_buffer_wrap(eplb_backend_t backend, int32_t device, void * data, uint64_t size_bytes, eplb_buffer_t ** out_buffer)</c></remarks>
+    [LibraryImport(LibraryName, EntryPoint = "eplb_buffer_wrap")]
+    [UnmanagedCallConv(CallConvs = [typeof(CallConvCdecl)])]
+    internal static partial eplb_status_t eplb_buffer_wrap(eplb_backend_t backend, int device, void* data, ulong size_bytes, eplb_buffer_t** out_buffer);
+
+    /// <summary>
+    /// Releases a buffer: frees the memory of one from eplb_buffer_create, only the handle of one from
+    /// eplb_buffer_wrap. NULL is accepted and does nothing; a destroyed handle fails (see eplb_buffer_t).
+    /// The caller makes sure no queued work still uses it (synchronize the streams that used it first).
     /// </summary>
     /// <remarks><c>eplb_status_t eplb_buffer_destroy(eplb_buffer_t * buffer)</c></remarks>
     [LibraryImport(LibraryName, EntryPoint = "eplb_buffer_destroy")]
@@ -331,7 +370,8 @@ internal static unsafe partial class NativeMethods
 
     /// <summary>
     /// Writes count copies of a pattern of pattern_size bytes (1, 2, 4 or 8) starting at byte offset,
-    /// queued on stream. Used to zero counters and to poison outputs in tests.
+    /// queued on stream; the address data + offset must be a multiple of pattern_size. Used to zero
+    /// counters and to poison outputs in tests.
     /// </summary>
     /// <remarks><c>eplb_status_t eplb_buffer_fill(eplb_buffer_t * dst, uint64_t offset, uint64_t count, const void * pattern, uint32_t pattern_size, eplb_stream_t * stream)</c></remarks>
     [LibraryImport(LibraryName, EntryPoint = "eplb_buffer_fill")]
@@ -358,7 +398,8 @@ internal static unsafe partial class NativeMethods
     internal static partial eplb_status_t eplb_stream_wrap_cuda(void* cuda_stream, eplb_stream_t** out_stream);
 
     /// <summary>
-    /// Releases a stream (waiting for its work first). NULL is accepted and does nothing.
+    /// Releases a stream (waiting for its work first). NULL is accepted and does nothing; a destroyed
+    /// handle fails (see eplb_buffer_t).
     /// </summary>
     /// <remarks><c>eplb_status_t eplb_stream_destroy(eplb_stream_t * stream)</c></remarks>
     [LibraryImport(LibraryName, EntryPoint = "eplb_stream_destroy")]
@@ -393,8 +434,9 @@ internal static unsafe partial class NativeMethods
     /// <summary>
     /// Waits for the stream, then reads and clears its device error word (EPLB_DEVICE_ERROR_* bits set
     /// by kernels that met bad input). *out_flags (may be NULL) receives the bits. Returns
-    /// EPLB_STATUS_DEVICE_INPUT_ERROR naming the bits when any was set. Always 0 on CPU streams, whose
-    /// operations report bad input through their own status instead.
+    /// EPLB_STATUS_DEVICE_INPUT_ERROR naming the bits when any was set. CPU streams carry a host word
+    /// that only EPLB_DEVICE_ERROR_COUNTER_OVERFLOW sets: their operations report bad input through their
+    /// own status, before anything is written.
     /// </summary>
     /// <remarks><c>eplb_status_t eplb_stream_check_device_errors(eplb_stream_t * stream, uint32_t * out_flags)</c></remarks>
     [LibraryImport(LibraryName, EntryPoint = "eplb_stream_check_device_errors")]

@@ -23,6 +23,19 @@ internal enum eplb_replica_selection_t : uint
     /// replica = (row * top_k + k) mod logcnt[id]: spreads the k-slots of a row (vLLM's choice).
     /// </summary>
     EPLB_REPLICA_SELECTION_ROUND_ROBIN = 1,
+    /// <summary>
+    /// Prefer a replica on the token's own node (SGLang's static dispatch does the same), so the
+    /// token's hidden state stays on the node's fast links. The num_physical slots split into
+    /// num_nodes equal, consecutive ranges (slot s is on node s / (num_physical / num_nodes), as ranks
+    /// own consecutive slots and nodes consecutive ranks). Of the id's replicas (its first logcnt
+    /// log2phy entries) those on source_node are its local replicas, in table order; with h =
+    /// (row * 2654435769) mod 2^32 as TOKEN_HASH:
+    /// m local replicas, m &gt;= 1: the (h mod m)-th local replica;
+    /// none:                     replica h mod logcnt[id] (TOKEN_HASH).
+    /// A function of the row, source_node and the tables only: every rank that maps a token from the
+    /// same node picks the same slot, and CPU and CUDA give the same bits.
+    /// </summary>
+    EPLB_REPLICA_SELECTION_NODE_LOCAL = 2,
 }
 
 /// <summary>
@@ -43,8 +56,9 @@ internal unsafe partial struct eplb_expert_map_t
     /// </summary>
     public int* logcnt;
     /// <summary>
-    /// [num_physical]: per-slot load counters, incremented once per routed (token, k) when recording.
-    /// NULL when record_flag is NULL.
+    /// [num_physical]: per-slot load counters, incremented once per routed (token, k) when recording,
+    /// atomically (several streams or threads may record into one layer at once), saturating at
+    /// INT32_MAX (EPLB_DEVICE_ERROR_COUNTER_OVERFLOW). NULL when record_flag is NULL.
     /// </summary>
     public int* counters;
     /// <summary>
@@ -68,6 +82,13 @@ internal unsafe partial struct eplb_expert_map_t
     /// An eplb_replica_selection_t.
     /// </summary>
     public int replica_selection;
+    /// <summary>
+    /// NODE_LOCAL only (ignored otherwise, set 0): nodes over which the slots split, in
+    /// [1, num_physical] and dividing num_physical; and the node the mapped tokens come from (the
+    /// calling rank's node: rank / (ranks / num_nodes)), in [0, num_nodes).
+    /// </summary>
+    public int num_nodes;
+    public int source_node;
 }
 
 internal static unsafe partial class NativeMethods
@@ -75,7 +96,8 @@ internal static unsafe partial class NativeMethods
     /// <summary>
     /// Maps logical expert ids to physical slots and records the load, in one pass:
     /// route (topk_ids, logical) -&gt; map (replica choice of map-&gt;replica_selection) -&gt; mask padding
-    /// -&gt; record (counters[phys] += 1 when recording).
+    /// -&gt; record (counters[phys] += 1 when recording; a counter at INT32_MAX stays there and sets
+    /// EPLB_DEVICE_ERROR_COUNTER_OVERFLOW on the stream, so a load never wraps negative).
     /// topk_ids      [num_tokens][top_k] logical ids; ids &lt; 0 or &gt;= num_logical map to -1, uncounted.
     /// num_unpadded  scalar (device scalar on CUDA, graph-safe); rows &gt;= *num_unpadded become -1 and
     /// are not counted. NULL means every row is real.
@@ -95,6 +117,6 @@ internal static partial class NativeLayout
     /// <summary>Struct sizes and field offsets of eplb/eplb_mapping.h, as libclang computed them.</summary>
     internal static readonly StructLayoutInfo[] eplb_mapping_h =
     [
-        new("eplb_expert_map_t", typeof(eplb_expert_map_t), 48, [("log2phy", 0), ("logcnt", 8), ("counters", 16), ("record_flag", 24), ("num_logical", 32), ("max_replicas", 36), ("num_physical", 40), ("replica_selection", 44)]),
+        new("eplb_expert_map_t", typeof(eplb_expert_map_t), 56, [("log2phy", 0), ("logcnt", 8), ("counters", 16), ("record_flag", 24), ("num_logical", 32), ("max_replicas", 36), ("num_physical", 40), ("replica_selection", 44), ("num_nodes", 48), ("source_node", 52)]),
     ];
 }

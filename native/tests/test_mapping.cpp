@@ -156,7 +156,7 @@ EPLB_TEST(mapping_in_place) {
     Buffer<int32_t> buffer(EPLB_BACKEND_CPU, ids);
     Buffer<int32_t> log2phy(EPLB_BACKEND_CPU, t.log2phy);
     Buffer<int32_t> logcnt(EPLB_BACKEND_CPU, t.logcnt);
-    eplb_expert_map_t map{log2phy.data(), logcnt.data(), nullptr, nullptr, 32, t.max_replicas, 40, 0};
+    eplb_expert_map_t map{log2phy.data(), logcnt.data(), nullptr, nullptr, 32, t.max_replicas, 40, 0, 0, 0};
     EPLB_EXPECT_OK(eplb_map_logical_to_physical(stream.get(), buffer.data(), 64, 8, &map, nullptr, buffer.data()));
     std::vector<int32_t> unused(40, 0);
     EPLB_EXPECT(buffer.read() == oracle(ids, 64, 8, t, 64, false, unused));
@@ -181,7 +181,7 @@ EPLB_TEST(mapping_bad_input_leaves_outputs_untouched) {
     const int32_t on = 1;
     auto map_of = [&](const Tables& tables) {
         return eplb_expert_map_t{tables.log2phy.data(), tables.logcnt.data(), counters.data(), &on,
-                                 tables.num_logical, tables.max_replicas, tables.num_physical, 0};
+                                 tables.num_logical, tables.max_replicas, tables.num_physical, 0, 0, 0};
     };
     eplb_expert_map_t map = map_of(t);
     auto expect_untouched = [&] {
@@ -292,7 +292,7 @@ EPLB_TEST(mapping_cuda_bad_table_sets_device_flag) {
     Buffer<int32_t> flag(EPLB_BACKEND_CUDA, std::vector<int32_t>{1});
     Buffer<int32_t> out(EPLB_BACKEND_CUDA, 4);
     out.poison();
-    eplb_expert_map_t map{log2phy.data(), logcnt.data(), counters.data(), flag.data(), 3, t.max_replicas, 4, 0};
+    eplb_expert_map_t map{log2phy.data(), logcnt.data(), counters.data(), flag.data(), 3, t.max_replicas, 4, 0, 0, 0};
     EPLB_EXPECT_OK(eplb_map_logical_to_physical(stream.get(), ids.data(), 4, 1, &map, nullptr, out.data()));
     uint32_t flags = 0;
     EPLB_EXPECT_STATUS(eplb_stream_check_device_errors(stream.get(), &flags), EPLB_STATUS_DEVICE_INPUT_ERROR);
@@ -314,7 +314,7 @@ EPLB_TEST(mapping_cuda_rejects_host_pointers) {
     Buffer<int32_t> log2phy(EPLB_BACKEND_CUDA, t.log2phy);
     Buffer<int32_t> logcnt(EPLB_BACKEND_CUDA, t.logcnt);
     Buffer<int32_t> out(EPLB_BACKEND_CUDA, 2);
-    eplb_expert_map_t map{log2phy.data(), logcnt.data(), nullptr, nullptr, 2, 1, 2, 0};
+    eplb_expert_map_t map{log2phy.data(), logcnt.data(), nullptr, nullptr, 2, 1, 2, 0, 0, 0};
     EPLB_EXPECT_STATUS(eplb_map_logical_to_physical(stream.get(), host_ids.data(), 2, 1, &map, nullptr, out.data()),
                        EPLB_STATUS_INVALID_ARGUMENT);
     EPLB_EXPECT(std::string(eplb_last_error_message()).find("host memory") != std::string::npos);

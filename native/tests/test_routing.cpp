@@ -80,7 +80,7 @@ Outcome run(eplb_backend_t backend, const Call& c) {
     ids.poison();
     weights.poison(0x7FC00001u);
     eplb_expert_map_t map{log2phy.data(), logcnt.data(), counters.data(), c.record < 0 ? nullptr : flag.data(),
-                          t.num_logical, t.max_replicas, t.num_physical, c.selection};
+                          t.num_logical, t.max_replicas, t.num_physical, c.selection, 0, 0};
     const eplb_expert_map_t* map_arg = c.tables ? &map : nullptr;
     const int32_t* unpadded_arg = c.num_unpadded < 0 ? nullptr : unpadded.data();
     if (c.hash) {
@@ -767,7 +767,7 @@ EPLB_TEST(routing_bad_input_leaves_outputs_untouched) {
     std::vector<float> weights(4, 7.0f);
     std::vector<int32_t> counters(5, 9);
     const int32_t on = 1;
-    eplb_expert_map_t map{t.log2phy.data(), t.logcnt.data(), counters.data(), &on, 4, t.max_replicas, 5, 0};
+    eplb_expert_map_t map{t.log2phy.data(), t.logcnt.data(), counters.data(), &on, 4, t.max_replicas, 5, 0, 0, 0};
     auto untouched = [&] {
         EPLB_EXPECT(std::all_of(ids.begin(), ids.end(), [](int32_t v) { return v == 12345; }));
         EPLB_EXPECT(std::all_of(weights.begin(), weights.end(), [](float v) { return v == 7.0f; }));
@@ -827,7 +827,7 @@ EPLB_TEST(routing_bad_input_leaves_outputs_untouched) {
     expect_invalid(good, nullptr, &other, "map->num_logical");
     Tables broken = t;
     broken.log2phy[0] = 17;
-    eplb_expert_map_t broken_map{broken.log2phy.data(), broken.logcnt.data(), counters.data(), &on, 4, broken.max_replicas, 5, 0};
+    eplb_expert_map_t broken_map{broken.log2phy.data(), broken.logcnt.data(), counters.data(), &on, 4, broken.max_replicas, 5, 0, 0, 0};
     expect_invalid(good, nullptr, &broken_map, "= 17");
     eplb_expert_map_t narrow = map;
     narrow.max_replicas = 1;
@@ -1088,7 +1088,7 @@ EPLB_TEST(routing_cuda_graph_replay_sees_tables_updated_in_place) {
     Buffer<int32_t> unpadded(EPLB_BACKEND_CUDA, std::vector<int32_t>{int32_t(tokens)});
     Buffer<int32_t> ids(EPLB_BACKEND_CUDA, size_t(tokens) * k);
     Buffer<float> weights(EPLB_BACKEND_CUDA, size_t(tokens) * k);
-    eplb_expert_map_t map{log2phy.data(), logcnt.data(), counters.data(), flag.data(), n, first.max_replicas, 288, 0};
+    eplb_expert_map_t map{log2phy.data(), logcnt.data(), counters.data(), flag.data(), n, first.max_replicas, 288, 0, 0, 0};
 
     // Warm up outside the capture (one-time setup of the first launch), as frameworks do.
     EPLB_EXPECT_OK(eplb_route_topk(stream, &c.config, logits.data(), bias.data(), tokens, &map, unpadded.data(), ids.data(),

@@ -13,6 +13,13 @@ public enum ReplicaSelection
     TokenHash = 0,
     /// <summary><c>(row * topK + k) mod logcnt</c>: spreads the k-slots of a row over replicas.</summary>
     RoundRobin = 1,
+    /// <summary>
+    /// A replica on the token's own node when the expert has one there (the TokenHash choice among
+    /// those), else the TokenHash choice among all: less cross-node traffic, the same slot for a token
+    /// on every rank of its node. Needs the node count and the calling rank's node (native
+    /// <c>eplb_expert_map_t.num_nodes</c>/<c>source_node</c>).
+    /// </summary>
+    NodeLocal = 2,
 }
 
 /// <summary>

@@ -5,9 +5,12 @@
  *   - One prefix (eplb_), fixed-width types only, opaque handles.
  *   - Every function returns eplb_status_t. On failure nothing is written to outputs, and
  *     eplb_last_error_message() describes the failure on the calling thread.
- *   - Memory is either host memory owned by the caller, or memory owned by the library behind an
- *     eplb_buffer_t. Kernels take raw pointers; on the CUDA backend those are device pointers (for
- *     example eplb_buffer_info_t.data of a CUDA buffer, or a framework tensor's data pointer).
+ *   - Memory is either host memory owned by the caller, or memory behind an eplb_buffer_t: owned by
+ *     the library (eplb_buffer_create) or the caller's, wrapped without a copy (eplb_buffer_wrap).
+ *     Kernels take raw pointers; on the CUDA backend those are device pointers (for example
+ *     eplb_buffer_info_t.data of a CUDA buffer, or a framework tensor's data pointer). Pointers into
+ *     a live buffer are checked by a registry lookup; others are asked of the driver on every call.
+ *   - Handles are checked on every call: a destroyed or foreign handle is an invalid argument.
  *   - Work is issued on an eplb_stream_t, which names the backend. CPU streams execute at once, on
  *     the calling thread. CUDA streams are asynchronous; eplb_stream_synchronize waits.
  *   - No function aborts the process; C++ exceptions never cross this boundary.

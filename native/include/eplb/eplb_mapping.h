@@ -17,7 +17,18 @@ typedef enum eplb_replica_selection {
      * every rank picks the same replica for the same token (SGLang #32962). The default. */
     EPLB_REPLICA_SELECTION_TOKEN_HASH = 0,
     /* replica = (row * top_k + k) mod logcnt[id]: spreads the k-slots of a row (vLLM's choice). */
-    EPLB_REPLICA_SELECTION_ROUND_ROBIN = 1
+    EPLB_REPLICA_SELECTION_ROUND_ROBIN = 1,
+    /* Prefer a replica on the token's own node (SGLang's static dispatch does the same), so the
+     * token's hidden state stays on the node's fast links. The num_physical slots split into
+     * num_nodes equal, consecutive ranges (slot s is on node s / (num_physical / num_nodes), as ranks
+     * own consecutive slots and nodes consecutive ranks). Of the id's replicas (its first logcnt
+     * log2phy entries) those on source_node are its local replicas, in table order; with h =
+     * (row * 2654435769) mod 2^32 as TOKEN_HASH:
+     *   m local replicas, m >= 1: the (h mod m)-th local replica;
+     *   none:                     replica h mod logcnt[id] (TOKEN_HASH).
+     * A function of the row, source_node and the tables only: every rank that maps a token from the
+     * same node picks the same slot, and CPU and CUDA give the same bits. */
+    EPLB_REPLICA_SELECTION_NODE_LOCAL = 2
 } eplb_replica_selection_t;
 
 /* The EPLB tables of one MoE layer, as raw pointers of the stream's backend. The struct itself is
@@ -29,8 +40,9 @@ typedef struct eplb_expert_map {
     const int32_t *log2phy;
     /* [num_logical]: replicas of each logical expert, each in [1, max_replicas]. */
     const int32_t *logcnt;
-    /* [num_physical]: per-slot load counters, incremented once per routed (token, k) when recording.
-     * NULL when record_flag is NULL. */
+    /* [num_physical]: per-slot load counters, incremented once per routed (token, k) when recording,
+     * atomically (several streams or threads may record into one layer at once), saturating at
+     * INT32_MAX (EPLB_DEVICE_ERROR_COUNTER_OVERFLOW). NULL when record_flag is NULL. */
     int32_t *counters;
     /* Scalar: record when the value is non-zero (a device scalar on CUDA, so graph replays can turn
      * recording on and off). NULL never records. */
@@ -43,11 +55,17 @@ typedef struct eplb_expert_map {
     int32_t num_physical;
     /* An eplb_replica_selection_t. */
     int32_t replica_selection;
+    /* NODE_LOCAL only (ignored otherwise, set 0): nodes over which the slots split, in
+     * [1, num_physical] and dividing num_physical; and the node the mapped tokens come from (the
+     * calling rank's node: rank / (ranks / num_nodes)), in [0, num_nodes). */
+    int32_t num_nodes;
+    int32_t source_node;
 } eplb_expert_map_t;
 
 /* Maps logical expert ids to physical slots and records the load, in one pass:
  *   route (topk_ids, logical) -> map (replica choice of map->replica_selection) -> mask padding
- *   -> record (counters[phys] += 1 when recording).
+ *   -> record (counters[phys] += 1 when recording; a counter at INT32_MAX stays there and sets
+ *   EPLB_DEVICE_ERROR_COUNTER_OVERFLOW on the stream, so a load never wraps negative).
  * topk_ids      [num_tokens][top_k] logical ids; ids < 0 or >= num_logical map to -1, uncounted.
  * num_unpadded  scalar (device scalar on CUDA, graph-safe); rows >= *num_unpadded become -1 and
  *               are not counted. NULL means every row is real.

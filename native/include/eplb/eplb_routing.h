@@ -4,8 +4,10 @@
  * DeepSeek-V4 hash routing. Included by eplb.h; see the conventions there.
  *
  * Every routing kernel ends in the same epilogue, in one pass: logical id -> physical slot through
- * the layer's eplb_expert_map_t (TokenHash replica choice) -> rows >= *num_unpadded set to -1 ->
- * counters[slot] += 1 when the map's record flag is set. No host synchronisation, no allocation:
+ * the layer's eplb_expert_map_t (the replica choice of map->replica_selection: TOKEN_HASH,
+ * ROUND_ROBIN, or NODE_LOCAL with map->num_nodes and map->source_node) -> rows >= *num_unpadded
+ * set to -1 -> counters[slot] += 1 when the map's record flag is set (atomic, saturating at
+ * INT32_MAX as eplb_map_logical_to_physical). No host synchronisation, no allocation:
  * safe under CUDA graph capture (after one call outside it: the first launch of a process does
  * one-time setup), and replays see tables, *num_unpadded and the record flag updated in place.
  *

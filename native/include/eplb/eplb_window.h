@@ -15,7 +15,10 @@ extern "C" {
 /* Pushes one pass of counters into the window ring, for every i in [0, count):
  *   sums[i] += pass[i] - window[slot][i];  window[slot][i] = pass[i];  pass[i] = 0
  * so sums always hold the total of the passes in the ring (64-bit: real totals exceed 2^31), and
- * the pass counters start the next pass from zero.
+ * the pass counters start the next pass from zero. A negative pass counter (one that wrapped past
+ * INT32_MAX outside libeplb's saturating counters) is recorded as INT32_MAX and sets
+ * EPLB_DEVICE_ERROR_COUNTER_OVERFLOW on the stream, so a window that started at zero never holds a
+ * negative load or sum.
  * pass_counters [count] int32, read and zeroed.   window [window_size][count] int32, row slot replaced.
  * window_sums   [count] int64, updated.           slot in [0, window_size).
  * All three are memory of the stream's backend (device pointers on CUDA), owned by the caller.

@@ -1,12 +1,14 @@
 // The core of the C ABI: versions, statuses, runtime info, buffers and streams.
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
-#include <memory>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <new>
 
 #include "capi/handles.hpp"
+#include "capi/registry.hpp"
 
 #if EPLB_WITH_CUDA
 #include "cuda/fill.cuh"
@@ -42,7 +44,54 @@ const CudaAvailability& cuda_availability() {
     return availability;
 }
 
-bool g_cuda_initialised = false;
+std::atomic<bool> g_cuda_initialised{false};
+
+// cudaPointerGetAttributes, reduced to what the checks use; clears the error it may leave.
+PointerAttributes query_cuda_pointer(const void* ptr) {
+    cudaPointerAttributes attributes{};
+    const cudaError_t error = cudaPointerGetAttributes(&attributes, ptr);
+    PointerAttributes result;
+    if (error != cudaSuccess) {
+        cudaGetLastError();
+        result.error = cudaGetErrorString(error);
+        return result;
+    }
+    result.ok = true;
+    switch (attributes.type) {
+        case cudaMemoryTypeHost: result.type = PointerAttributes::Type::Host; break;
+        case cudaMemoryTypeDevice: result.type = PointerAttributes::Type::Device; break;
+        case cudaMemoryTypeManaged: result.type = PointerAttributes::Type::Managed; break;
+        default: result.type = PointerAttributes::Type::Unregistered; break;
+    }
+    result.device = attributes.device;
+    result.device_pointer = attributes.devicePointer;
+    return result;
+}
+
+// Checks one address of memory being wrapped for the CUDA backend on device: memory kernels on
+// that device can use at this very address.
+void check_wrapped_cuda_address(const void* ptr, const char* what, int32_t device) {
+    const PointerAttributes attributes = query_cuda_pointer(ptr);
+    if (!attributes.ok) invalid(what, " (", ptr, ") is not memory the CUDA device can address: ", attributes.error);
+    switch (attributes.type) {
+        case PointerAttributes::Type::Device:
+            if (attributes.device != device)
+                invalid(what, " (", ptr, ") lives on CUDA device ", attributes.device, ", not on device ", device);
+            return;
+        case PointerAttributes::Type::Managed:
+            return;
+        case PointerAttributes::Type::Host:
+            if (attributes.device_pointer != ptr)
+                invalid(what, " (", ptr, ") is pinned host memory that the device does not see at the same address ",
+                        "(its device address is ", attributes.device_pointer, "); wrap the device address, or ",
+                        "pinned memory allocated with cudaHostAlloc(..., cudaHostAllocMapped)");
+            return;
+        case PointerAttributes::Type::Unregistered:
+            break;
+    }
+    invalid(what, " (", ptr, ") is host memory that CUDA does not know (not pinned); wrap it with EPLB_BACKEND_CPU, ",
+            "or pass device memory");
+}
 #endif
 
 void copy_text(char* dst, size_t capacity, const char* text) {
@@ -86,39 +135,30 @@ void require_backend(eplb_backend_t backend) {
 #endif
 }
 
-eplb_stream_t& checked_stream(eplb_stream_t* stream) {
+StreamRef checked_stream(eplb_stream_t* stream) {
     if (stream == nullptr) invalid("stream must not be NULL (create one with eplb_stream_create)");
-    return *stream;
+    return registry().stream(stream, "stream");
 }
 
-void check_pointer(const eplb_stream_t& stream, const void* ptr, const char* name) {
-    if (ptr == nullptr) invalid(name, " must not be NULL");
+StreamRef optional_stream(eplb_stream_t* stream, const char* name) {
+    if (stream == nullptr) return nullptr;
+    return registry().stream(stream, name);
+}
+
+BufferRef checked_buffer(const eplb_buffer_t* buffer, const char* name) {
+    if (buffer == nullptr) invalid(name, " must not be NULL");
+    return registry().buffer(buffer, name);
+}
+
+void check_pointer(const eplb_stream_t& stream, const void* ptr, uint64_t bytes, uint64_t alignment, const char* name) {
+    PointerQuery query = nullptr;
 #if EPLB_WITH_CUDA
-    if (stream.backend == EPLB_BACKEND_CUDA) {
-        cudaPointerAttributes attributes{};
-        const cudaError_t error = cudaPointerGetAttributes(&attributes, ptr);
-        if (error != cudaSuccess) {
-            cudaGetLastError();
-            invalid(name, " (", ptr, ") is not memory the CUDA device can address: ", cudaGetErrorString(error));
-        }
-        const bool device_visible = attributes.type == cudaMemoryTypeDevice || attributes.type == cudaMemoryTypeManaged ||
-                                    (attributes.type == cudaMemoryTypeHost && attributes.devicePointer != nullptr);
-        if (!device_visible)
-            invalid(name, " (", ptr, ") is host memory but the stream is a CUDA stream; pass device memory "
-                    "(an eplb buffer of the CUDA backend)");
-        if (attributes.type == cudaMemoryTypeDevice && attributes.device != stream.device)
-            invalid(name, " (", ptr, ") lives on CUDA device ", attributes.device, " but the stream is on device ",
-                    stream.device);
-    } else if (g_cuda_initialised) {
-        // Only once this library has a CUDA context: asking earlier would create one just to check.
-        cudaPointerAttributes attributes{};
-        if (cudaPointerGetAttributes(&attributes, ptr) == cudaSuccess && attributes.type == cudaMemoryTypeDevice)
-            invalid(name, " (", ptr, ") is CUDA device memory but the stream is a CPU stream; pass host memory");
-        cudaGetLastError();
-    }
-#else
-    (void)stream;
+    // CPU streams ask only once this library has a CUDA context: asking earlier would create one
+    // just to check.
+    if (stream.backend == EPLB_BACKEND_CUDA || g_cuda_initialised.load(std::memory_order_relaxed))
+        query = &query_cuda_pointer;
 #endif
+    registry().check_pointer(StreamPlace{stream.backend, stream.device}, ptr, bytes, alignment, name, query);
 }
 
 #if EPLB_WITH_CUDA
@@ -145,8 +185,70 @@ DeviceGuard::~DeviceGuard() {
     if (changed_) cudaSetDevice(previous_);
 }
 
-void note_cuda_initialised() noexcept { g_cuda_initialised = true; }
+void note_cuda_initialised() noexcept { g_cuda_initialised.store(true, std::memory_order_relaxed); }
 #endif
+
+namespace {
+
+// Frees a buffer's memory when the library owns it (never for wrapped memory).
+void release_memory(const eplb_buffer& buffer) {
+    if (!buffer.owns_memory || buffer.data == nullptr) return;
+    if (buffer.backend == EPLB_BACKEND_CPU) {
+        std::free(buffer.data);
+        return;
+    }
+#if EPLB_WITH_CUDA
+    DeviceGuard guard(buffer.device);
+    EPLB_CUDA_CHECK(cudaFree(buffer.data));
+#endif
+}
+
+// Frees a stream's CUDA resources after waiting for its work; throws the wait's error last.
+void release_stream(eplb_stream& stream) {
+#if EPLB_WITH_CUDA
+    if (stream.backend != EPLB_BACKEND_CUDA) return;
+    DeviceGuard guard(stream.device);
+    const cudaStream_t cuda = cuda_stream_of(stream);
+    const cudaError_t sync = cudaStreamSynchronize(cuda);
+    if (stream.device_error_flags) cudaFree(stream.device_error_flags);
+    stream.device_error_flags = nullptr;
+    if (stream.owns_cuda_stream) cudaStreamDestroy(cuda);
+    stream.owns_cuda_stream = false;
+    if (sync != cudaSuccess) throw_cuda(sync, "cudaStreamSynchronize (stream destroy)");
+#else
+    (void)stream;
+#endif
+}
+
+// Registers a new buffer; frees owned memory when registration itself fails.
+eplb_buffer_t* register_buffer(const BufferRef& buffer) {
+    const MemoryRange range{reinterpret_cast<uintptr_t>(buffer->data), buffer->size_bytes, buffer->backend,
+                            buffer->device, buffer->owns_memory};
+    try {
+        return registry().add_buffer(buffer, range);
+    } catch (...) {
+        try {
+            release_memory(*buffer);
+        } catch (...) {
+        }
+        throw;
+    }
+}
+
+// Registers a new stream; releases its CUDA resources when registration itself fails.
+eplb_stream_t* register_stream(const StreamRef& stream) {
+    try {
+        return registry().add_stream(stream);
+    } catch (...) {
+        try {
+            release_stream(*stream);
+        } catch (...) {
+        }
+        throw;
+    }
+}
+
+}  // namespace
 
 }  // namespace eplb::capi
 
@@ -226,7 +328,7 @@ EPLB_API eplb_status_t eplb_buffer_create(eplb_backend_t backend, uint64_t size_
     EPLB_API_BEGIN
     EPLB_CHECK_NOT_NULL(out_buffer);
     require_backend(backend);
-    auto buffer = std::make_unique<eplb_buffer>();
+    auto buffer = std::make_shared<eplb_buffer>();
     buffer->backend = backend;
     buffer->size_bytes = size_bytes;
     if (backend == EPLB_BACKEND_CPU) {
@@ -241,7 +343,51 @@ EPLB_API eplb_status_t eplb_buffer_create(eplb_backend_t backend, uint64_t size_
         EPLB_CUDA_CHECK(cudaMalloc(&buffer->data, size_bytes == 0 ? 1 : size_bytes));
 #endif
     }
-    *out_buffer = buffer.release();
+    *out_buffer = register_buffer(buffer);
+    return EPLB_STATUS_OK;
+    EPLB_API_END
+}
+
+EPLB_API eplb_status_t eplb_buffer_wrap(eplb_backend_t backend, int32_t device, void* data, uint64_t size_bytes,
+                                        eplb_buffer_t** out_buffer) {
+    EPLB_API_BEGIN
+    EPLB_CHECK_NOT_NULL(out_buffer);
+    check_backend_value(backend);
+    if (data == nullptr) invalid("data must not be NULL (there is nothing to wrap)");
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(data);
+    if (size_bytes > UINTPTR_MAX - begin)
+        invalid("data (", data, ") + size_bytes (", size_bytes, ") runs past the end of the address space");
+    if (backend == EPLB_BACKEND_CPU) {
+        if (device != -1) invalid("device must be -1 for host memory (EPLB_BACKEND_CPU) (got ", device, ")");
+#if EPLB_WITH_CUDA
+        // Only once this library has a CUDA context (asking earlier would create one just to check).
+        if (g_cuda_initialised.load(std::memory_order_relaxed)) {
+            const PointerAttributes attributes = query_cuda_pointer(data);
+            if (attributes.ok && attributes.type == PointerAttributes::Type::Device)
+                invalid("data (", data, ") is CUDA device memory of device ", attributes.device,
+                        "; wrap it with EPLB_BACKEND_CUDA");
+        }
+#endif
+    } else {
+        require_backend(backend);
+#if EPLB_WITH_CUDA
+        const int32_t devices = cuda_availability().device_count;
+        if (device < 0 || device >= devices)
+            invalid("device must be a CUDA device ordinal in [0, ", devices, ") (got ", device, ")");
+        note_cuda_initialised();
+        // Both ends, so a size that runs past the allocation into unmapped memory is caught here.
+        check_wrapped_cuda_address(data, "data", device);
+        if (size_bytes > 1)
+            check_wrapped_cuda_address(static_cast<const char*>(data) + (size_bytes - 1), "the last byte of data", device);
+#endif
+    }
+    auto buffer = std::make_shared<eplb_buffer>();
+    buffer->backend = backend;
+    buffer->device = backend == EPLB_BACKEND_CPU ? -1 : device;
+    buffer->data = data;
+    buffer->size_bytes = size_bytes;
+    buffer->owns_memory = false;
+    *out_buffer = register_buffer(buffer);
     return EPLB_STATUS_OK;
     EPLB_API_END
 }
@@ -249,27 +395,20 @@ EPLB_API eplb_status_t eplb_buffer_create(eplb_backend_t backend, uint64_t size_
 EPLB_API eplb_status_t eplb_buffer_destroy(eplb_buffer_t* buffer) {
     EPLB_API_BEGIN
     if (buffer == nullptr) return EPLB_STATUS_OK;
-    std::unique_ptr<eplb_buffer> owned(buffer);
-    if (owned->backend == EPLB_BACKEND_CPU) {
-        std::free(owned->data);
-    } else {
-#if EPLB_WITH_CUDA
-        DeviceGuard guard(owned->device);
-        EPLB_CUDA_CHECK(cudaFree(owned->data));
-#endif
-    }
+    const BufferRef owned = registry().remove_buffer(buffer, "buffer");
+    release_memory(*owned);
     return EPLB_STATUS_OK;
     EPLB_API_END
 }
 
 EPLB_API eplb_status_t eplb_buffer_get_info(const eplb_buffer_t* buffer, eplb_buffer_info_t* info) {
     EPLB_API_BEGIN
-    EPLB_CHECK_NOT_NULL(buffer);
+    const BufferRef b = checked_buffer(buffer, "buffer");
     EPLB_CHECK_NOT_NULL(info);
-    info->data = buffer->data;
-    info->size_bytes = buffer->size_bytes;
-    info->backend = buffer->backend;
-    info->device = buffer->device;
+    info->data = b->data;
+    info->size_bytes = b->size_bytes;
+    info->backend = b->backend;
+    info->device = b->device;
     return EPLB_STATUS_OK;
     EPLB_API_END
 }
@@ -277,22 +416,23 @@ EPLB_API eplb_status_t eplb_buffer_get_info(const eplb_buffer_t* buffer, eplb_bu
 EPLB_API eplb_status_t eplb_buffer_write(eplb_buffer_t* dst, uint64_t dst_offset, const void* src_host, uint64_t bytes,
                                          eplb_stream_t* stream) {
     EPLB_API_BEGIN
-    EPLB_CHECK_NOT_NULL(dst);
+    const BufferRef d = checked_buffer(dst, "dst");
+    const StreamRef s = optional_stream(stream, "stream");
     if (bytes > 0) EPLB_CHECK_NOT_NULL(src_host);
-    check_range(*dst, dst_offset, bytes, "dst");
+    check_range(*d, dst_offset, bytes, "dst");
     if (bytes == 0) return EPLB_STATUS_OK;
-    char* target = static_cast<char*>(dst->data) + dst_offset;
-    if (dst->backend == EPLB_BACKEND_CPU) {
+    char* target = static_cast<char*>(d->data) + dst_offset;
+    if (d->backend == EPLB_BACKEND_CPU) {
 #if EPLB_WITH_CUDA
-        if (stream && stream->backend == EPLB_BACKEND_CUDA) EPLB_CUDA_CHECK(cudaStreamSynchronize(cuda_stream_of(*stream)));
+        if (s && s->backend == EPLB_BACKEND_CUDA) EPLB_CUDA_CHECK(cudaStreamSynchronize(cuda_stream_of(*s)));
 #endif
         std::memcpy(target, src_host, bytes);
     } else {
 #if EPLB_WITH_CUDA
-        DeviceGuard guard(dst->device);
-        if (stream && stream->backend == EPLB_BACKEND_CUDA) {
-            EPLB_CUDA_CHECK(cudaMemcpyAsync(target, src_host, bytes, cudaMemcpyHostToDevice, cuda_stream_of(*stream)));
-            EPLB_CUDA_CHECK(cudaStreamSynchronize(cuda_stream_of(*stream)));
+        DeviceGuard guard(d->device);
+        if (s && s->backend == EPLB_BACKEND_CUDA) {
+            EPLB_CUDA_CHECK(cudaMemcpyAsync(target, src_host, bytes, cudaMemcpyHostToDevice, cuda_stream_of(*s)));
+            EPLB_CUDA_CHECK(cudaStreamSynchronize(cuda_stream_of(*s)));
         } else {
             EPLB_CUDA_CHECK(cudaMemcpy(target, src_host, bytes, cudaMemcpyHostToDevice));
         }
@@ -305,22 +445,23 @@ EPLB_API eplb_status_t eplb_buffer_write(eplb_buffer_t* dst, uint64_t dst_offset
 EPLB_API eplb_status_t eplb_buffer_read(const eplb_buffer_t* src, uint64_t src_offset, void* dst_host, uint64_t bytes,
                                         eplb_stream_t* stream) {
     EPLB_API_BEGIN
-    EPLB_CHECK_NOT_NULL(src);
+    const BufferRef b = checked_buffer(src, "src");
+    const StreamRef s = optional_stream(stream, "stream");
     if (bytes > 0) EPLB_CHECK_NOT_NULL(dst_host);
-    check_range(*src, src_offset, bytes, "src");
+    check_range(*b, src_offset, bytes, "src");
     if (bytes == 0) return EPLB_STATUS_OK;
-    const char* source = static_cast<const char*>(src->data) + src_offset;
-    if (src->backend == EPLB_BACKEND_CPU) {
+    const char* source = static_cast<const char*>(b->data) + src_offset;
+    if (b->backend == EPLB_BACKEND_CPU) {
 #if EPLB_WITH_CUDA
-        if (stream && stream->backend == EPLB_BACKEND_CUDA) EPLB_CUDA_CHECK(cudaStreamSynchronize(cuda_stream_of(*stream)));
+        if (s && s->backend == EPLB_BACKEND_CUDA) EPLB_CUDA_CHECK(cudaStreamSynchronize(cuda_stream_of(*s)));
 #endif
         std::memcpy(dst_host, source, bytes);
     } else {
 #if EPLB_WITH_CUDA
-        DeviceGuard guard(src->device);
-        if (stream && stream->backend == EPLB_BACKEND_CUDA) {
-            EPLB_CUDA_CHECK(cudaMemcpyAsync(dst_host, source, bytes, cudaMemcpyDeviceToHost, cuda_stream_of(*stream)));
-            EPLB_CUDA_CHECK(cudaStreamSynchronize(cuda_stream_of(*stream)));
+        DeviceGuard guard(b->device);
+        if (s && s->backend == EPLB_BACKEND_CUDA) {
+            EPLB_CUDA_CHECK(cudaMemcpyAsync(dst_host, source, bytes, cudaMemcpyDeviceToHost, cuda_stream_of(*s)));
+            EPLB_CUDA_CHECK(cudaStreamSynchronize(cuda_stream_of(*s)));
         } else {
             EPLB_CUDA_CHECK(cudaMemcpy(dst_host, source, bytes, cudaMemcpyDeviceToHost));
         }
@@ -333,26 +474,28 @@ EPLB_API eplb_status_t eplb_buffer_read(const eplb_buffer_t* src, uint64_t src_o
 EPLB_API eplb_status_t eplb_buffer_copy(eplb_buffer_t* dst, uint64_t dst_offset, const eplb_buffer_t* src,
                                         uint64_t src_offset, uint64_t bytes, eplb_stream_t* stream) {
     EPLB_API_BEGIN
-    EPLB_CHECK_NOT_NULL(dst);
-    EPLB_CHECK_NOT_NULL(src);
-    check_range(*dst, dst_offset, bytes, "dst");
-    check_range(*src, src_offset, bytes, "src");
+    const BufferRef d = checked_buffer(dst, "dst");
+    const BufferRef b = checked_buffer(src, "src");
+    const StreamRef s = optional_stream(stream, "stream");
+    check_range(*d, dst_offset, bytes, "dst");
+    check_range(*b, src_offset, bytes, "src");
     if (bytes == 0) return EPLB_STATUS_OK;
-    char* target = static_cast<char*>(dst->data) + dst_offset;
-    const char* source = static_cast<const char*>(src->data) + src_offset;
-    if (dst == src && !(dst_offset + bytes <= src_offset || src_offset + bytes <= dst_offset))
-        invalid("eplb_buffer_copy: source and destination ranges overlap");
-    if (dst->backend == EPLB_BACKEND_CPU && src->backend == EPLB_BACKEND_CPU) {
+    char* target = static_cast<char*>(d->data) + dst_offset;
+    const char* source = static_cast<const char*>(b->data) + src_offset;
+    // By address, not by handle: two wraps (or a wrap and a buffer) may share memory.
+    const uintptr_t t0 = reinterpret_cast<uintptr_t>(target), s0 = reinterpret_cast<uintptr_t>(source);
+    if (t0 < s0 + bytes && s0 < t0 + bytes) invalid("eplb_buffer_copy: source and destination ranges overlap");
+    if (d->backend == EPLB_BACKEND_CPU && b->backend == EPLB_BACKEND_CPU) {
 #if EPLB_WITH_CUDA
-        if (stream && stream->backend == EPLB_BACKEND_CUDA) EPLB_CUDA_CHECK(cudaStreamSynchronize(cuda_stream_of(*stream)));
+        if (s && s->backend == EPLB_BACKEND_CUDA) EPLB_CUDA_CHECK(cudaStreamSynchronize(cuda_stream_of(*s)));
 #endif
         std::memcpy(target, source, bytes);
         return EPLB_STATUS_OK;
     }
 #if EPLB_WITH_CUDA
-    DeviceGuard guard(dst->backend == EPLB_BACKEND_CUDA ? dst->device : src->device);
-    if (stream && stream->backend == EPLB_BACKEND_CUDA) {
-        EPLB_CUDA_CHECK(cudaMemcpyAsync(target, source, bytes, cudaMemcpyDefault, cuda_stream_of(*stream)));
+    DeviceGuard guard(d->backend == EPLB_BACKEND_CUDA ? d->device : b->device);
+    if (s && s->backend == EPLB_BACKEND_CUDA) {
+        EPLB_CUDA_CHECK(cudaMemcpyAsync(target, source, bytes, cudaMemcpyDefault, cuda_stream_of(*s)));
     } else {
         // No stream: complete on return (cudaMemcpy alone does not wait for device-to-device copies).
         EPLB_CUDA_CHECK(cudaMemcpyAsync(target, source, bytes, cudaMemcpyDefault, nullptr));
@@ -366,27 +509,31 @@ EPLB_API eplb_status_t eplb_buffer_copy(eplb_buffer_t* dst, uint64_t dst_offset,
 EPLB_API eplb_status_t eplb_buffer_fill(eplb_buffer_t* dst, uint64_t offset, uint64_t count, const void* pattern,
                                         uint32_t pattern_size, eplb_stream_t* stream) {
     EPLB_API_BEGIN
-    EPLB_CHECK_NOT_NULL(dst);
+    const BufferRef d = checked_buffer(dst, "dst");
+    const StreamRef s = optional_stream(stream, "stream");
     EPLB_CHECK_NOT_NULL(pattern);
     if (pattern_size != 1 && pattern_size != 2 && pattern_size != 4 && pattern_size != 8)
         invalid("pattern_size must be 1, 2, 4 or 8 (got ", pattern_size, ")");
-    if (offset % pattern_size != 0) invalid("offset ", offset, " is not a multiple of pattern_size ", pattern_size);
+    // The address, not the offset: a wrapped buffer need not start aligned.
+    if ((reinterpret_cast<uintptr_t>(d->data) + offset) % pattern_size != 0)
+        invalid("offset ", offset, " does not make dst (", d->data, " + ", offset, ") a multiple of pattern_size ",
+                pattern_size);
     if (count > (UINT64_MAX / pattern_size)) invalid("count ", count, " overflows");
-    check_range(*dst, offset, count * pattern_size, "dst");
+    check_range(*d, offset, count * pattern_size, "dst");
     if (count == 0) return EPLB_STATUS_OK;
     uint64_t value = 0;
     std::memcpy(&value, pattern, pattern_size);
-    char* target = static_cast<char*>(dst->data) + offset;
-    if (dst->backend == EPLB_BACKEND_CPU) {
+    char* target = static_cast<char*>(d->data) + offset;
+    if (d->backend == EPLB_BACKEND_CPU) {
 #if EPLB_WITH_CUDA
-        if (stream && stream->backend == EPLB_BACKEND_CUDA) EPLB_CUDA_CHECK(cudaStreamSynchronize(cuda_stream_of(*stream)));
+        if (s && s->backend == EPLB_BACKEND_CUDA) EPLB_CUDA_CHECK(cudaStreamSynchronize(cuda_stream_of(*s)));
 #endif
         for (uint64_t i = 0; i < count; ++i) std::memcpy(target + i * pattern_size, &value, pattern_size);
         return EPLB_STATUS_OK;
     }
 #if EPLB_WITH_CUDA
-    DeviceGuard guard(dst->device);
-    const cudaStream_t cuda = (stream && stream->backend == EPLB_BACKEND_CUDA) ? cuda_stream_of(*stream) : nullptr;
+    DeviceGuard guard(d->device);
+    const cudaStream_t cuda = (s && s->backend == EPLB_BACKEND_CUDA) ? cuda_stream_of(*s) : nullptr;
     EPLB_CUDA_CHECK(eplb::cuda::fill_pattern(target, count, value, pattern_size, cuda));
     if (cuda == nullptr) EPLB_CUDA_CHECK(cudaStreamSynchronize(nullptr));
 #endif
@@ -398,10 +545,12 @@ EPLB_API eplb_status_t eplb_stream_create(eplb_backend_t backend, eplb_stream_t*
     EPLB_API_BEGIN
     EPLB_CHECK_NOT_NULL(out_stream);
     require_backend(backend);
-    auto stream = std::make_unique<eplb_stream>();
+    auto stream = std::make_shared<eplb_stream>();
     stream->backend = backend;
+    stream->device_error_flags = &stream->host_error_flags;
     if (backend == EPLB_BACKEND_CUDA) {
 #if EPLB_WITH_CUDA
+        stream->device_error_flags = nullptr;
         EPLB_CUDA_CHECK(cudaGetDevice(&stream->device));
         note_cuda_initialised();
         EPLB_CUDA_CHECK(cudaDeviceGetAttribute(&stream->sm_count, cudaDevAttrMultiProcessorCount, stream->device));
@@ -416,11 +565,16 @@ EPLB_API eplb_status_t eplb_stream_create(eplb_backend_t backend, eplb_stream_t*
             throw_cuda(error, "cudaMalloc(device error word)");
         }
         stream->device_error_flags = static_cast<uint32_t*>(flags);
-        EPLB_CUDA_CHECK(cudaMemsetAsync(flags, 0, sizeof(uint32_t), cuda));
-        EPLB_CUDA_CHECK(cudaStreamSynchronize(cuda));
+        cudaError_t zero = cudaMemsetAsync(flags, 0, sizeof(uint32_t), cuda);
+        if (zero == cudaSuccess) zero = cudaStreamSynchronize(cuda);
+        if (zero != cudaSuccess) {
+            cudaFree(flags);
+            cudaStreamDestroy(cuda);
+            throw_cuda(zero, "cudaMemsetAsync(device error word)");
+        }
 #endif
     }
-    *out_stream = stream.release();
+    *out_stream = register_stream(stream);
     return EPLB_STATUS_OK;
     EPLB_API_END
 }
@@ -430,7 +584,7 @@ EPLB_API eplb_status_t eplb_stream_wrap_cuda(void* cuda_stream, eplb_stream_t** 
     EPLB_CHECK_NOT_NULL(out_stream);
     require_backend(EPLB_BACKEND_CUDA);
 #if EPLB_WITH_CUDA
-    auto stream = std::make_unique<eplb_stream>();
+    auto stream = std::make_shared<eplb_stream>();
     stream->backend = EPLB_BACKEND_CUDA;
     EPLB_CUDA_CHECK(cudaGetDevice(&stream->device));
     note_cuda_initialised();
@@ -440,8 +594,12 @@ EPLB_API eplb_status_t eplb_stream_wrap_cuda(void* cuda_stream, eplb_stream_t** 
     void* flags = nullptr;
     EPLB_CUDA_CHECK(cudaMalloc(&flags, sizeof(uint32_t)));
     stream->device_error_flags = static_cast<uint32_t*>(flags);
-    EPLB_CUDA_CHECK(cudaMemset(flags, 0, sizeof(uint32_t)));
-    *out_stream = stream.release();
+    const cudaError_t zero = cudaMemset(flags, 0, sizeof(uint32_t));
+    if (zero != cudaSuccess) {
+        cudaFree(flags);
+        throw_cuda(zero, "cudaMemset(device error word)");
+    }
+    *out_stream = register_stream(stream);
 #endif
     return EPLB_STATUS_OK;
     EPLB_API_END
@@ -450,49 +608,38 @@ EPLB_API eplb_status_t eplb_stream_wrap_cuda(void* cuda_stream, eplb_stream_t** 
 EPLB_API eplb_status_t eplb_stream_destroy(eplb_stream_t* stream) {
     EPLB_API_BEGIN
     if (stream == nullptr) return EPLB_STATUS_OK;
-    std::unique_ptr<eplb_stream> owned(stream);
-#if EPLB_WITH_CUDA
-    if (owned->backend == EPLB_BACKEND_CUDA) {
-        DeviceGuard guard(owned->device);
-        const cudaStream_t cuda = cuda_stream_of(*owned);
-        const cudaError_t sync = cudaStreamSynchronize(cuda);
-        if (owned->device_error_flags) cudaFree(owned->device_error_flags);
-        if (owned->owns_cuda_stream) cudaStreamDestroy(cuda);
-        if (sync != cudaSuccess) throw_cuda(sync, "cudaStreamSynchronize (stream destroy)");
-    }
-#endif
+    const StreamRef owned = registry().remove_stream(stream, "stream");
+    release_stream(*owned);
     return EPLB_STATUS_OK;
     EPLB_API_END
 }
 
 EPLB_API eplb_status_t eplb_stream_get_cuda_stream(const eplb_stream_t* stream, void** out_cuda_stream) {
     EPLB_API_BEGIN
-    EPLB_CHECK_NOT_NULL(stream);
+    const StreamRef s = checked_stream(const_cast<eplb_stream_t*>(stream));
     EPLB_CHECK_NOT_NULL(out_cuda_stream);
-    *out_cuda_stream = stream->backend == EPLB_BACKEND_CUDA ? stream->cuda_stream : nullptr;
+    *out_cuda_stream = s->backend == EPLB_BACKEND_CUDA ? s->cuda_stream : nullptr;
     return EPLB_STATUS_OK;
     EPLB_API_END
 }
 
 EPLB_API eplb_status_t eplb_stream_get_backend(const eplb_stream_t* stream, eplb_backend_t* out_backend) {
     EPLB_API_BEGIN
-    EPLB_CHECK_NOT_NULL(stream);
+    const StreamRef s = checked_stream(const_cast<eplb_stream_t*>(stream));
     EPLB_CHECK_NOT_NULL(out_backend);
-    *out_backend = stream->backend;
+    *out_backend = s->backend;
     return EPLB_STATUS_OK;
     EPLB_API_END
 }
 
 EPLB_API eplb_status_t eplb_stream_synchronize(eplb_stream_t* stream) {
     EPLB_API_BEGIN
-    eplb_stream_t& checked = checked_stream(stream);
+    const StreamRef s = checked_stream(stream);
 #if EPLB_WITH_CUDA
-    if (checked.backend == EPLB_BACKEND_CUDA) {
-        DeviceGuard guard(checked.device);
-        EPLB_CUDA_CHECK(cudaStreamSynchronize(cuda_stream_of(checked)));
+    if (s->backend == EPLB_BACKEND_CUDA) {
+        DeviceGuard guard(s->device);
+        EPLB_CUDA_CHECK(cudaStreamSynchronize(cuda_stream_of(*s)));
     }
-#else
-    (void)checked;
 #endif
     return EPLB_STATUS_OK;
     EPLB_API_END
@@ -500,22 +647,22 @@ EPLB_API eplb_status_t eplb_stream_synchronize(eplb_stream_t* stream) {
 
 EPLB_API eplb_status_t eplb_stream_check_device_errors(eplb_stream_t* stream, uint32_t* out_flags) {
     EPLB_API_BEGIN
-    eplb_stream_t& checked = checked_stream(stream);
+    const StreamRef s = checked_stream(stream);
     uint32_t flags = 0;
+    if (s->backend == EPLB_BACKEND_CPU) {
+        flags = std::atomic_ref<uint32_t>(s->host_error_flags).exchange(0u);
+    } else {
 #if EPLB_WITH_CUDA
-    if (checked.backend == EPLB_BACKEND_CUDA) {
-        DeviceGuard guard(checked.device);
-        const cudaStream_t cuda = cuda_stream_of(checked);
-        EPLB_CUDA_CHECK(cudaMemcpyAsync(&flags, checked.device_error_flags, sizeof(flags), cudaMemcpyDeviceToHost, cuda));
+        DeviceGuard guard(s->device);
+        const cudaStream_t cuda = cuda_stream_of(*s);
+        EPLB_CUDA_CHECK(cudaMemcpyAsync(&flags, s->device_error_flags, sizeof(flags), cudaMemcpyDeviceToHost, cuda));
         EPLB_CUDA_CHECK(cudaStreamSynchronize(cuda));
         if (flags != 0) {
-            EPLB_CUDA_CHECK(cudaMemsetAsync(checked.device_error_flags, 0, sizeof(uint32_t), cuda));
+            EPLB_CUDA_CHECK(cudaMemsetAsync(s->device_error_flags, 0, sizeof(uint32_t), cuda));
             EPLB_CUDA_CHECK(cudaStreamSynchronize(cuda));
         }
-    }
-#else
-    (void)checked;
 #endif
+    }
     if (out_flags) *out_flags = flags;
     if (flags != 0) {
         std::string names;
@@ -526,6 +673,9 @@ EPLB_API eplb_status_t eplb_stream_check_device_errors(eplb_stream_t* stream, ui
             names += " bad-dispatch-index (a slot, pair id, row count or row position outside its range)";
         if (flags & EPLB_DEVICE_ERROR_GRID_BARRIER_TIMEOUT)
             names += " grid-barrier-timeout (a cooperative kernel's blocks did not meet; its output is undefined)";
+        if (flags & EPLB_DEVICE_ERROR_COUNTER_OVERFLOW)
+            names += " counter-overflow (a load counter reached INT32_MAX and stays there; push or discard the pass "
+                     "counters more often)";
         fail(EPLB_STATUS_DEVICE_INPUT_ERROR, "a kernel reported bad input on the device (flags 0x", std::hex, flags,
              std::dec, "):", names);
     }

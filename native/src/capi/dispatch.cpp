@@ -41,9 +41,10 @@ void check_disjoint(std::initializer_list<Span> spans) {
     }
 }
 
-// Checks a pointer that the call reads or writes count elements through; NULL is fine when count is 0.
-void check_array(const eplb_stream_t& stream, const void* ptr, int64_t count, const char* name) {
-    if (count > 0) check_pointer(stream, ptr, name);
+// Checks a pointer that the call reads or writes count elements of element_bytes through (aligned to
+// element_bytes); NULL is fine when count is 0.
+void check_array(const eplb_stream_t& stream, const void* ptr, int64_t count, int64_t element_bytes, const char* name) {
+    if (count > 0) check_pointer(stream, ptr, uint64_t(count) * uint64_t(element_bytes), uint64_t(element_bytes), name);
 }
 
 void check_dtype(int dtype, const char* name) {
@@ -97,7 +98,8 @@ extern "C" EPLB_API eplb_status_t eplb_dispatch_align(eplb_stream_t* stream, con
                                                       int32_t* sorted_pair_ids, int32_t* block_experts,
                                                       int32_t* pair_positions) {
     EPLB_API_BEGIN
-    eplb_stream_t& s = checked_stream(stream);
+    const StreamRef held = checked_stream(stream);
+    eplb_stream_t& s = *held;
     const int64_t num_pairs = checked_pairs(num_tokens, top_k);
     check_in_range(num_local_experts, 1, EPLB_DISPATCH_MAX_BUCKETS, "num_local_experts");
     check_in_range(first_slot, 0, int64_t(INT32_MAX) - num_local_experts, "first_slot");
@@ -108,12 +110,12 @@ extern "C" EPLB_API eplb_status_t eplb_dispatch_align(eplb_stream_t* stream, con
                 num_local_experts, " experts padded to ", block_size, "; see eplb_dispatch_align_capacity) (got ",
                 capacity, ")");
     const int64_t num_blocks = capacity / block_size;
-    check_array(s, physical_ids, num_pairs, "physical_ids");
-    check_pointer(s, expert_counts, "expert_counts");
-    check_pointer(s, expert_offsets, "expert_offsets");
-    check_array(s, sorted_pair_ids, capacity, "sorted_pair_ids");
-    check_array(s, block_experts, num_blocks, "block_experts");
-    check_array(s, pair_positions, num_pairs, "pair_positions");
+    check_array(s, physical_ids, num_pairs, 4, "physical_ids");
+    check_elements(s, expert_counts, num_local_experts, "expert_counts");
+    check_elements(s, expert_offsets, int64_t(num_local_experts) + 1, "expert_offsets");
+    check_array(s, sorted_pair_ids, capacity, 4, "sorted_pair_ids");
+    check_array(s, block_experts, num_blocks, 4, "block_experts");
+    check_array(s, pair_positions, num_pairs, 4, "pair_positions");
     check_disjoint({{physical_ids, num_pairs * 4, "physical_ids"},
                     {expert_counts, int64_t(num_local_experts) * 4, "expert_counts"},
                     {expert_offsets, (int64_t(num_local_experts) + 1) * 4, "expert_offsets"},
@@ -142,17 +144,18 @@ extern "C" EPLB_API eplb_status_t eplb_dispatch_bucket_by_rank(eplb_stream_t* st
                                                                int32_t* rank_offsets, int32_t* send_pair_ids,
                                                                int32_t* pair_positions) {
     EPLB_API_BEGIN
-    eplb_stream_t& s = checked_stream(stream);
+    const StreamRef held = checked_stream(stream);
+    eplb_stream_t& s = *held;
     const int64_t num_pairs = checked_pairs(num_tokens, top_k);
     check_in_range(num_physical, 1, INT32_MAX, "num_physical");
     check_in_range(num_ranks, 1, EPLB_DISPATCH_MAX_BUCKETS, "num_ranks");
     if (num_physical % num_ranks != 0)
         invalid("num_physical (", num_physical, ") must be a multiple of num_ranks (", num_ranks, ")");
-    check_array(s, physical_ids, num_pairs, "physical_ids");
-    check_pointer(s, rank_counts, "rank_counts");
-    check_pointer(s, rank_offsets, "rank_offsets");
-    check_array(s, send_pair_ids, num_pairs, "send_pair_ids");
-    check_array(s, pair_positions, num_pairs, "pair_positions");
+    check_array(s, physical_ids, num_pairs, 4, "physical_ids");
+    check_elements(s, rank_counts, num_ranks, "rank_counts");
+    check_elements(s, rank_offsets, int64_t(num_ranks) + 1, "rank_offsets");
+    check_array(s, send_pair_ids, num_pairs, 4, "send_pair_ids");
+    check_array(s, pair_positions, num_pairs, 4, "pair_positions");
     check_disjoint({{physical_ids, num_pairs * 4, "physical_ids"},
                     {rank_counts, int64_t(num_ranks) * 4, "rank_counts"},
                     {rank_offsets, (int64_t(num_ranks) + 1) * 4, "rank_offsets"},
@@ -185,18 +188,19 @@ extern "C" EPLB_API eplb_status_t eplb_dispatch_permute(eplb_stream_t* stream, e
                                                         const int32_t* row_pair_ids, const int32_t* num_rows,
                                                         int64_t capacity, void* out) {
     EPLB_API_BEGIN
-    eplb_stream_t& s = checked_stream(stream);
+    const StreamRef held = checked_stream(stream);
+    eplb_stream_t& s = *held;
     check_dtype(dtype, "dtype");
     const int64_t num_pairs = checked_pairs(num_tokens, top_k);
     check_in_range(hidden, 1, kMaxHidden, "hidden");
     check_in_range(capacity, 0, INT32_MAX, "capacity");
     const int64_t element = element_size(dtype);
-    check_array(s, x, num_tokens, "x");
-    check_array(s, row_pair_ids, capacity, "row_pair_ids");
-    check_pointer(s, num_rows, "num_rows");
-    check_array(s, out, capacity, "out");
     check_aligned(x, element, "x");
     check_aligned(out, element, "out");
+    check_array(s, x, num_tokens * hidden, element, "x");
+    check_array(s, row_pair_ids, capacity, 4, "row_pair_ids");
+    check_elements(s, num_rows, 1, "num_rows");
+    check_array(s, out, capacity * hidden, element, "out");
     check_disjoint({{x, num_tokens * hidden * element, "x"},
                     {row_pair_ids, capacity * 4, "row_pair_ids"},
                     {num_rows, 4, "num_rows"},
@@ -228,7 +232,8 @@ extern "C" EPLB_API eplb_status_t eplb_dispatch_combine(eplb_stream_t* stream, e
                                                         const float* weights, int64_t num_tokens, int32_t top_k,
                                                         eplb_dtype_t out_dtype, void* out) {
     EPLB_API_BEGIN
-    eplb_stream_t& s = checked_stream(stream);
+    const StreamRef held = checked_stream(stream);
+    eplb_stream_t& s = *held;
     check_dtype(y_dtype, "y_dtype");
     check_dtype(out_dtype, "out_dtype");
     const int64_t num_pairs = checked_pairs(num_tokens, top_k);
@@ -236,13 +241,13 @@ extern "C" EPLB_API eplb_status_t eplb_dispatch_combine(eplb_stream_t* stream, e
     check_in_range(hidden, 1, kMaxHidden, "hidden");
     const int64_t in_element = element_size(y_dtype);
     const int64_t out_element = element_size(out_dtype);
-    check_array(s, y, y_rows, "y");
-    check_array(s, pair_positions, num_pairs, "pair_positions");
-    if (weights != nullptr) check_pointer(s, weights, "weights");
-    check_array(s, out, num_tokens, "out");
     check_aligned(y, in_element, "y");
     check_aligned(out, out_element, "out");
     check_aligned(weights, 4, "weights");
+    check_array(s, y, y_rows * hidden, in_element, "y");
+    check_array(s, pair_positions, num_pairs, 4, "pair_positions");
+    if (weights != nullptr) check_array(s, weights, num_pairs, 4, "weights");
+    check_array(s, out, num_tokens * hidden, out_element, "out");
     check_disjoint({{y, y_rows * hidden * in_element, "y"},
                     {pair_positions, num_pairs * 4, "pair_positions"},
                     {weights, weights ? num_pairs * 4 : 0, "weights"},

@@ -14,19 +14,20 @@ extern "C" EPLB_API eplb_status_t eplb_map_logical_to_physical(eplb_stream_t* st
                                                                const eplb_expert_map_t* map,
                                                                const int32_t* num_unpadded, int32_t* physical_ids) {
     EPLB_API_BEGIN
-    eplb_stream_t& s = checked_stream(stream);
+    const StreamRef held = checked_stream(stream);
+    eplb_stream_t& s = *held;
     check_in_range(num_tokens, 0, INT32_MAX, "num_tokens");
     check_in_range(top_k, 1, 1024, "top_k");
     check_expert_map(s, map);
     if (num_tokens > 0) {
-        check_pointer(s, topk_ids, "topk_ids");
-        check_pointer(s, physical_ids, "physical_ids");
+        check_elements(s, topk_ids, num_tokens * top_k, "topk_ids");
+        check_elements(s, physical_ids, num_tokens * top_k, "physical_ids");
     }
-    if (num_unpadded != nullptr) check_pointer(s, num_unpadded, "num_unpadded");
+    if (num_unpadded != nullptr) check_elements(s, num_unpadded, 1, "num_unpadded");
     if (num_tokens == 0) return EPLB_STATUS_OK;
 
     if (s.backend == EPLB_BACKEND_CPU) {
-        cpu::map_logical_to_physical(topk_ids, num_tokens, top_k, *map, num_unpadded, physical_ids);
+        cpu::map_logical_to_physical(topk_ids, num_tokens, top_k, *map, num_unpadded, physical_ids, s.device_error_flags);
     } else {
 #if EPLB_WITH_CUDA
         DeviceGuard guard(s.device);

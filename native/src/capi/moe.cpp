@@ -65,23 +65,27 @@ MoeProblem checked_problem(const eplb_stream_t& stream, const eplb_moe_shape_t* 
     // The CUDA kernels move 16-byte vectors; the CPU reference needs natural alignment only.
     const bool cuda = stream.backend == EPLB_BACKEND_CUDA;
     const uint64_t vector = cuda ? 16 : sizeof(uint16_t);
-    check_pointer(stream, t.w1, "tensors->w1");
-    check_pointer(stream, t.w2, "tensors->w2");
+    const int64_t w1_elements = int64_t(shape->num_local_experts) * 2 * shape->intermediate * shape->hidden;
+    const int64_t w2_elements = int64_t(shape->num_local_experts) * shape->hidden * shape->intermediate;
     check_aligned(t.w1, vector, "tensors->w1");
     check_aligned(t.w2, vector, "tensors->w2");
+    check_elements(stream, t.w1, w1_elements, "tensors->w1");
+    check_elements(stream, t.w2, w2_elements, "tensors->w2");
     const MoeWorkspaceLayout layout = layout_of(*shape, num_tokens);
     if (num_tokens > 0) {
-        check_pointer(stream, t.x, "tensors->x");
-        check_pointer(stream, t.topk_ids, "tensors->topk_ids");
-        check_pointer(stream, t.topk_weights, "tensors->topk_weights");
-        check_pointer(stream, t.output, "tensors->output");
-        check_pointer(stream, t.workspace, "tensors->workspace");
+        const int64_t pairs = num_tokens * shape->top_k;
         check_aligned(t.x, vector, "tensors->x");
         check_aligned(t.output, vector, "tensors->output");
+        check_elements(stream, t.x, num_tokens * shape->hidden, "tensors->x");
+        check_elements(stream, t.topk_ids, pairs, "tensors->topk_ids");
+        check_elements(stream, t.topk_weights, pairs, "tensors->topk_weights");
+        check_elements(stream, t.output, num_tokens * shape->hidden, "tensors->output");
+        if (t.workspace == nullptr) invalid("tensors->workspace must not be NULL");
         check_aligned(t.workspace, cuda ? MoeWorkspaceLayout::kAlignment : sizeof(int32_t), "tensors->workspace");
         if (t.workspace_bytes < layout.total)
             invalid("tensors->workspace_bytes = ", t.workspace_bytes, " is too small: ", num_tokens,
                     " tokens need eplb_moe_workspace_size = ", layout.total, " bytes");
+        check_pointer(stream, t.workspace, layout.total, 1, "tensors->workspace");
     }
     MoeProblem p;
     p.x = t.x;
@@ -160,7 +164,8 @@ EPLB_API eplb_status_t eplb_moe_workspace_size(const eplb_moe_shape_t* shape, in
 EPLB_API eplb_status_t eplb_mega_moe_max_grid(eplb_stream_t* stream, const eplb_moe_shape_t* shape, int64_t num_tokens,
                                               int32_t* out_blocks, int32_t* out_block_m) {
     EPLB_API_BEGIN
-    eplb_stream_t& s = checked_stream(stream);
+    const StreamRef held = checked_stream(stream);
+    eplb_stream_t& s = *held;
     check_shape(shape);
     check_tokens(num_tokens, *shape, "num_tokens");
     EPLB_CHECK_NOT_NULL(out_blocks);
@@ -186,7 +191,8 @@ EPLB_API eplb_status_t eplb_mega_moe_max_grid(eplb_stream_t* stream, const eplb_
 EPLB_API eplb_status_t eplb_mega_moe(eplb_stream_t* stream, const eplb_moe_shape_t* shape, int64_t num_tokens,
                                      const eplb_moe_tensors_t* tensors, int32_t grid_blocks) {
     EPLB_API_BEGIN
-    eplb_stream_t& s = checked_stream(stream);
+    const StreamRef held = checked_stream(stream);
+    eplb_stream_t& s = *held;
     const MoeProblem problem = checked_problem(s, shape, num_tokens, tensors);
     check_in_range(grid_blocks, 0, INT32_MAX, "grid_blocks");
     if (s.backend == EPLB_BACKEND_CPU) {
@@ -219,7 +225,8 @@ EPLB_API eplb_status_t eplb_mega_moe(eplb_stream_t* stream, const eplb_moe_shape
 EPLB_API eplb_status_t eplb_moe_unfused(eplb_stream_t* stream, const eplb_moe_shape_t* shape, int64_t num_tokens,
                                         const eplb_moe_tensors_t* tensors) {
     EPLB_API_BEGIN
-    eplb_stream_t& s = checked_stream(stream);
+    const StreamRef held = checked_stream(stream);
+    eplb_stream_t& s = *held;
     const MoeProblem problem = checked_problem(s, shape, num_tokens, tensors);
     if (num_tokens == 0) return EPLB_STATUS_OK;
     if (s.backend == EPLB_BACKEND_CPU) {

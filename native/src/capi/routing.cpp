@@ -49,11 +49,11 @@ void check_config(const eplb_router_config_t* config, bool hash) {
                 c.routed_scaling_factor, ")");
 }
 
-// Checks shared by both entries; returns the stream.
-eplb_stream_t& check_common(eplb_stream_t* stream, const eplb_router_config_t* config, bool hash, const float* logits,
+// Checks shared by both entries.
+void check_common(eplb_stream_t& stream, const eplb_router_config_t* config, bool hash, const float* logits,
                             int64_t num_tokens, const eplb_expert_map_t* map, const int32_t* num_unpadded,
                             int32_t* topk_ids, float* topk_weights) {
-    eplb_stream_t& s = checked_stream(stream);
+    eplb_stream_t& s = stream;
     check_config(config, hash);
     check_in_range(num_tokens, 0, INT32_MAX, "num_tokens");
     if (map != nullptr) {
@@ -62,12 +62,11 @@ eplb_stream_t& check_common(eplb_stream_t* stream, const eplb_router_config_t* c
             invalid("map->num_logical = ", map->num_logical, " differs from config->num_experts = ", config->num_experts);
     }
     if (num_tokens > 0) {
-        check_pointer(s, logits, "logits");
-        check_pointer(s, topk_ids, "topk_ids");
-        check_pointer(s, topk_weights, "topk_weights");
+        check_elements(s, logits, num_tokens * config->num_experts, "logits");
+        check_elements(s, topk_ids, num_tokens * config->top_k, "topk_ids");
+        check_elements(s, topk_weights, num_tokens * config->top_k, "topk_weights");
     }
-    if (num_unpadded != nullptr) check_pointer(s, num_unpadded, "num_unpadded");
-    return s;
+    if (num_unpadded != nullptr) check_elements(s, num_unpadded, 1, "num_unpadded");
 }
 
 }  // namespace
@@ -77,16 +76,19 @@ extern "C" EPLB_API eplb_status_t eplb_route_topk(eplb_stream_t* stream, const e
                                                   const eplb_expert_map_t* map, const int32_t* num_unpadded,
                                                   int32_t* topk_ids, float* topk_weights) {
     EPLB_API_BEGIN
-    eplb_stream_t& s = check_common(stream, config, false, logits, num_tokens, map, num_unpadded, topk_ids, topk_weights);
+    const StreamRef held = checked_stream(stream);
+    eplb_stream_t& s = *held;
+    check_common(s, config, false, logits, num_tokens, map, num_unpadded, topk_ids, topk_weights);
     if (bias != nullptr) {
         if (config->score == EPLB_ROUTING_SCORE_SOFTMAX)
             invalid("bias must be NULL for softmax routing (the ", score_name(config->score), " score selects by logit)");
-        check_pointer(s, bias, "bias");
+        check_elements(s, bias, config->num_experts, "bias");
     }
     if (num_tokens == 0) return EPLB_STATUS_OK;
 
     if (s.backend == EPLB_BACKEND_CPU) {
-        cpu::route_topk(logits, bias, num_tokens, *config, map, num_unpadded, topk_ids, topk_weights);
+        cpu::route_topk(logits, bias, num_tokens, *config, map, num_unpadded, topk_ids, topk_weights,
+                        s.device_error_flags);
     } else {
 #if EPLB_WITH_CUDA
         DeviceGuard guard(s.device);
@@ -103,11 +105,13 @@ extern "C" EPLB_API eplb_status_t eplb_route_hash(eplb_stream_t* stream, const e
                                                   int64_t vocab_size, int64_t num_tokens, const eplb_expert_map_t* map,
                                                   const int32_t* num_unpadded, int32_t* topk_ids, float* topk_weights) {
     EPLB_API_BEGIN
-    eplb_stream_t& s = check_common(stream, config, true, logits, num_tokens, map, num_unpadded, topk_ids, topk_weights);
+    const StreamRef held = checked_stream(stream);
+    eplb_stream_t& s = *held;
+    check_common(s, config, true, logits, num_tokens, map, num_unpadded, topk_ids, topk_weights);
     check_in_range(vocab_size, 1, INT32_MAX, "vocab_size");
     if (num_tokens > 0) {
-        check_pointer(s, token_ids, "token_ids");
-        check_pointer(s, tid2eid, "tid2eid");
+        check_elements(s, token_ids, num_tokens, "token_ids");
+        check_elements(s, tid2eid, vocab_size * config->top_k, "tid2eid");
     }
     if (num_tokens == 0) return EPLB_STATUS_OK;
 
@@ -127,7 +131,7 @@ extern "C" EPLB_API eplb_status_t eplb_route_hash(eplb_stream_t* stream, const e
             }
         }
         cpu::route_hash(logits, token_ids, tid2eid, vocab_size, num_tokens, *config, map, num_unpadded, topk_ids,
-                        topk_weights);
+                        topk_weights, s.device_error_flags);
     } else {
 #if EPLB_WITH_CUDA
         DeviceGuard guard(s.device);

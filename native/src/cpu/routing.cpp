@@ -5,6 +5,7 @@
 
 #include "common/replica.hpp"
 #include "common/routing_math.hpp"
+#include "cpu/record.hpp"
 
 // The scores use std::fma (correctly rounded, so the bits are the same with or without a hardware
 // FMA). Without -mfma it is a libm call per operation; a clone built for FMA hardware inlines it and
@@ -21,24 +22,26 @@ namespace {
 
 using namespace eplb::routing;
 
-// Map -> record, the tail of the fused epilogue (padding rows never reach it).
+// Map -> record, the tail of the fused epilogue (padding rows never reach it). The loads reach the
+// counters when it goes out of scope.
 class Epilogue {
 public:
-    Epilogue(const eplb_expert_map_t* map, int32_t top_k)
+    Epilogue(const eplb_expert_map_t* map, int32_t top_k, uint32_t* error_flags)
         : map_(map), top_k_(top_k),
-          record_(map != nullptr && map->record_flag != nullptr && *map->record_flag != 0 && map->counters != nullptr) {}
+          recorder_(map != nullptr && map->record_flag != nullptr && *map->record_flag != 0 ? map->counters : nullptr,
+                    map != nullptr ? map->num_physical : 0, error_flags) {}
 
-    int32_t apply(int32_t logical, int64_t row, int32_t k) const {
+    int32_t apply(int32_t logical, int64_t row, int32_t k) {
         bool bad_table = false;  // cannot happen after validation; kept for the shared helper's contract
         const int32_t physical = map_ ? map_one(*map_, logical, row, k, top_k_, &bad_table) : logical;
-        if (record_ && physical >= 0) ++map_->counters[physical];
+        if (recorder_.recording() && physical >= 0) recorder_.add(physical);
         return physical;
     }
 
 private:
     const eplb_expert_map_t* map_;
     int32_t top_k_;
-    bool record_;
+    LoadRecorder recorder_;
 };
 
 int64_t unpadded_rows(const int32_t* num_unpadded, int64_t num_tokens) {
@@ -107,7 +110,8 @@ float softmax_denominator(const float* numerators, int32_t num_experts) {
 }  // namespace
 
 EPLB_FMA_CLONES void route_topk(const float* logits, const float* bias, int64_t num_tokens, const eplb_router_config_t& config,
-                const eplb_expert_map_t* map, const int32_t* num_unpadded, int32_t* topk_ids, float* topk_weights) {
+                const eplb_expert_map_t* map, const int32_t* num_unpadded, int32_t* topk_ids, float* topk_weights,
+                uint32_t* error_flags) {
     const int32_t n = config.num_experts;
     const int32_t top_k = config.top_k;
     const int32_t groups = config.num_groups;
@@ -116,7 +120,7 @@ EPLB_FMA_CLONES void route_topk(const float* logits, const float* bias, int64_t 
     const bool renormalize = config.renormalize != 0;
     const bool scale = config.scale_in_weights != 0;
     const int64_t unpadded = unpadded_rows(num_unpadded, num_tokens);
-    const Epilogue epilogue(map, top_k);
+    Epilogue epilogue(map, top_k, error_flags);
 
     std::vector<uint32_t> keys(size_t(n), kNoKey);
     std::vector<float> values(size_t(n), 0.0f);    // s (sigmoid, sqrtsoftplus) or the clamped logit (softmax)
@@ -188,12 +192,12 @@ EPLB_FMA_CLONES void route_topk(const float* logits, const float* bias, int64_t 
 
 EPLB_FMA_CLONES void route_hash(const float* logits, const int64_t* token_ids, const int32_t* tid2eid, int64_t vocab_size,
                 int64_t num_tokens, const eplb_router_config_t& config, const eplb_expert_map_t* map,
-                const int32_t* num_unpadded, int32_t* topk_ids, float* topk_weights) {
+                const int32_t* num_unpadded, int32_t* topk_ids, float* topk_weights, uint32_t* error_flags) {
     const int32_t n = config.num_experts;
     const int32_t top_k = config.top_k;
     const bool sigmoid_score = config.score == EPLB_ROUTING_SCORE_SIGMOID;
     const int64_t unpadded = unpadded_rows(num_unpadded, num_tokens);
-    const Epilogue epilogue(map, top_k);
+    Epilogue epilogue(map, top_k, error_flags);
     int32_t ids[EPLB_ROUTING_MAX_TOP_K];
     float scores[EPLB_ROUTING_MAX_TOP_K];
 

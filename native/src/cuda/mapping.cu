@@ -4,6 +4,7 @@
 
 #include "common/replica.hpp"
 #include "cuda/launch.cuh"
+#include "cuda/record.cuh"
 
 namespace eplb::cuda {
 
@@ -47,7 +48,7 @@ __global__ void __launch_bounds__(kThreads)
             if (kSharedHistogram)
                 atomicAdd(&shared_counters[physical], 1);
             else
-                atomicAdd(&map.counters[physical], 1);
+                record_load(&map.counters[physical], 1, error_flags);
         }
     }
     if (bad_table) atomicOr(error_flags, uint32_t(EPLB_DEVICE_ERROR_BAD_TABLE));
@@ -56,7 +57,7 @@ __global__ void __launch_bounds__(kThreads)
         __syncthreads();
         for (int i = threadIdx.x; i < map.num_physical; i += blockDim.x) {
             const int32_t count = shared_counters[i];
-            if (count != 0) atomicAdd(&map.counters[i], count);
+            if (count != 0) record_load(&map.counters[i], count, error_flags);
         }
     }
 }

@@ -20,6 +20,7 @@
 #include "common/replica.hpp"
 #include "common/routing_math.hpp"
 #include "cuda/launch.cuh"
+#include "cuda/record.cuh"
 
 namespace eplb::cuda {
 
@@ -98,7 +99,10 @@ __device__ __forceinline__ bool begin_record(const Epilogue& ep, int32_t* shared
 }
 
 __device__ __forceinline__ void count(const Epilogue& ep, int32_t* shared_counters, int32_t physical) {
-    atomicAdd(ep.shared_counters ? &shared_counters[physical] : &ep.map.counters[physical], 1);
+    if (ep.shared_counters)
+        atomicAdd(&shared_counters[physical], 1);
+    else
+        record_load(&ep.map.counters[physical], 1, ep.error_flags);
 }
 
 __device__ __forceinline__ void end_record(const Epilogue& ep, int32_t* shared_counters, bool record) {
@@ -107,7 +111,7 @@ __device__ __forceinline__ void end_record(const Epilogue& ep, int32_t* shared_c
     if (!record) return;
     for (int i = threadIdx.x; i < ep.map.num_physical; i += blockDim.x) {
         const int32_t value = shared_counters[i];
-        if (value != 0) atomicAdd(&ep.map.counters[i], value);
+        if (value != 0) record_load(&ep.map.counters[i], value, ep.error_flags);
     }
 }
 
