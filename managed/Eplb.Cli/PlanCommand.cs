@@ -28,23 +28,29 @@ internal static class PlanCommand
             DefaultValueFactory = _ => Placement.DeepSeekV3ExpertBytes,
         };
         var output = new Option<string>("--out") { Description = "Placement file to write (JSON)", Required = true };
+        var repeat = new Option<int>("--repeat")
+        {
+            Description = "Plan this many times and report the median planning time (for benchmarks; the plan is the same every time)",
+            DefaultValueFactory = _ => 1,
+        };
         var command = new Command("plan", "Plan an expert placement from a load dump and write it for SGLang's --init-expert-location")
         {
-            load, replicas, groups, nodes, gpus, policy, old, noDuplicate, maxReplicas, expertBytes, output,
+            load, replicas, groups, nodes, gpus, policy, old, noDuplicate, maxReplicas, expertBytes, output, repeat,
         };
         command.SetAction(parse => Run(new Arguments(parse.GetValue(load)!, parse.GetValue(replicas), parse.GetValue(groups), parse.GetValue(nodes),
             parse.GetValue(gpus), parse.GetValue(policy)!, parse.GetValue(old), parse.GetValue(noDuplicate), parse.GetValue(maxReplicas),
-            parse.GetValue(expertBytes), parse.GetValue(output)!)));
+            parse.GetValue(expertBytes), parse.GetValue(output)!, parse.GetValue(repeat))));
         return command;
     }
 
     private sealed record Arguments(string Load, int Replicas, int Groups, int Nodes, int Gpus, string Policy, string? Old,
-        bool NoDuplicateOnGpu, int MaxReplicas, long ExpertBytes, string Out);
+        bool NoDuplicateOnGpu, int MaxReplicas, long ExpertBytes, string Out, int Repeat);
 
     private static int Run(Arguments args)
     {
         if (args.ExpertBytes < 0) throw new ArgumentException($"--expert-bytes must be >= 0 (got {args.ExpertBytes})");
         if (string.IsNullOrWhiteSpace(args.Out)) throw new ArgumentException("--out must name a file");
+        if (args.Repeat < 1) throw new ArgumentException($"--repeat must be >= 1 (got {args.Repeat})");
         var policy = PlacementPolicies.Get(args.Policy);
         var raw = ExpertLoad.Read(args.Load);
         var load = raw.WithoutEmptyLayers(out var dropped);
@@ -62,9 +68,16 @@ internal static class PlanCommand
         var warm = Enumerable.Range(0, Math.Min(2, load.Layers)).ToArray();
         policy.Plan(load.Select(warm), request,
             current != null ? Placement.FromPhy2Log(warm.Select(l => current.Phy2Log(l).ToArray()).ToList(), load.Experts, request.Gpus, request.Nodes) : null);
-        var clock = Stopwatch.StartNew();
-        var placement = policy.Plan(load, request, current);
-        var elapsedMs = clock.Elapsed.TotalMilliseconds;
+        var times = new double[args.Repeat];
+        Placement placement = null!;
+        for (var i = 0; i < times.Length; i++)
+        {
+            var clock = Stopwatch.StartNew();
+            placement = policy.Plan(load, request, current);
+            times[i] = clock.Elapsed.TotalMilliseconds;
+        }
+        Array.Sort(times);
+        var elapsedMs = times[times.Length / 2];
 
         var before = current ?? Placement.Initial(load.Layers, load.Experts, request.Slots, request.Gpus, request.Nodes);
         var perLayer = placement.BalancednessPerLayer(load);
@@ -86,7 +99,7 @@ internal static class PlanCommand
         Console.WriteLine(string.Create(invariant,
             $"slots changed {changed} of {slots} (against the {(current != null ? "old" : "initial")} placement), " +
             $"{bytes / (1024.0 * 1024 * 1024):F2} GiB to move at {args.ExpertBytes} bytes per expert"));
-        Console.WriteLine(string.Create(invariant, $"planned in {elapsedMs:F2} ms; wrote {args.Out}"));
+        Console.WriteLine(string.Create(invariant, $"planned in {elapsedMs:F3} ms{(args.Repeat > 1 ? $" (median of {args.Repeat} runs)" : "")}; wrote {args.Out}"));
         return 0;
     }
 
