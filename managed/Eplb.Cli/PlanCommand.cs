@@ -63,9 +63,10 @@ internal static class PlanCommand
         request.Validate(load);
         var current = args.Old != null ? ReadPlacement(args.Old, raw, load, request) : null;
 
-        // Run the policy on two layers first (code compiled, threads started): elapsed_ms is the
-        // policy's time, not the JIT's or the thread pool's.
-        var warm = Enumerable.Range(0, Math.Min(2, load.Layers)).ToArray();
+        // Run the policy on a few layers first (code compiled, threads started): elapsed_ms is the
+        // policy's time, not the JIT's or the thread pool's. Eight layers make full batches of
+        // layers (DeepSeekPolicy plans up to four at once), so every path is compiled.
+        var warm = Enumerable.Range(0, Math.Min(8, load.Layers)).ToArray();
         policy.Plan(load.Select(warm), request,
             current != null ? Placement.FromPhy2Log(warm.Select(l => current.Phy2Log(l).ToArray()).ToList(), load.Experts, request.Gpus, request.Nodes) : null);
         var times = new double[args.Repeat];
