@@ -52,24 +52,30 @@ internal static class PlanCommand
             Description = "Placement file for --init-expert-location: JSON, or torch.save format when it ends in .pt; the report goes to <out>.report.json",
             Required = true,
         };
+        var repeat = new Option<int>("--repeat")
+        {
+            Description = "Plan this many times and report the median planning time (for benchmarks; the plan is the same every time)",
+            DefaultValueFactory = _ => 1,
+        };
         var command = new Command("plan", "Plan an expert placement from a load dump and write it for SGLang's --init-expert-location")
         {
-            load, modelLayers, slots, groups, nodes, ranks, policy, old, noDuplicate, maxReplicas, expertBytes, output,
+            load, modelLayers, slots, groups, nodes, ranks, policy, old, noDuplicate, maxReplicas, expertBytes, output, repeat,
         };
         command.SetAction(parse => Run(new Arguments(parse.GetValue(load)!, parse.GetValue(modelLayers), parse.GetValue(slots), parse.GetValue(groups),
             parse.GetValue(nodes), parse.GetValue(ranks), parse.GetValue(policy)!, parse.GetValue(old), parse.GetValue(noDuplicate), parse.GetValue(maxReplicas),
-            parse.GetValue(expertBytes), parse.GetValue(output)!)));
+            parse.GetValue(expertBytes), parse.GetValue(output)!, parse.GetValue(repeat))));
         return command;
     }
 
     private sealed record Arguments(string[] Load, int ModelLayers, int Slots, int Groups, int Nodes, int Ranks, string Policy, string? Old,
-        bool NoDuplicateOnRank, int MaxReplicas, long ExpertBytes, string Out);
+        bool NoDuplicateOnRank, int MaxReplicas, long ExpertBytes, string Out, int Repeat);
 
     private static int Run(Arguments args)
     {
         if (args.ExpertBytes < 0) throw new ArgumentException($"--expert-bytes must be >= 0 (got {args.ExpertBytes})");
         if (string.IsNullOrWhiteSpace(args.Out)) throw new ArgumentException("--out must name a file");
         if (args.ModelLayers < 0) throw new ArgumentException($"--model-layers must be >= 0 (got {args.ModelLayers})");
+        if (args.Repeat < 1) throw new ArgumentException($"--repeat must be >= 1 (got {args.Repeat})");
         var policy = PlacementPolicies.Get(args.Policy);
         var file = ExpertLoadFile.Read(args.Load, new ExpertLoadReadOptions { ModelLayers = args.ModelLayers });
         var load = file.Planned;
@@ -84,14 +90,22 @@ internal static class PlanCommand
             ? null
             : PlacementFile.Read(args.Old).ForLayers(load.LayerIds, file.ModelLayers, load.LogicalExperts, request.Slots, request.Ranks, request.Nodes, args.Old);
 
-        // Run the policy on two layers first (code compiled, threads started): elapsed_ms is the
-        // policy's time, not the JIT's or the thread pool's.
-        var warm = Enumerable.Range(0, Math.Min(2, load.Layers)).ToArray();
+        // Run the policy on a few layers first (code compiled, threads started): elapsed_ms is the
+        // policy's time, not the JIT's or the thread pool's. Eight layers make full batches of
+        // layers (DeepSeekPolicy plans up to four at once), so every path is compiled.
+        var warm = Enumerable.Range(0, Math.Min(8, load.Layers)).ToArray();
         policy.Plan(load.Select(warm), request,
             current != null ? ExpertPlacement.FromPhy2Log(warm.Select(l => current.Phy2Log(l).ToArray()).ToList(), load.LogicalExperts, request.Ranks, request.Nodes) : null);
-        var clock = Stopwatch.StartNew();
-        var placement = policy.Plan(load, request, current);
-        var elapsedMs = clock.Elapsed.TotalMilliseconds;
+        var times = new double[args.Repeat];
+        ExpertPlacement placement = null!;
+        for (var i = 0; i < times.Length; i++)
+        {
+            var clock = Stopwatch.StartNew();
+            placement = policy.Plan(load, request, current);
+            times[i] = clock.Elapsed.TotalMilliseconds;
+        }
+        Array.Sort(times);
+        var elapsedMs = times[times.Length / 2];
 
         var before = current ?? ExpertPlacement.Initial(load.Layers, load.LogicalExperts, request.Slots, request.Ranks, request.Nodes);
         var perLayer = placement.BalancednessPerLayer(load);
@@ -123,7 +137,7 @@ internal static class PlanCommand
             $"slots changed {report.SlotsChanged} of {report.SlotsTotal} (against the {(current != null ? "old" : "initial")} placement), " +
             $"{report.BytesToMove / (1024.0 * 1024 * 1024):F2} GiB to move at {args.ExpertBytes} bytes per expert"));
         Console.WriteLine(string.Create(invariant,
-            $"planned in {elapsedMs:F2} ms; wrote {args.Out} ({PlacementFile.MapKey} only, {model.Layers} layers x {model.Slots} slots, " +
+            $"planned in {elapsedMs:F3} ms{(args.Repeat > 1 ? $" (median of {args.Repeat} runs)" : "")}; wrote {args.Out} ({PlacementFile.MapKey} only, {model.Layers} layers x {model.Slots} slots, " +
             $"{(torch ? "torch.save" : "JSON")}) for SGLang's --init-expert-location, and the report {reportPath}"));
         return 0;
     }

@@ -143,6 +143,7 @@ public class CliPlanTests
         yield return new TestCaseData("old.json", "{\"physical_to_logical_map\": [[0, 1]]}", new[] { "--replicas", "288", "--old", "$FILE" }, "1 layers, but the load has 61").SetName("OldWithOtherShape");
         yield return new TestCaseData(null, null, new[] { "--replicas", "x" }, "").SetName("NonNumericSlots");
         yield return new TestCaseData(null, null, Array.Empty<string>(), "--slots").SetName("MissingSlots");
+        yield return new TestCaseData(null, null, new[] { "--replicas", "288", "--repeat", "0" }, "--repeat must be >= 1 (got 0)").SetName("ZeroRepeats");
     }
 
     [TestCaseSource(nameof(BadInputs))]
@@ -166,6 +167,22 @@ public class CliPlanTests
         Assert.That(result.Stderr.TrimEnd().Split('\n'), Has.Length.EqualTo(1), result.Stderr);
         Assert.That(File.Exists(output), Is.False);
         Assert.That(Directory.GetFiles(_dir).Where(f => f.Contains("out.json")), Is.Empty);
+    }
+
+    [Test]
+    public void RepeatReportsTheMedianTimeOfTheSamePlan()
+    {
+        var once = Path.Combine(_dir, "once.json");
+        var repeated = Path.Combine(_dir, "repeated.json");
+        Assert.That(CliRunner.Run(Plan(Dump("prefill_in512"), once)).ExitCode, Is.Zero);
+        var result = CliRunner.Run(Plan(Dump("prefill_in512"), repeated, "--repeat", "5"));
+        Assert.That(result.ExitCode, Is.Zero, result.Stderr);
+        Assert.That(result.Stdout, Does.Match(@"planned in \d+\.\d{3} ms \(median of 5 runs\)"));
+        using var a = JsonDocument.Parse(File.ReadAllBytes(once));
+        using var b = JsonDocument.Parse(File.ReadAllBytes(repeated));
+        Assert.That(b.RootElement.GetProperty("physical_to_logical_map").GetRawText(), Is.EqualTo(a.RootElement.GetProperty("physical_to_logical_map").GetRawText()));
+        using var report = JsonDocument.Parse(File.ReadAllBytes(repeated + ".report.json"));
+        Assert.That(report.RootElement.GetProperty("elapsed_ms").GetDouble(), Is.GreaterThan(0));
     }
 
     [Test]

@@ -29,7 +29,22 @@ internal static class PriorityHeap
         heap[i] = item;
     }
 
-    private static bool Above(int a, int b, ReadOnlySpan<float> key) => key[a] > key[b] || (key[a] == key[b] && a < b);
+    /// <summary>Restores the max-heap after the item at <paramref name="i"/> was added or its key grew.</summary>
+    public static void SiftUpMax(Span<int> heap, ReadOnlySpan<float> key, int i)
+    {
+        var item = heap[i];
+        while (i > 0)
+        {
+            var parent = (i - 1) / 2;
+            if (!Above(item, heap[parent], key)) break;
+            heap[i] = heap[parent];
+            i = parent;
+        }
+        heap[i] = item;
+    }
+
+    /// <summary>Whether item <paramref name="a"/> comes before <paramref name="b"/> in a max-heap (ties: lowest id).</summary>
+    public static bool Above(int a, int b, ReadOnlySpan<float> key) => key[a] > key[b] || (key[a] == key[b] && a < b);
 
     /// <summary>Min-heap on <paramref name="key"/> (ties: lowest id first).</summary>
     public static void BuildMin(Span<int> heap, ReadOnlySpan<float> key)
