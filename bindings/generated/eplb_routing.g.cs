@@ -92,7 +92,7 @@ internal unsafe partial struct eplb_router_config_t
 internal static unsafe partial class NativeMethods
 {
     /// <summary>
-    /// Scored top-k routing with the EPLB epilogue (SPEC 4.1, 4.3), queued on stream:
+    /// Scored top-k routing with the EPLB epilogue (docs/design.md §4.1, 4.3), queued on stream:
     /// s = score(logits[t][e]); selection key = s + bias[e] (sigmoid, sqrtsoftplus) or the logit
     /// (softmax); optional group-limited selection; top-k by key (ties: lower id), in descending key
     /// order; weights = the unbiased s (softmax: probabilities) at the selected ids, renormalised and
@@ -118,7 +118,7 @@ internal static unsafe partial class NativeMethods
     internal static partial eplb_status_t eplb_route_topk(eplb_stream_t* stream, eplb_router_config_t* config, float* logits, float* bias, long num_tokens, eplb_expert_map_t* map, int* num_unpadded, int* topk_ids, float* topk_weights);
 
     /// <summary>
-    /// DeepSeek-V4 hash routing with the EPLB epilogue (SPEC 4.2, 4.3), queued on stream:
+    /// DeepSeek-V4 hash routing with the EPLB epilogue (docs/design.md §4.2, 4.3), queued on stream:
     /// ids[t][k] = tid2eid[token_ids[t]][k]; weights[t][k] = s(logits[t][ids[t][k]]), renormalised and
     /// scaled per config (config-&gt;score: sigmoid or sqrtsoftplus; num_groups must be 1). Repeated
     /// experts in a table row are routed (and counted) once per occurrence.

@@ -1,6 +1,6 @@
 // Benchmark of the routing kernels with the fused EPLB epilogue (map + record on), per op, for
 // T in {1, 128, 4096, 16384}, N in {256, 384}, K in {6, 8}. Prints a Markdown table: median time,
-// achieved bytes/s and its fraction of the measured device copy bandwidth (SPEC 10: >= 80% at 16K
+// achieved bytes/s and its fraction of the measured device copy bandwidth (docs/design.md §10: >= 80% at 16K
 // tokens). Bytes are what the op must move at least once:
 //   scored top-k  logits T*N*4 + bias N*4 + ids and weights T*K*8 + tables (log2phy, logcnt, counters r/w)
 //   hash          token ids T*8 + table rows T*K*4 + the K logits read per row T*K*4 + outputs T*K*8 + tables

@@ -1,5 +1,5 @@
 // Helpers of the MoE tests: bf16 written out independently of the library, random layers, a naive
-// per-token oracle of SPEC 7, a runner over the C ABI (either backend, fused or unfused) and the
+// per-token oracle of docs/design.md §7, a runner over the C ABI (either backend, fused or unfused) and the
 // bf16 tolerance check.
 #pragma once
 
@@ -90,7 +90,7 @@ inline MoeLayer random_layer(const eplb_moe_shape_t& shape, int64_t tokens) {
     return layer;
 }
 
-// SPEC 7 written out per token: double dot products, the bf16 roundings where the spec puts them
+// docs/design.md §7 written out per token: double dot products, the bf16 roundings where the spec puts them
 // (intermediate, each expert's output row, the sum), the combine in ascending k in fp32.
 inline std::vector<uint16_t> naive_moe(const MoeLayer& layer) {
     const auto& s = layer.shape;
@@ -171,7 +171,7 @@ inline std::vector<uint16_t> run_moe(eplb_backend_t backend, const MoeLayer& lay
 // math, at twice the tolerance of the same-rounding comparisons (GPU vs CPU reference).
 constexpr double kNaiveTolerance = 2e-2;
 
-// bf16 tolerance of SPEC 7 tests: no NaN (the poison), and every element within 1e-2 relative of
+// bf16 tolerance of docs/design.md §7 tests: no NaN (the poison), and every element within 1e-2 relative of
 // the reference, relative to the larger of |want| and the RMS of the token's reference row (a sum
 // of K rows can cancel to far below the size of its terms, whose roundings then dominate).
 inline void expect_close(const std::vector<uint16_t>& got, const std::vector<uint16_t>& want, int64_t hidden,

@@ -489,7 +489,7 @@ EPLB_TEST(dispatch_combine_bf16_rounds_once_to_nearest_even) {
 }
 
 EPLB_TEST(dispatch_combine_matches_the_written_out_sum) {
-    // Random fp32 and bf16 inputs against the sum of SPEC 6 written out in this file.
+    // Random fp32 and bf16 inputs against the sum of docs/design.md §6 written out in this file.
     for (int iteration = 0; iteration < 20; ++iteration) {
         const int32_t top_k = 1 + int32_t(rng()() % 9);
         const int64_t tokens = 1 + int64_t(rng()() % 60);

@@ -1,4 +1,4 @@
-// Tests of eplb_map_logical_to_physical through the public ABI: goldens from SPEC 4.3 on the CPU
+// Tests of eplb_map_logical_to_physical through the public ABI: goldens from docs/design.md §4.3 on the CPU
 // backend, bad input, and CUDA == CPU bit for bit (skipped without a device).
 #include "test_util.hpp"
 
@@ -6,7 +6,7 @@ using namespace eplb::test;
 
 namespace {
 
-// The formula of SPEC 4.3 written out independently of the library (64-bit arithmetic, explicit
+// The formula of docs/design.md §4.3 written out independently of the library (64-bit arithmetic, explicit
 // mod 2^32), used as the oracle for random inputs.
 std::vector<int32_t> oracle(const std::vector<int32_t>& ids, int64_t num_tokens, int32_t top_k, const Tables& t,
                             int64_t num_unpadded, bool record, std::vector<int32_t>& counters) {

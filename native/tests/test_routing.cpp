@@ -1,5 +1,5 @@
 // Tests of eplb_route_topk and eplb_route_hash through the public ABI: hand goldens from the
-// formulas of SPEC 4 (CPU backend), properties against an independent double-precision oracle,
+// formulas of docs/design.md §4 (CPU backend), properties against an independent double-precision oracle,
 // bad input, rows built from the real load files, and CUDA == CPU (skipped without a device).
 #include <cfloat>
 #include <cmath>
@@ -108,7 +108,7 @@ std::vector<float> random_logits(size_t count, float spread) {
     return values;
 }
 
-// ---- The oracle: SPEC 4 in double precision, written independently of the library. ----
+// ---- The oracle: docs/design.md §4 in double precision, written independently of the library. ----
 
 double clamp_d(float x) { return std::min<double>(std::max<double>(x, -FLT_MAX), FLT_MAX); }
 double sigmoid_d(double x) { return 1.0 / (1.0 + std::exp(-x)); }
@@ -192,7 +192,7 @@ Expected oracle_topk(const float* x, const float* bias, const eplb_router_config
     return want;
 }
 
-// TokenHash (SPEC 4.3), written out with 64-bit arithmetic and an explicit mod 2^32.
+// TokenHash (docs/design.md §4.3), written out with 64-bit arithmetic and an explicit mod 2^32.
 int32_t token_hash_slot(const Tables& t, int32_t logical, int64_t row) {
     if (logical < 0 || logical >= t.num_logical) return -1;
     const uint64_t hashed = (uint64_t(row) * 2654435769ull) % 4294967296ull;
@@ -1054,7 +1054,7 @@ EPLB_TEST(routing_cuda_rejects_host_pointers) {
 
 #if EPLB_TESTS_WITH_CUDART
 // Captured once into a CUDA graph, replayed after the tables, the padding scalar and the record flag
-// changed in place: every replay routes with the current values (SPEC 4.3).
+// changed in place: every replay routes with the current values (docs/design.md §4.3).
 EPLB_TEST(routing_cuda_graph_replay_sees_tables_updated_in_place) {
     require_cuda();
 #define GRAPH_CHECK(expr)                                                                  \

@@ -54,7 +54,7 @@ public class CliPlanTests
         Assert.That((root.GetProperty("slots").GetInt32(), root.GetProperty("groups").GetInt32(), root.GetProperty("nodes").GetInt32(),
             root.GetProperty("ranks").GetInt32()), Is.EqualTo((288, 8, 4, 32)));
 
-        // The file is the deepseek plan, and its figures are those of SPEC 1.
+        // The file is the deepseek plan, and its figures are those of docs/design.md §1.
         var load = TestSupport.RealLoad("decode_in1000out1000");
         var expected = PlacementPolicies.DeepSeek.Plan(load, new PlacementRequest(288, 8, 4, 32));
         var p = ExpertPlacement.FromPhy2Log(phy2log, 256, 32, 4);

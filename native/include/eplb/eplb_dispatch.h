@@ -1,5 +1,5 @@
 /*
- * eplb_dispatch.h - expert dispatch (SPEC 6): align/sort, permute, combine and EP bucketing.
+ * eplb_dispatch.h - expert dispatch (docs/design.md §6): align/sort, permute, combine and EP bucketing.
  * Included by eplb.h; see the conventions there.
  *
  * The data movement between routing and the experts. The input of every op is the routed

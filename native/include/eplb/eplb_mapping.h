@@ -1,5 +1,5 @@
 /*
- * eplb_mapping.h - logical -> physical expert mapping with load recording (SPEC 4.3).
+ * eplb_mapping.h - logical -> physical expert mapping with load recording (docs/design.md §4.3).
  * Included by eplb.h; see the conventions there.
  */
 #ifndef EPLB_EPLB_MAPPING_H

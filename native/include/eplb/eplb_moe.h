@@ -1,5 +1,5 @@
 /*
- * eplb_moe.h - the expert computation of one MoE layer (SPEC 7): "Mega MoE", a cooperative fused
+ * eplb_moe.h - the expert computation of one MoE layer (docs/design.md §7): "Mega MoE", a cooperative fused
  * kernel doing token counting and permutation, GEMM1 + SwiGLU, GEMM2 and the top-k combine in one
  * launch, plus the unfused path (the dispatch ops of eplb_dispatch.h around the same GEMM tiles: the
  * baseline, and the fallback when a cooperative launch is not possible). Included by eplb.h; see the

@@ -1,5 +1,5 @@
 /*
- * eplb_routing.h - MoE routing kernels fused with the EPLB epilogue (SPEC 4): scored top-k
+ * eplb_routing.h - MoE routing kernels fused with the EPLB epilogue (docs/design.md §4): scored top-k
  * (DeepSeek-V3 sigmoid / V4 sqrtsoftplus with bias and group-limited selection, plain softmax) and
  * DeepSeek-V4 hash routing. Included by eplb.h; see the conventions there.
  *
@@ -73,7 +73,7 @@ typedef struct eplb_router_config {
     float routed_scaling_factor;
 } eplb_router_config_t;
 
-/* Scored top-k routing with the EPLB epilogue (SPEC 4.1, 4.3), queued on stream:
+/* Scored top-k routing with the EPLB epilogue (docs/design.md §4.1, 4.3), queued on stream:
  *   s = score(logits[t][e]); selection key = s + bias[e] (sigmoid, sqrtsoftplus) or the logit
  *   (softmax); optional group-limited selection; top-k by key (ties: lower id), in descending key
  *   order; weights = the unbiased s (softmax: probabilities) at the selected ids, renormalised and
@@ -96,7 +96,7 @@ EPLB_API eplb_status_t eplb_route_topk(eplb_stream_t *stream, const eplb_router_
                                        const float *bias, int64_t num_tokens, const eplb_expert_map_t *map,
                                        const int32_t *num_unpadded, int32_t *topk_ids, float *topk_weights);
 
-/* DeepSeek-V4 hash routing with the EPLB epilogue (SPEC 4.2, 4.3), queued on stream:
+/* DeepSeek-V4 hash routing with the EPLB epilogue (docs/design.md §4.2, 4.3), queued on stream:
  *   ids[t][k] = tid2eid[token_ids[t]][k]; weights[t][k] = s(logits[t][ids[t][k]]), renormalised and
  *   scaled per config (config->score: sigmoid or sqrtsoftplus; num_groups must be 1). Repeated
  *   experts in a table row are routed (and counted) once per occurrence.

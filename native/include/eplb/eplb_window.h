@@ -1,5 +1,5 @@
 /*
- * eplb_window.h - the expert-load window (SPEC 3.2): per-pass int32 counters pushed into a ring of
+ * eplb_window.h - the expert-load window (docs/design.md §3.2): per-pass int32 counters pushed into a ring of
  * the last W passes, with 64-bit running sums, on the device, without host synchronisation.
  * Included by eplb.h; see the conventions there.
  */

@@ -1,4 +1,4 @@
-// ABI entries of the dispatch ops (SPEC 6): validation of every size and pointer (and, on the CPU
+// ABI entries of the dispatch ops (docs/design.md §6): validation of every size and pointer (and, on the CPU
 // backend, of the index contents) before anything is written, then CPU or CUDA dispatch.
 #include <cstdint>
 #include <initializer_list>

@@ -1,4 +1,4 @@
-// Replica choice for the logical -> physical mapping (SPEC 4.3, eplb_mapping.h), shared by CPU and
+// Replica choice for the logical -> physical mapping (docs/design.md §4.3, eplb_mapping.h), shared by CPU and
 // CUDA so both give the same bits.
 #pragma once
 

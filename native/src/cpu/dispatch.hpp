@@ -1,4 +1,4 @@
-// CPU reference of the dispatch ops (SPEC 6): align/sort, EP bucketing, permute, combine.
+// CPU reference of the dispatch ops (docs/design.md §6): align/sort, EP bucketing, permute, combine.
 // Same shapes as cuda/dispatch.cuh; raw host pointers, no handles, no validation (capi validates).
 // Callable from C++ inside libeplb (the Mega MoE fallback); the layouts are those of eplb_dispatch.h.
 #pragma once

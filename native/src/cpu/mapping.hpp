@@ -1,4 +1,4 @@
-// CPU reference of the logical -> physical mapping with load recording (SPEC 4.3).
+// CPU reference of the logical -> physical mapping with load recording (docs/design.md §4.3).
 // Same shape as cuda/mapping.cuh; raw host pointers, no handles, no validation (capi validates).
 #pragma once
 

@@ -1,4 +1,4 @@
-// CPU reference of the MoE expert computation (SPEC 7). Same phases and workspace as the CUDA
+// CPU reference of the MoE expert computation (docs/design.md §7). Same phases and workspace as the CUDA
 // kernels (cuda/moe.cuh); raw host pointers, no handles, no validation (capi/moe.cpp validates).
 #pragma once
 

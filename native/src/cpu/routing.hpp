@@ -1,4 +1,4 @@
-// CPU reference of the routing kernels (SPEC 4.1-4.3). Same shape as cuda/routing.cuh; raw host
+// CPU reference of the routing kernels (docs/design.md §4.1-4.3). Same shape as cuda/routing.cuh; raw host
 // pointers, no handles, no validation (capi validates first).
 #pragma once
 

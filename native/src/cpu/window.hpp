@@ -1,4 +1,4 @@
-// CPU reference of the expert-load window push (SPEC 3.2). Mirrors cuda/window.cuh.
+// CPU reference of the expert-load window push (docs/design.md §3.2). Mirrors cuda/window.cuh.
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// CUDA dispatch ops (SPEC 6). Mirrors cpu/dispatch.hpp: device pointers, a stream, cudaError_t.
+// CUDA dispatch ops (docs/design.md §6). Mirrors cpu/dispatch.hpp: device pointers, a stream, cudaError_t.
 // Bad input found on the device sets EPLB_DEVICE_ERROR_BAD_DISPATCH_INDEX in *error_flags (a device
 // word; may be NULL when the caller has none). Callable from C++ inside libeplb (the Mega MoE fallback).
 #pragma once

@@ -1,4 +1,4 @@
-// CUDA logical -> physical mapping with load recording (SPEC 4.3). Mirrors cpu/mapping.hpp.
+// CUDA logical -> physical mapping with load recording (docs/design.md §4.3). Mirrors cpu/mapping.hpp.
 #pragma once
 
 #include <cuda_runtime_api.h>

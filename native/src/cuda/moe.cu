@@ -1,4 +1,4 @@
-// Mega MoE on CUDA (SPEC 7): one cooperative, persistent kernel runs the whole expert layer,
+// Mega MoE on CUDA (docs/design.md §7): one cooperative, persistent kernel runs the whole expert layer,
 //
 //   route   every block counts the (token, k) pairs of each local expert (the same histogram in every
 //           block, so nothing global needs zeroing) and places its own slice of pairs stably;

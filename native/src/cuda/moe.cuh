@@ -1,4 +1,4 @@
-// CUDA MoE expert computation (SPEC 7): the cooperative fused kernel and the unfused kernels.
+// CUDA MoE expert computation (docs/design.md §7): the cooperative fused kernel and the unfused kernels.
 // Mirrors cpu/moe.hpp; device pointers throughout, the problem is read on the host at launch.
 #pragma once
 

@@ -1,5 +1,5 @@
 // CUDA routing kernels: one warp per token row for scored top-k, K lanes per row for hash routing,
-// both ending in the fused EPLB epilogue (map -> mask padding -> record) of SPEC 4.3.
+// both ending in the fused EPLB epilogue (map -> mask padding -> record) of docs/design.md §4.3.
 //
 // Scored top-k layout: lane l holds experts [l * E, (l + 1) * E), E = ceil(N / 32) (8 for N = 256,
 // 12 for N = 384), loaded as float4 when E and N are multiples of 4. Because the ids of a lane
@@ -138,7 +138,7 @@ __device__ __forceinline__ void load_row(float (&x)[kMaxPerLane], const float* _
     }
 }
 
-// Group-limited selection (SPEC 4.1): clears the keys of experts outside the topk_groups best groups.
+// Group-limited selection (docs/design.md §4.1): clears the keys of experts outside the topk_groups best groups.
 template <int kMaxPerLane>
 __device__ __forceinline__ void keep_best_groups(uint32_t (&key)[kMaxPerLane], int lane, int first, const Shape& shape) {
     uint32_t group_value = kNoKey;  // the group key held by the lane that stands for the group

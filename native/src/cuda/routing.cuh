@@ -1,4 +1,4 @@
-// CUDA routing kernels fused with the EPLB epilogue (SPEC 4.1-4.3). Mirrors cpu/routing.hpp.
+// CUDA routing kernels fused with the EPLB epilogue (docs/design.md §4.1-4.3). Mirrors cpu/routing.hpp.
 #pragma once
 
 #include <cuda_runtime_api.h>

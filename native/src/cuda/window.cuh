@@ -1,4 +1,4 @@
-// CUDA expert-load window push (SPEC 3.2). Mirrors cpu/window.hpp.
+// CUDA expert-load window push (docs/design.md §3.2). Mirrors cpu/window.hpp.
 #pragma once
 
 #include <cuda_runtime_api.h>
