@@ -12,6 +12,11 @@ macro(eplb_configure_cuda)
   set(EPLB_CUDA_ARCHS_EFFECTIVE "")
   if(EPLB_ENABLE_CUDA OR EPLB_REQUIRE_CUDA)
     include(CheckLanguage)
+    # check_language caches a miss as CMAKE_CUDA_COMPILER-NOTFOUND and never looks again: forget a
+    # miss so a toolkit installed after the first configure (or EPLB_REQUIRE_CUDA turned on) is found.
+    if(DEFINED CMAKE_CUDA_COMPILER AND NOT CMAKE_CUDA_COMPILER)
+      unset(CMAKE_CUDA_COMPILER CACHE)
+    endif()
     check_language(CUDA)
     if(CMAKE_CUDA_COMPILER)
       enable_language(CUDA)
