@@ -57,6 +57,22 @@ public class EplbFaultTests
         Assert.That(cluster.Model.UnsyncedMaps, Is.Zero);
     }
 
+    [Test, Category("GPU")]
+    public void AFaultAnywhereOnCudaBuffersLeavesEveryLayerWhole([Values] Fault point)
+    {
+        TestSupport.RequireCuda();
+        using var cluster = new FaultCluster(Options(async: true, redundant: 8), backend: Backend.Cuda);
+        cluster.Faults.Arm(point, 2);
+        for (var step = 1; step <= 40; step++)
+        {
+            if (cluster.State.IsRearranging) cluster.State.WaitForStagedLayer(Wait);
+            cluster.Pass($"{point}, step {step}", FaultCluster.Drifting(step));
+        }
+        Assert.That(cluster.Faults.Fired, Has.Count.EqualTo(1));
+        Assert.That(cluster.State.FailedRearrangements, Is.EqualTo(1));
+        Assert.That(cluster.State.CompletedRearrangements, Is.GreaterThanOrEqualTo(1));
+    }
+
     [Test]
     public void AFaultInTheMiddleOfACommitUndoesTheRanksAlreadySwitched()
     {

@@ -199,13 +199,14 @@ internal sealed class FaultCluster : IDisposable
     private readonly int _topK;
     private readonly RoutingSampler _sampler;
 
-    public FaultCluster(EplbOptions options, int gpus = 4, int layers = 3, int experts = 16, int[]? tensorSizes = null, int topK = 4, int seed = 1)
+    public FaultCluster(EplbOptions options, int gpus = 4, int layers = 3, int experts = 16, int[]? tensorSizes = null, int topK = 4, int seed = 1,
+        Backend backend = Backend.Cpu)
     {
         _topK = topK;
         _sampler = new RoutingSampler(seed, concentration: 1e6);
         Slots = experts + options.RedundantExperts;
         Faults = new FaultInjector();
-        Ranks = Enumerable.Range(0, gpus).Select(r => new SimulatedRank(r, gpus, layers, experts, Slots, tensorSizes ?? [3, 2])).ToArray();
+        Ranks = Enumerable.Range(0, gpus).Select(r => new SimulatedRank(r, gpus, layers, experts, Slots, tensorSizes ?? [3, 2], backend)).ToArray();
         Models = Ranks.Select(r => new FaultyRank(r, Faults)).ToArray();
         Transport = new InjectingTransport(gpus, Faults);
         Logger = new ListLogger<EplbState>();
@@ -276,6 +277,7 @@ internal sealed class FaultCluster : IDisposable
     public void AssertViewsAgree(string when)
     {
         var checkMaps = Model.UnsyncedMaps == 0;
+        foreach (var rank in Ranks) rank.Stream.Synchronize();  // CUDA: the commit's copies are queued on the rank's stream
         var placement = Model.Placement;
         var perRank = Slots / Ranks.Length;
         foreach (var rank in Ranks)

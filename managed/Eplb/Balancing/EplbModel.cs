@@ -151,6 +151,9 @@ public sealed class EplbModel : IDisposable
             cancellation.ThrowIfCancellationRequested();
             ranks[i] = new StagedRank(rank, weights, rank.StagingFor(weights));
         }
+        // The previous commit's swaps and table copies, queued on each rank's stream, read and write this
+        // staging set: let them finish before it is reused (this waits on the staging thread, not the forward one).
+        foreach (var rank in ranks) rank.Rank.Model.Stream.Synchronize();
         StagedRank Of(int rank) => ranks.First(r => r.Rank.Model.Rank == rank);
         LayerMigrator.StageCore(plan, transport, r => Of(r).Weights, r => Of(r).Staging.Weights, cancellation, streamOf: null, probe);
         var log2phy = target.Log2Phy(layer);
