@@ -222,6 +222,12 @@ public sealed class EplbState : IDisposable
             {
                 if (!_released) StepLocked(isDummy);
             }
+            catch (Exception e)
+            {
+                // Every known fault is handled where it happens; this is the promise for the unknown ones.
+                Interlocked.Increment(ref _stepFaults);
+                _logger.LogError(e, "EPLB step {Step}: unexpected fault ({Reason}); serving goes on", StepCount, e.Message);
+            }
             finally
             {
                 // Dispose from another thread while this step ran: the buffers go now that it is over.
