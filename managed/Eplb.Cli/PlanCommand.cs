@@ -49,7 +49,8 @@ internal static class PlanCommand
         };
         var output = new Option<string>("--out")
         {
-            Description = "Placement file for --init-expert-location: JSON, or torch.save format when it ends in .pt; the report goes to <out>.report.json",
+            Description = "Placement file for --init-expert-location: JSON, or torch.save format when it ends in .pt (a symlink's target is written, " +
+                          "a device or FIFO written through, never replaced)",
             Required = true,
         };
         var repeat = new Option<int>("--repeat")
@@ -57,27 +58,64 @@ internal static class PlanCommand
             Description = "Plan this many times and report the median planning time (for benchmarks; the plan is the same every time)",
             DefaultValueFactory = _ => 1,
         };
-        var command = new Command("plan", "Plan an expert placement from a load dump and write it for SGLang's --init-expert-location")
+        var reportOption = new Option<string?>("--report")
         {
-            load, modelLayers, slots, groups, nodes, ranks, policy, old, noDuplicate, maxReplicas, expertBytes, output, repeat,
+            Description = "The report (policy, balancedness, bytes to move, logical_to_physical_map); default <out>.report.json, none when --out is a device or FIFO",
+        };
+        var command = new Command("plan", "Plan an expert placement from a load dump and write it for SGLang's --init-expert-location. " +
+                                          $"Memory: a run is refused before it starts when it would need more than {MemoryBudget.Describe()}; " +
+                                          "it needs about 16 times the size of the input files plus 32 x model layers x (R + N x Kmax + N) bytes " +
+                                          "(Kmax: --max-replicas, or R - N + 1 when derived)")
+        {
+            load, modelLayers, slots, groups, nodes, ranks, policy, old, noDuplicate, maxReplicas, expertBytes, output, reportOption, repeat,
         };
         command.SetAction(parse => Run(new Arguments(parse.GetValue(load)!, parse.GetValue(modelLayers), parse.GetValue(slots), parse.GetValue(groups),
             parse.GetValue(nodes), parse.GetValue(ranks), parse.GetValue(policy)!, parse.GetValue(old), parse.GetValue(noDuplicate), parse.GetValue(maxReplicas),
-            parse.GetValue(expertBytes), parse.GetValue(output)!, parse.GetValue(repeat))));
+            parse.GetValue(expertBytes), parse.GetValue(output)!, parse.GetValue(reportOption), parse.GetValue(repeat))));
         return command;
     }
 
     private sealed record Arguments(string[] Load, int ModelLayers, int Slots, int Groups, int Nodes, int Ranks, string Policy, string? Old,
-        bool NoDuplicateOnRank, int MaxReplicas, long ExpertBytes, string Out, int Repeat);
+        bool NoDuplicateOnRank, int MaxReplicas, long ExpertBytes, string Out, string? Report, int Repeat);
+
+    /// <summary>
+    /// The memory a plan needs once the load's shape is known: the placements it builds (planned,
+    /// initial or old, the model's rows, the slot-preserving copy, the warm-up) and the policies'
+    /// per-thread work space, <c>[L][R]</c> + <c>[L][N][Kmax]</c> + <c>[L][N]</c> ints each (docs/ARCHITECTURE.md).
+    /// </summary>
+    internal static double PlanBytes(int modelLayers, int logicalExperts, int slots, int ranks, int maxReplicas)
+    {
+        double kmax = maxReplicas > 0 ? maxReplicas : Math.Max(1, slots - logicalExperts + 1);
+        var placement = 4.0 * modelLayers * (slots + logicalExperts * kmax + logicalExperts);
+        var workspace = 256.0 * (slots + logicalExperts + ranks) * Environment.ProcessorCount;
+        return 8 * placement + workspace + 64.0 * 1024 * 1024;
+    }
 
     private static int Run(Arguments args)
     {
         if (args.ExpertBytes < 0) throw new ArgumentException($"--expert-bytes must be >= 0 (got {args.ExpertBytes})");
-        if (string.IsNullOrWhiteSpace(args.Out)) throw new ArgumentException("--out must name a file");
         if (args.ModelLayers < 0) throw new ArgumentException($"--model-layers must be >= 0 (got {args.ModelLayers})");
-        if (args.Repeat < 1) throw new ArgumentException($"--repeat must be >= 1 (got {args.Repeat})");
+        if (args.Repeat is < 1 or > 1_000_000) throw new ArgumentException($"--repeat must be in [1, 1000000] (got {args.Repeat})");
+        if (args.Slots < 1) throw new ArgumentException($"--slots must be >= 1 (got {args.Slots})");
+        if (args.MaxReplicas > args.Slots) throw new ArgumentException($"--max-replicas {args.MaxReplicas} exceeds --slots {args.Slots}: no expert has more replicas than there are slots");
         var policy = PlacementPolicies.Get(args.Policy);
-        var file = ExpertLoadFile.Read(args.Load, new ExpertLoadReadOptions { ModelLayers = args.ModelLayers });
+
+        // Every path before the work: inputs are regular files of a size that fits, outputs writable.
+        var inputBytes = args.Load.Sum(path => (double)InputFile.Check("--load", path));
+        if (args.Old != null) inputBytes += InputFile.Check("--old", args.Old);
+        MemoryBudget.Check("reading the input files", 16 * inputBytes, $"16 x {MemoryBudget.Format(inputBytes)} of input");
+        var torch = args.Out.EndsWith(".pt", StringComparison.OrdinalIgnoreCase);
+        var reportPath = args.Report ?? (OutputFiles.IsWrittenThrough(args.Out) ? null : args.Out + ".report.json");
+        using var outputs = OutputFiles.Prepare(("--out", args.Out), ("--report", reportPath));
+
+        // The load's own shape first, so that --model-layers is weighed before rows are added for it.
+        var file = ExpertLoadFile.Read(args.Load);
+        if (args.ModelLayers > 0)
+        {
+            MemoryBudget.Check($"--model-layers {args.ModelLayers}", PlanBytes(args.ModelLayers, file.Load.LogicalExperts, args.Slots, args.Ranks, args.MaxReplicas),
+                $"{args.ModelLayers} model layers x R = {args.Slots} slots");
+            file = ExpertLoadFile.Read(args.Load, new ExpertLoadReadOptions { ModelLayers = args.ModelLayers });
+        }
         var load = file.Planned;
         if (load.Layers == 0) throw new InvalidDataException($"{string.Join(", ", args.Load)}: every layer's load is 0; there is nothing to plan");
         var request = new PlacementRequest(args.Slots, args.Groups, args.Nodes, args.Ranks)
@@ -86,6 +124,11 @@ internal static class PlanCommand
             MaxReplicas = args.MaxReplicas,
         };
         request.Validate(load);
+        MemoryBudget.Check("the plan", PlanBytes(file.ModelLayers, load.LogicalExperts, request.Slots, request.Ranks, request.MaxReplicas),
+            $"{file.ModelLayers} model layers x R = {request.Slots} slots, N = {load.LogicalExperts} experts, Kmax = " +
+            (request.MaxReplicas > 0 ? $"{request.MaxReplicas}" : $"up to {request.Slots - load.LogicalExperts + 1}"));
+        if (args.ExpertBytes > 0 && (double)load.Layers * request.Slots * args.ExpertBytes > long.MaxValue)
+            throw new ArgumentException($"--expert-bytes {args.ExpertBytes} is too large: {load.Layers} layers x {request.Slots} slots of it overflow a 64-bit byte count");
         var current = args.Old == null
             ? null
             : PlacementFile.Read(args.Old).ForLayers(load.LayerIds, file.ModelLayers, load.LogicalExperts, request.Slots, request.Ranks, request.Nodes, args.Old);
@@ -115,11 +158,21 @@ internal static class PlanCommand
         var report = new Report(file, policy.Name, request, model, before.Balancedness(load), balancedness, perLayer, nodeLocal,
             placement.SlotsChanged(before), (long)load.Layers * request.Slots, current != null, MigrationPlanner.BytesToMove(before, placement, args.ExpertBytes),
             args.ExpertBytes, elapsedMs);
-        var reportPath = args.Out + ".report.json";
-        var torch = args.Out.EndsWith(".pt", StringComparison.OrdinalIgnoreCase);
-        WriteAtomically(
-            (args.Out, stream => { if (torch) PlacementFile.WriteTorch(stream, model); else PlacementFile.WriteJson(stream, model); }),
-            (reportPath, stream => { using var writer = new Utf8JsonWriter(stream); WriteReport(writer, report, args.Out); }));
+        outputs.Write(args.Out, stream =>
+        {
+            if (torch) PlacementFile.WriteTorch(stream, model);
+            else PlacementFile.WriteJson(stream, model);
+        });
+        if (reportPath != null)
+        {
+            outputs.Write(reportPath, stream =>
+            {
+                using var writer = new Utf8JsonWriter(stream);
+                WriteReport(writer, report, args.Out);
+            });
+        }
+        // Everything is written: only now do the files appear (a failure above left none).
+        outputs.Commit();
 
         var hierarchical = request.IsHierarchical(load.LogicalExperts) ? "hierarchical" : "global";
         var invariant = CultureInfo.InvariantCulture;
@@ -136,9 +189,10 @@ internal static class PlanCommand
         Console.WriteLine(string.Create(invariant,
             $"slots changed {report.SlotsChanged} of {report.SlotsTotal} (against the {(current != null ? "old" : "initial")} placement), " +
             $"{report.BytesToMove / (1024.0 * 1024 * 1024):F2} GiB to move at {args.ExpertBytes} bytes per expert"));
+        var reportLine = reportPath != null ? $"the report {reportPath}" : "no report (--out is not a regular file; --report names one)";
         Console.WriteLine(string.Create(invariant,
             $"planned in {elapsedMs:F3} ms{(args.Repeat > 1 ? $" (median of {args.Repeat} runs)" : "")}; wrote {args.Out} ({PlacementFile.MapKey} only, {model.Layers} layers x {model.Slots} slots, " +
-            $"{(torch ? "torch.save" : "JSON")}) for SGLang's --init-expert-location, and the report {reportPath}"));
+            $"{(torch ? "torch.save" : "JSON")}) for SGLang's --init-expert-location, and {reportLine}"));
         return 0;
     }
 
@@ -207,25 +261,5 @@ internal static class PlanCommand
         w.WriteStartArray();
         foreach (var v in values) w.WriteNumberValue(v);
         w.WriteEndArray();
-    }
-
-    /// <summary>Writes each file next to its target, then renames them all, so a failure leaves no partial file.</summary>
-    private static void WriteAtomically(params (string Path, Action<Stream> Write)[] files)
-    {
-        var temporaries = files.Select(f => Path.GetFullPath(f.Path) + $".{Environment.ProcessId}.tmp").ToArray();
-        try
-        {
-            for (var i = 0; i < files.Length; i++)
-            {
-                using var stream = new FileStream(temporaries[i], FileMode.CreateNew, FileAccess.Write);
-                files[i].Write(stream);
-            }
-            for (var i = 0; i < files.Length; i++) File.Move(temporaries[i], Path.GetFullPath(files[i].Path), overwrite: true);
-        }
-        finally
-        {
-            foreach (var temporary in temporaries)
-                if (File.Exists(temporary)) File.Delete(temporary);
-        }
     }
 }

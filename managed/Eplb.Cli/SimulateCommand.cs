@@ -72,11 +72,7 @@ internal static class SimulateCommand
 
     private static int Run(SimulationOptions options, string[] files, string? plotPath, string? jsonPath)
     {
-        foreach (var path in new[] { plotPath, jsonPath })
-        {
-            var directory = path is null ? null : Path.GetDirectoryName(Path.GetFullPath(path));
-            if (directory != null && !Directory.Exists(directory)) throw new DirectoryNotFoundException($"the folder of '{path}' does not exist");
-        }
+        using var outputs = OutputFiles.Prepare(("--json", jsonPath), ("--plot", plotPath));
         var simulation = new ServingSimulation(options);
         SimulationResult? result = null;
         var runNames = new[] { "no EPLB" }.Concat(options.Policies).ToArray();
@@ -101,8 +97,9 @@ internal static class SimulateCommand
                                $"{options.Routing.ToString().ToLowerInvariant()} routing, {(options.UseAsync ? "async" : "sync")} EPLB (window {options.WindowSize}, interval {options.StepInterval}), " +
                                $"loads: {Markup.Escape(string.Join(" -> ", files.Select(Path.GetFileNameWithoutExtension)))}");
 
-        if (jsonPath != null) File.WriteAllText(jsonPath, Json(result));
-        if (plotPath != null) SimulationPlot.Save(result, plotPath);
+        if (jsonPath != null) outputs.Write(jsonPath, stream => stream.Write(System.Text.Encoding.UTF8.GetBytes(Json(result))));
+        if (plotPath != null) outputs.WriteFile(plotPath, temporary => SimulationPlot.Save(result, temporary));
+        outputs.Commit();
         return 0;
     }
 

@@ -48,3 +48,62 @@ public class CliInfoTests
         Assert.That(result.Stderr, Does.StartWith("eplb: "));
     }
 }
+
+/// <summary>Issue 13 §5: where libeplb is loaded from.</summary>
+public class NativeLibrarySearchTests
+{
+    [Test]
+    public void ALibraryPlantedAboveAnInstalledAppIsNeverLoaded()
+    {
+        // An installed app (every file of the build but libeplb.so) under a folder that looks like a
+        // checkout: Eplb.sln and build/native/lib/libeplb.so, the real library, one level up.
+        var root = Directory.CreateTempSubdirectory("eplb-planted-").FullName;
+        try
+        {
+            var app = Directory.CreateDirectory(Path.Combine(root, "app")).FullName;
+            foreach (var entry in Directory.GetFileSystemEntries(AppContext.BaseDirectory))
+            {
+                var name = Path.GetFileName(entry);
+                if (name == "libeplb.so") continue;
+                // Copies (a link would make the runtime see the build folder, which holds libeplb.so).
+                if (Directory.Exists(entry)) Directory.CreateSymbolicLink(Path.Combine(app, name), entry);
+                else File.Copy(entry, Path.Combine(app, name));
+            }
+            File.WriteAllText(Path.Combine(root, "Eplb.sln"), "");
+            var planted = Directory.CreateDirectory(Path.Combine(root, "build", "native", "lib")).FullName;
+            File.Copy(Path.Combine(AppContext.BaseDirectory, "libeplb.so"), Path.Combine(planted, "libeplb.so"));
+
+            var result = Run(app, null);
+            Assert.That(result.ExitCode, Is.EqualTo(2), result.Stdout + result.Stderr);
+            Assert.That(result.Stderr, Does.StartWith("eplb: libeplb.so was not found next to the application"));
+            Assert.That(result.Stderr, Does.Not.Contain(Path.Combine(root, "build")), "the folder above the app was not even tried");
+
+            // EPLB_NATIVE_PATH still loads it, deliberately (a folder works, as documented).
+            var chosen = Run(app, planted);
+            Assert.That(chosen.ExitCode, Is.Zero, chosen.Stderr);
+            Assert.That(chosen.Stdout, Does.Contain(Path.Combine(planted, "libeplb.so")));
+        }
+        finally
+        {
+            Directory.Delete(root, recursive: true);
+        }
+    }
+
+    private static CliRunner.Result Run(string app, string? nativePath)
+    {
+        var start = new System.Diagnostics.ProcessStartInfo(Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") ?? "dotnet")
+        {
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+            WorkingDirectory = app,
+        };
+        start.ArgumentList.Add(Path.Combine(app, "Eplb.Cli.dll"));
+        start.ArgumentList.Add("info");
+        start.Environment["EPLB_NATIVE_PATH"] = nativePath;
+        using var process = System.Diagnostics.Process.Start(start)!;
+        var stdout = process.StandardOutput.ReadToEndAsync();
+        var stderr = process.StandardError.ReadToEnd();
+        process.WaitForExit();
+        return new CliRunner.Result(process.ExitCode, stdout.Result, stderr);
+    }
+}

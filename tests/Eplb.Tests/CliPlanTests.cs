@@ -143,7 +143,7 @@ public class CliPlanTests
         yield return new TestCaseData("old.json", "{\"physical_to_logical_map\": [[0, 1]]}", new[] { "--replicas", "288", "--old", "$FILE" }, "1 layers, but the load has 61").SetName("OldWithOtherShape");
         yield return new TestCaseData(null, null, new[] { "--replicas", "x" }, "").SetName("NonNumericSlots");
         yield return new TestCaseData(null, null, Array.Empty<string>(), "--slots").SetName("MissingSlots");
-        yield return new TestCaseData(null, null, new[] { "--replicas", "288", "--repeat", "0" }, "--repeat must be >= 1 (got 0)").SetName("ZeroRepeats");
+        yield return new TestCaseData(null, null, new[] { "--replicas", "288", "--repeat", "0" }, "--repeat must be in [1, 1000000] (got 0)").SetName("ZeroRepeats");
     }
 
     [TestCaseSource(nameof(BadInputs))]

@@ -48,7 +48,9 @@ public sealed class EplbOptions
     /// The documented override for NCCL with async rearrangement: NCCL kernels on a second stream can
     /// deadlock with cooperative kernels and conflict with the forward stream (vLLM's reviewers: "NCCL
     /// should not be used asynchronously"); allow it only with NCCL_MAX_CTAS applied and no other
-    /// NCCL traffic during transfers. Default false.
+    /// NCCL traffic during transfers. <see cref="NcclTransport"/> keeps the background transfers and
+    /// the serving thread's all-reduces on separate communicators and streams, so their orders never
+    /// mix across ranks; the two communicators' kernels still share the GPU's SMs. Default false.
     /// </summary>
     public bool AllowNcclWithAsync { get; set; }
 
@@ -76,6 +78,39 @@ public sealed class EplbOptions
     /// <summary>Order transfers so each rank talks to one peer per batch. Default true.</summary>
     public bool BatchTransfers { get; set; } = true;
 
+    /// <summary>
+    /// Skip a rearrangement when the placement in force already reaches this aggregate balancedness
+    /// on the load window (SGLang's <c>eplb_min_rebalancing_utilization_threshold</c>, docs/design.md §3.2).
+    /// Null (the default) never skips for this reason; otherwise in (0, 1].
+    /// </summary>
+    public double? BalancednessThreshold { get; set; }
+
+    /// <summary>
+    /// Skip a rearrangement when the plan would raise the aggregate balancedness on the load window
+    /// by less than this (planned minus in force). Null (the default) applies every plan; otherwise in [0, 1].
+    /// </summary>
+    public double? MinBalancednessGain { get; set; }
+
+    /// <summary>
+    /// Async commit points by pass count (for simulations and reproducible runs): when &gt; 0, a staged
+    /// layer commits exactly this many passes after its staging began, <see cref="EplbState.Step"/>
+    /// waiting for the stage when it is not ready yet, so a run's outcome depends on pass counts only.
+    /// 0 (the default, for serving) commits a layer at the first pass after every rank has staged it
+    /// and never waits. Must be &gt;= 0; ignored when <see cref="UseAsync"/> is false.
+    /// </summary>
+    public int AsyncCommitPasses { get; set; }
+
+    /// <summary>
+    /// How long <see cref="EplbState.CancelRearrangement"/>, <see cref="EplbState.Dispose"/> and an
+    /// aborted async rearrangement wait for the background transfer to stop. A transfer that ignores
+    /// its cancellation longer is abandoned: its staged layer is dropped (never committed) and its
+    /// staging buffers are set aside until it ends. Default 10 s; must be &gt;= 0 and finite.
+    /// </summary>
+    public TimeSpan CancelTimeout { get; set; } = TimeSpan.FromSeconds(10);
+
+    /// <summary>The longest <see cref="CancelTimeout"/> accepted (a wait must stay bounded).</summary>
+    public static readonly TimeSpan MaxCancelTimeout = TimeSpan.FromHours(1);
+
     /// <summary>The violations of the rules of docs/design.md §3.1 (empty when valid).</summary>
     public IReadOnlyList<string> Violations()
     {
@@ -89,6 +124,13 @@ public sealed class EplbOptions
         if (Groups <= 0) errors.Add($"Groups must be > 0 (got {Groups})");
         if (Nodes <= 0) errors.Add($"Nodes must be > 0 (got {Nodes})");
         if (MaxReplicas < 0) errors.Add($"MaxReplicas must be >= 0 (got {MaxReplicas})");
+        if (BalancednessThreshold is { } threshold && !(threshold > 0 && threshold <= 1))
+            errors.Add($"BalancednessThreshold must be in (0, 1] when set (got {threshold})");
+        if (MinBalancednessGain is { } gain && !(gain >= 0 && gain <= 1))
+            errors.Add($"MinBalancednessGain must be in [0, 1] when set (got {gain})");
+        if (AsyncCommitPasses < 0) errors.Add($"AsyncCommitPasses must be >= 0 (got {AsyncCommitPasses})");
+        if (CancelTimeout < TimeSpan.Zero || CancelTimeout == Timeout.InfiniteTimeSpan || CancelTimeout > MaxCancelTimeout)
+            errors.Add($"CancelTimeout must be >= 0 and at most {MaxCancelTimeout} (got {CancelTimeout})");
         if (!Enum.IsDefined(Communicator)) errors.Add($"Communicator '{Communicator}' is not one of {string.Join(", ", Enum.GetNames<TransportKind>())}");
         if (!Enum.IsDefined(ReplicaSelection)) errors.Add($"ReplicaSelection '{ReplicaSelection}' is not one of {string.Join(", ", Enum.GetNames<ReplicaSelection>())}");
         if (UseAsync && Communicator == TransportKind.Nccl && !AllowNcclWithAsync)

@@ -34,14 +34,22 @@ public interface IMixtureOfExperts
 
     /// <summary>
     /// The weight tensors of one layer's local experts (weights and scales, any count and shape),
-    /// each holding <see cref="SlotsPerRank"/> experts; the same names and sizes every call.
+    /// each holding <see cref="SlotsPerRank"/> experts; the same names and sizes every call. Called
+    /// while a layer is staged, from EPLB's background worker in async mode; an exception stops the
+    /// rearrangement (nothing of the layer is changed) and is logged.
     /// </summary>
     IReadOnlyList<ExpertTensor> GetExpertWeights(int layer);
 
     /// <summary>Hands the model the EPLB views of each of its MoE layers (for its routers).</summary>
     void SetEplbState(IReadOnlyList<EplbLayerState> layers);
 
-    /// <summary>Called after a layer's new placement is committed (weights in place, tables updated).</summary>
+    /// <summary>
+    /// Called on the <see cref="EplbState.Step"/> thread when a layer's new placement is being switched
+    /// (weights in place, tables updated). If the switch is then undone (this or another rank's hook
+    /// threw, a copy failed, another process failed), it is called again with the previous map, so
+    /// the last map the model heard always describes the placement in force. A hook that throws while
+    /// being told the previous map is told it again at every step until it accepts it.
+    /// </summary>
     void UpdateExpertMap(int layer, ReadOnlySpan<int> phy2Log);
 }
 

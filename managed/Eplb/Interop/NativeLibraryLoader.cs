@@ -18,13 +18,19 @@ internal static partial class NativeMethods
 internal sealed record StructLayoutInfo(string Name, Type Type, long Size, (string Field, long Offset)[] Fields);
 
 /// <summary>
-/// Loads libeplb explicitly: <c>EPLB_NATIVE_PATH</c> first (a file or a folder), then the
-/// runtime's own probing (the NuGet <c>runtimes/</c> folders), then the application folder, then a
-/// repository build (<c>build/native/lib</c>) above it. The ABI version is checked once, on load.
+/// Loads libeplb explicitly: <c>EPLB_NATIVE_PATH</c> when set (a file or a folder; nothing else is
+/// tried then), else the application folder and its <c>runtimes/linux-x64/native</c>, the Eplb
+/// assembly's folder, then the runtime's own probing (the NuGet <c>runtimes/</c> folders). The build
+/// copies libeplb.so next to every assembly that references Eplb, so no folder above the application
+/// is searched: a library planted in a parent folder of an installed app is never loaded. The ABI
+/// version is checked once, on load (after the library's constructors ran: load only trusted files).
 /// </summary>
 internal static unsafe class NativeLibraryLoader
 {
     internal const string FileName = "libeplb.so";
+
+    /// <summary>The variable that names the library file (or its folder) to load instead of searching.</summary>
+    internal const string PathVariable = "EPLB_NATIVE_PATH";
     private static readonly object Gate = new();
     private static nint _handle;
     private static string? _path;
@@ -49,10 +55,11 @@ internal static unsafe class NativeLibraryLoader
             nint handle = 0;
             string? path = null;
 
-            var overridePath = Environment.GetEnvironmentVariable("EPLB_NATIVE_PATH");
+            var overridePath = Environment.GetEnvironmentVariable(PathVariable);
             if (!string.IsNullOrWhiteSpace(overridePath))
             {
-                path = Directory.Exists(overridePath) ? Path.Combine(overridePath, FileName) : overridePath;
+                // A relative value is taken against the working directory (as dlopen would), made explicit here.
+                path = Path.GetFullPath(Directory.Exists(overridePath) ? Path.Combine(overridePath, FileName) : overridePath);
                 tried.Add(path + " (EPLB_NATIVE_PATH)");
                 if (!NativeLibrary.TryLoad(path, out handle))
                     throw new EplbNativeLibraryException(
@@ -79,8 +86,8 @@ internal static unsafe class NativeLibraryLoader
             }
             if (handle == 0)
                 throw new EplbNativeLibraryException(
-                    "libeplb.so was not found. Build it with ./build.sh (it lands in build/native/lib), " +
-                    "or set EPLB_NATIVE_PATH to the library file or its folder.", tried);
+                    "libeplb.so was not found next to the application. Build with ./build.sh (it builds build/native/lib/libeplb.so, " +
+                    "then the managed projects, which copy it next to their assemblies), or set EPLB_NATIVE_PATH to the library file or its folder.", tried);
 
             CheckAbi(handle, path!, tried);
             _path = path;
@@ -97,15 +104,6 @@ internal static unsafe class NativeLibraryLoader
         var assemblyDir = Path.GetDirectoryName(assembly.Location);
         if (!string.IsNullOrEmpty(assemblyDir) && assemblyDir != baseDir.TrimEnd(Path.DirectorySeparatorChar))
             yield return Path.Combine(assemblyDir, FileName);
-        // A development checkout: build/native/lib above the running binaries.
-        for (var dir = new DirectoryInfo(baseDir); dir != null; dir = dir.Parent)
-        {
-            if (File.Exists(Path.Combine(dir.FullName, "Eplb.sln")))
-            {
-                yield return Path.Combine(dir.FullName, "build", "native", "lib", FileName);
-                break;
-            }
-        }
     }
 
     private static void CheckAbi(nint handle, string path, List<string> tried)

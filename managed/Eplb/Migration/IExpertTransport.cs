@@ -17,6 +17,13 @@ public enum TransportKind
 /// Moves expert weights between ranks and agrees on small values across processes. One
 /// implementation hosts every rank in this process (<see cref="InProcessTransport"/>, tests and the
 /// simulator); <see cref="NcclTransport"/> hosts one rank per process and talks NCCL.
+/// <para>
+/// Threads: in async mode EPLB calls <see cref="Transfer"/> from its background worker while the
+/// serving thread calls <see cref="AllReduceSum"/> and <see cref="AllReduceMin"/>, so the two must not
+/// share anything that needs one order across ranks (<see cref="NcclTransport"/> gives transfers their
+/// own communicator and stream). Every rank issues the collectives in the same order; the transfers of
+/// a layer likewise.
+/// </para>
 /// </summary>
 public interface IExpertTransport : IDisposable
 {
@@ -34,6 +41,9 @@ public interface IExpertTransport : IDisposable
     /// expert goes from the sender's weights (<paramref name="weightsOf"/>, old placement) at
     /// <see cref="ExpertTransfer.SourceSlot"/> into the receiver's staging buffer
     /// (<paramref name="stagingOf"/>) at <see cref="ExpertTransfer.DestinationSlot"/>. Complete on return.
+    /// Observes <paramref name="cancellation"/> while it waits: once cancelled it stops writing into the
+    /// staging buffers and throws <see cref="OperationCanceledException"/> (EPLB abandons a transfer that
+    /// does not within <c>EplbOptions.CancelTimeout</c> and never reuses its staging buffers).
     /// </summary>
     void Transfer(IReadOnlyList<ExpertTransfer> batch, Func<int, IReadOnlyList<ExpertTensor>> weightsOf,
         Func<int, IReadOnlyList<ExpertTensor>> stagingOf, CancellationToken cancellation);

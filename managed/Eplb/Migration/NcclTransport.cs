@@ -1,3 +1,4 @@
+using System.Runtime.ExceptionServices;
 using System.Runtime.InteropServices;
 using Eplb.Runtime;
 using Microsoft.Extensions.Logging;
@@ -97,11 +98,13 @@ internal static unsafe class Nccl
         public delegate* unmanaged[Cdecl]<byte*, int> GetUniqueId;
         public delegate* unmanaged[Cdecl]<nint*, int, NcclUniqueIdBlob, int, int> CommInitRank;
         public delegate* unmanaged[Cdecl]<nint, int> CommDestroy;
+        public delegate* unmanaged[Cdecl]<nint, int> CommAbort;
         public delegate* unmanaged[Cdecl]<int> GroupStart;
         public delegate* unmanaged[Cdecl]<int> GroupEnd;
         public delegate* unmanaged[Cdecl]<nint, nuint, int, int, nint, nint, int> Send;
         public delegate* unmanaged[Cdecl]<nint, nuint, int, int, nint, nint, int> Recv;
         public delegate* unmanaged[Cdecl]<nint, nint, nuint, int, int, nint, nint, int> AllReduce;
+        public delegate* unmanaged[Cdecl]<nint, nint, nuint, int, int, nint, nint, int> Broadcast;
         public delegate* unmanaged[Cdecl]<int, byte*> GetErrorString;
     }
 
@@ -142,11 +145,13 @@ internal static unsafe class Nccl
             GetUniqueId = (delegate* unmanaged[Cdecl]<byte*, int>)Export("ncclGetUniqueId"),
             CommInitRank = (delegate* unmanaged[Cdecl]<nint*, int, NcclUniqueIdBlob, int, int>)Export("ncclCommInitRank"),
             CommDestroy = (delegate* unmanaged[Cdecl]<nint, int>)Export("ncclCommDestroy"),
+            CommAbort = (delegate* unmanaged[Cdecl]<nint, int>)Export("ncclCommAbort"),
             GroupStart = (delegate* unmanaged[Cdecl]<int>)Export("ncclGroupStart"),
             GroupEnd = (delegate* unmanaged[Cdecl]<int>)Export("ncclGroupEnd"),
             Send = (delegate* unmanaged[Cdecl]<nint, nuint, int, int, nint, nint, int>)Export("ncclSend"),
             Recv = (delegate* unmanaged[Cdecl]<nint, nuint, int, int, nint, nint, int>)Export("ncclRecv"),
             AllReduce = (delegate* unmanaged[Cdecl]<nint, nint, nuint, int, int, nint, nint, int>)Export("ncclAllReduce"),
+            Broadcast = (delegate* unmanaged[Cdecl]<nint, nint, nuint, int, int, nint, nint, int>)Export("ncclBroadcast"),
             GetErrorString = (delegate* unmanaged[Cdecl]<int, byte*>)Export("ncclGetErrorString"),
         };
     }
@@ -154,17 +159,34 @@ internal static unsafe class Nccl
 
 /// <summary>
 /// One rank of a multi-process NCCL group: sends and receives expert weights with grouped
-/// <c>ncclSend</c>/<c>ncclRecv</c> per batch on a CUDA stream, and all-reduces the load counters.
+/// <c>ncclSend</c>/<c>ncclRecv</c> per batch, and all-reduces the load counters and votes.
 /// Its constructor applies the NCCL environment rule (<see cref="NcclEnvironment.Apply"/>) before it
-/// creates the communicator, because NCCL reads NCCL_MAX_CTAS then; a host whose own NCCL
+/// creates the communicators, because NCCL reads NCCL_MAX_CTAS then; a host whose own NCCL
 /// communicators come first applies the rule itself, earlier (applying it twice changes nothing).
+/// <para>
+/// Two communicators, each with its own CUDA stream: transfers (EPLB's background worker) on one,
+/// all-reduces (the serving thread) on the other. NCCL needs every rank to issue the operations of a
+/// communicator in one order, which two threads sharing one communicator cannot promise. The second
+/// communicator's id is made by rank 0 and broadcast over the first while every rank constructs.
+/// </para>
+/// <para>
+/// A cancelled transfer: NCCL cannot withdraw queued sends and receives, so the transfer
+/// communicator is aborted (<c>ncclCommAbort</c>) and its stream drained before
+/// <see cref="OperationCanceledException"/> is thrown; later transfers of this instance then fail
+/// with an <see cref="InvalidOperationException"/> saying so (create a new transport on every rank).
+/// The all-reduce communicator is untouched.
+/// </para>
 /// </summary>
 public sealed unsafe class NcclTransport : IExpertTransport
 {
     private readonly Nccl.Api _nccl;
     private readonly ComputeStream _stream;
     private readonly nint _cudaStream;
+    private readonly ComputeStream _transferStream;
+    private readonly nint _transferCudaStream;
     private nint _comm;
+    private nint _transferComm;
+    private volatile bool _transferring;
 
     /// <summary>Makes a unique id on this rank (typically rank 0), to be shared with every rank.</summary>
     public static NcclUniqueId CreateUniqueId()
@@ -208,14 +230,38 @@ public sealed unsafe class NcclTransport : IExpertTransport
         NcclEnvironment.Apply(environment, logger, environmentVariables);
         _nccl = Nccl.Load();
         _stream = new ComputeStream(Backend.Cuda);
-        _cudaStream = _stream.CudaStream;
-        Nccl.NcclUniqueIdBlob blob;
-        fixed (byte* source = id.Bytes) Buffer.MemoryCopy(source, &blob, Nccl.UniqueIdBytes, Nccl.UniqueIdBytes);
-        nint comm;
-        Nccl.Check(_nccl.CommInitRank(&comm, ranks, blob, rank), "ncclCommInitRank");
-        _comm = comm;
+        _transferStream = new ComputeStream(Backend.Cuda);
+        try
+        {
+            _cudaStream = _stream.CudaStream;
+            _transferCudaStream = _transferStream.CudaStream;
+            _comm = InitRank(id.Bytes, rank, ranks);
+            // The transfer communicator: rank 0 makes its id, the first communicator carries it to every rank.
+            var transferId = rank == 0 ? CreateUniqueId().Bytes : new byte[Nccl.UniqueIdBytes];
+            using (var buffer = new DeviceBuffer<byte>(Backend.Cuda, transferId))
+            {
+                Nccl.Check(buffer.AsSlice().WithAddress(address =>
+                    _nccl.Broadcast(address, address, (nuint)Nccl.UniqueIdBytes, Nccl.Int8, 0, _comm, _cudaStream)), "ncclBroadcast");
+                buffer.CopyTo(transferId, 0, _stream);
+            }
+            _transferComm = InitRank(transferId, rank, ranks);
+        }
+        catch
+        {
+            Dispose();
+            throw;
+        }
         Ranks = ranks;
         LocalRanks = [rank];
+    }
+
+    private nint InitRank(byte[] id, int rank, int ranks)
+    {
+        Nccl.NcclUniqueIdBlob blob;
+        fixed (byte* source = id) Buffer.MemoryCopy(source, &blob, Nccl.UniqueIdBytes, Nccl.UniqueIdBytes);
+        nint comm;
+        Nccl.Check(_nccl.CommInitRank(&comm, ranks, blob, rank), "ncclCommInitRank");
+        return comm;
     }
 
     /// <inheritdoc/>
@@ -232,32 +278,86 @@ public sealed unsafe class NcclTransport : IExpertTransport
         Func<int, IReadOnlyList<ExpertTensor>> stagingOf, CancellationToken cancellation)
     {
         cancellation.ThrowIfCancellationRequested();
+        var comm = _transferComm;
+        if (comm == 0)
+            throw new InvalidOperationException("the NCCL transfer communicator was aborted when an earlier transfer was cancelled; " +
+                                                "create a new NcclTransport on every rank to move weights again");
         var me = LocalRanks[0];
         // The weights and the staging buffer belong to the model and the EPLB state, which outlive
-        // the call; the stream is synchronised before returning, so the addresses stay valid.
-        Nccl.Check(_nccl.GroupStart(), "ncclGroupStart");
-        var groupOpen = true;
+        // the call; the stream is drained before returning, so the addresses stay valid.
+        _transferring = true;
         try
         {
-            foreach (var transfer in batch)
+            // Resolve the tensors first: a model that throws here has queued nothing.
+            var sends = weightsOf(me);
+            var receives = stagingOf(me);
+            Nccl.Check(_nccl.GroupStart(), "ncclGroupStart");
+            var groupOpen = true;
+            try
             {
-                if (transfer.SourceRank == me)
-                    foreach (var tensor in weightsOf(me))
-                        Nccl.Check(tensor.Slot(transfer.SourceSlot).WithAddress(address =>
-                            _nccl.Send(address, (nuint)tensor.BytesPerExpert, Nccl.Int8, transfer.DestinationRank, _comm, _cudaStream)), "ncclSend");
-                if (transfer.DestinationRank == me)
-                    foreach (var tensor in stagingOf(me))
-                        Nccl.Check(tensor.Slot(transfer.DestinationSlot).WithAddress(address =>
-                            _nccl.Recv(address, (nuint)tensor.BytesPerExpert, Nccl.Int8, transfer.SourceRank, _comm, _cudaStream)), "ncclRecv");
+                foreach (var transfer in batch)
+                {
+                    if (transfer.SourceRank == me)
+                        foreach (var tensor in sends)
+                            Nccl.Check(tensor.Slot(transfer.SourceSlot).WithAddress(address =>
+                                _nccl.Send(address, (nuint)tensor.BytesPerExpert, Nccl.Int8, transfer.DestinationRank, comm, _transferCudaStream)), "ncclSend");
+                    if (transfer.DestinationRank == me)
+                        foreach (var tensor in receives)
+                            Nccl.Check(tensor.Slot(transfer.DestinationSlot).WithAddress(address =>
+                                _nccl.Recv(address, (nuint)tensor.BytesPerExpert, Nccl.Int8, transfer.SourceRank, comm, _transferCudaStream)), "ncclRecv");
+                }
+                groupOpen = false;
+                Nccl.Check(_nccl.GroupEnd(), "ncclGroupEnd");
             }
-            groupOpen = false;
-            Nccl.Check(_nccl.GroupEnd(), "ncclGroupEnd");
+            finally
+            {
+                if (groupOpen) _nccl.GroupEnd();
+            }
+            WaitForTransfers(cancellation);
         }
         finally
         {
-            if (groupOpen) _nccl.GroupEnd();
+            _transferring = false;
         }
-        _stream.Synchronize();
+    }
+
+    // Drains the transfer stream; on cancellation aborts the transfer communicator (the only way to
+    // stop NCCL operations in flight), waits until the stream is drained, then throws.
+    private void WaitForTransfers(CancellationToken cancellation)
+    {
+        if (!cancellation.CanBeCanceled)
+        {
+            _transferStream.Synchronize();
+            return;
+        }
+        var drained = Task.Run(_transferStream.Synchronize, CancellationToken.None);
+        try
+        {
+            drained.Wait(cancellation);
+        }
+        catch (OperationCanceledException)
+        {
+            AbortTransfers();
+            try
+            {
+                drained.Wait(CancellationToken.None);
+            }
+            catch (AggregateException)
+            {
+                // The aborted operations report an error: expected.
+            }
+            throw;
+        }
+        catch (AggregateException e) when (e.InnerExceptions.Count == 1)
+        {
+            ExceptionDispatchInfo.Throw(e.InnerExceptions[0]);
+        }
+    }
+
+    private void AbortTransfers()
+    {
+        var comm = Interlocked.Exchange(ref _transferComm, 0);
+        if (comm != 0) _nccl.CommAbort(comm);
     }
 
     /// <inheritdoc/>
@@ -283,11 +383,13 @@ public sealed unsafe class NcclTransport : IExpertTransport
     /// <inheritdoc/>
     public void Dispose()
     {
-        if (_comm != 0)
-        {
-            _nccl.CommDestroy(_comm);
-            _comm = 0;
-        }
-        _stream.Dispose();
+        // A transfer still in flight (abandoned by EPLB) cannot be waited for: abort its communicator.
+        if (_transferring) AbortTransfers();
+        var transferComm = Interlocked.Exchange(ref _transferComm, 0);
+        if (transferComm != 0) _nccl.CommDestroy(transferComm);
+        var comm = Interlocked.Exchange(ref _comm, 0);
+        if (comm != 0) _nccl.CommDestroy(comm);
+        _stream?.Dispose();
+        _transferStream?.Dispose();
     }
 }
