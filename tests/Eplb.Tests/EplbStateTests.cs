@@ -10,7 +10,7 @@ internal sealed class Cluster : IDisposable
     private readonly RoutingSampler _sampler;
 
     public Cluster(EplbOptions options, int gpus, int layers, int experts, int[] tensorSizes, Backend backend = Backend.Cpu,
-        IExpertTransport? transport = null, int topK = 4, int seed = 1)
+        IExpertTransport? transport = null, int topK = 4, int seed = 1, string modelName = "main")
     {
         _topK = topK;
         _sampler = new RoutingSampler(seed, concentration: 1e6);
@@ -19,7 +19,7 @@ internal sealed class Cluster : IDisposable
         Transport = transport ?? new InProcessTransport(gpus);
         Logger = new ListLogger<EplbState>();
         State = new EplbState(options, Transport, Logger);
-        Model = State.AddModel("main", Ranks);
+        Model = State.AddModel(modelName, Ranks);
     }
 
     public int Slots { get; }

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Diagnostics.Metrics;
 using Eplb.Kernels;
 using Eplb.Load;
 using Eplb.Migration;
@@ -65,11 +66,16 @@ public sealed class EplbState : IDisposable
     private int _rearrangementStep;
     private long _stepCount;
     private int _completed, _failed, _cancelled, _skipped, _skippedIntervals, _abandoned, _stepFaults;
-    private long _layersCommitted, _slotsMoved, _expertsMoved, _bytesMoved;
+    private readonly EplbMetrics _metrics;
+    private long _layersStaged, _layersCommitted, _slotsMoved, _expertsMoved, _bytesMoved;
 
-    /// <summary>Creates the loop; the options are validated (one exception lists every violation).</summary>
+    /// <summary>
+    /// Creates the loop; the options are validated (one exception lists every violation). Its
+    /// metrics go to the <c>Eplb</c> meter (<see cref="EplbMetrics"/>), created by
+    /// <paramref name="meterFactory"/> when given (DI), else owned by this instance.
+    /// </summary>
     /// <exception cref="OptionsValidationException">The options break a rule of docs/design.md §3.1.</exception>
-    public EplbState(EplbOptions options, IExpertTransport transport, ILogger<EplbState>? logger = null)
+    public EplbState(EplbOptions options, IExpertTransport transport, ILogger<EplbState>? logger = null, IMeterFactory? meterFactory = null)
     {
         ArgumentNullException.ThrowIfNull(options);
         ArgumentNullException.ThrowIfNull(transport);
@@ -86,6 +92,7 @@ public sealed class EplbState : IDisposable
         // The first rearrangement comes after a quarter of the interval (vLLM: step counter starts at
         // interval - interval / 4), then every interval.
         _rearrangementStep = Math.Max(0, options.StepInterval - options.StepInterval / 4);
+        _metrics = new EplbMetrics(this, meterFactory);
     }
 
     /// <summary>Creates the loop from DI-bound options.</summary>
@@ -145,6 +152,9 @@ public sealed class EplbState : IDisposable
 
     /// <summary>Layers committed by rearrangements so far (all models).</summary>
     public long LayersCommitted => Interlocked.Read(ref _layersCommitted);
+
+    /// <summary>Layers staged (weights and tables ready in the staging set of every local rank) so far, committed or not.</summary>
+    public long LayersStaged => Interlocked.Read(ref _layersStaged);
 
     /// <summary>Slots whose expert changed in committed layers so far.</summary>
     public long SlotsMoved => Interlocked.Read(ref _slotsMoved);
@@ -491,6 +501,7 @@ public sealed class EplbState : IDisposable
             _logger.LogWarning("EPLB: disposed while a step runs; its buffers are released when the step returns");
         }
         RaiseEvents();
+        _metrics.Dispose();
     }
 
     private void ReleaseLocked()
@@ -628,6 +639,7 @@ public sealed class EplbState : IDisposable
                 {
                     token.ThrowIfCancellationRequested();
                     _staged = model.StageLayer(layer, _plans[layer], _target!, owner._transport, token, owner.CopyProbe);
+                    Interlocked.Increment(ref owner._layersStaged);
                     _stageDone.Set();
                     _committed.Wait(token);
                 }
@@ -653,6 +665,7 @@ public sealed class EplbState : IDisposable
                 {
                     token.ThrowIfCancellationRequested();
                     _staged = model.StageLayer(layer, _plans[layer], _target!, owner._transport, token, owner.CopyProbe);
+                    Interlocked.Increment(ref owner._layersStaged);
                 }
                 catch (Exception e)
                 {
