@@ -1,15 +1,15 @@
-using Eplb.Kernels;
+using Eplb.Balancing;
 using Eplb.Migration;
 using Eplb.Placement;
-using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.DependencyInjection.Extensions;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Options;
 
-namespace Eplb.Balancing;
+namespace Microsoft.Extensions.DependencyInjection;
 
 /// <summary>
-/// What <c>services.AddEplb(...)</c> returns: adds the transport EPLB moves weights over and the
+/// What <c>services.AddEplb(...)</c> returns (in <c>Microsoft.Extensions.DependencyInjection</c>, like the
+/// extension and .NET's other <c>AddX</c> builders): adds the transport EPLB moves weights over and the
 /// host's own placement policies. The container then owns the runtime: it creates
 /// <see cref="EplbState"/> on first use (options validated, the policy resolved from the container's
 /// <see cref="PlacementPolicyCatalog"/>) and disposes it, then the transport, when it is disposed.
@@ -128,30 +128,4 @@ public sealed class EplbBuilder
     }
 
     private sealed record PolicyRegistration(string Name, Type Type);
-}
-
-/// <summary>Who this process is in an NCCL group, and the facts the NCCL environment rule needs beyond <see cref="EplbOptions"/> (docs/design.md §3.4).</summary>
-public sealed record NcclTransportSettings
-{
-    /// <summary>The group's id, made once by <see cref="NcclTransport.CreateUniqueId"/> (typically on rank 0) and shared with every rank.</summary>
-    public required NcclUniqueId UniqueId { get; init; }
-
-    /// <summary>This process's expert-parallel rank, in [0, <see cref="Ranks"/>).</summary>
-    public required int Rank { get; init; }
-
-    /// <summary>G, the expert-parallel ranks.</summary>
-    public required int Ranks { get; init; }
-
-    /// <summary>Data-parallel ranks of the serving engine. Default 1.</summary>
-    public int DataParallelSize { get; init; } = 1;
-
-    /// <summary>The all-to-all backend. Default <see cref="AllToAllBackend.Other"/>.</summary>
-    public AllToAllBackend AllToAll { get; init; }
-
-    /// <summary>The MoE expert backend. Default <see cref="MoeBackend.Unfused"/>.</summary>
-    public MoeBackend Moe { get; init; }
-
-    /// <summary>The facts the NCCL environment rule looks at, under <paramref name="options"/>.</summary>
-    internal NcclEnvironmentContext Environment(EplbOptions options) =>
-        new(DataParallelSize, options.Enabled, TransportKind.Nccl, options.UseAsync, AllToAll, Moe);
 }

@@ -7,7 +7,7 @@ namespace Microsoft.Extensions.DependencyInjection;
 /// <summary>
 /// Registers Eplb with a .NET host. In <c>Microsoft.Extensions.DependencyInjection</c> by the .NET
 /// convention for <c>AddX</c> extensions (so <c>services.AddEplb</c> needs no extra using); the one
-/// file of managed/ whose namespace is not its folder's.
+/// files of managed/ whose namespace is not their folder's, with <see cref="EplbBuilder"/>.
 /// </summary>
 public static class EplbServiceCollectionExtensions
 {
