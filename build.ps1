@@ -59,15 +59,19 @@ function Run-Tests {
         $s = (Attr $junit "testsuite" "skipped") + (Attr $junit "testsuite" "disabled")
         $passed += $t - $f - $s; $failed += $f; $skipped += $s
     } else { $failed += 1 }
-    Log "managed tests (dotnet test)"
-    dotnet test --project (Join-Path $Root "tests/Eplb.Tests/Eplb.Tests.csproj") -c $Config --no-build --no-progress `
-        --results-directory $ResultsDir --report-trx --report-trx-filename managed.trx
-    $trx = Join-Path $ResultsDir "managed.trx"
-    if (Test-Path $trx) {
-        $passed += Attr $trx "Counters" "passed"
-        $failed += (Attr $trx "Counters" "failed") + (Attr $trx "Counters" "error") + (Attr $trx "Counters" "timeout") + (Attr $trx "Counters" "aborted")
-        $skipped += (Attr $trx "Counters" "total") - (Attr $trx "Counters" "executed")
-    } else { $failed += 1 }
+    # Eplb.TorchSharp.Tests is its own project so the GPU bundle of Eplb.Tests stays free of libtorch.
+    foreach ($suite in @(@("Eplb.Tests", "managed"), @("Eplb.TorchSharp.Tests", "torchsharp"))) {
+        $project, $name = $suite
+        Log "$name tests (dotnet test $project)"
+        dotnet test --project (Join-Path $Root "tests/$project/$project.csproj") -c $Config --no-build --no-progress `
+            --results-directory $ResultsDir --report-trx --report-trx-filename "$name.trx"
+        $trx = Join-Path $ResultsDir "$name.trx"
+        if (Test-Path $trx) {
+            $passed += Attr $trx "Counters" "passed"
+            $failed += (Attr $trx "Counters" "failed") + (Attr $trx "Counters" "error") + (Attr $trx "Counters" "timeout") + (Attr $trx "Counters" "aborted")
+            $skipped += (Attr $trx "Counters" "total") - (Attr $trx "Counters" "executed")
+        } else { $failed += 1 }
+    }
     Write-Output "tests: $passed passed, $failed failed, $skipped skipped"
     if ($failed -ne 0) { exit 1 }
 }

@@ -94,19 +94,24 @@ run_tests() {
   else
     log "native: CTest wrote no results"; failed=$((failed + 1)); status=1
   fi
-  log "managed tests (dotnet test)"
   # Microsoft.Testing.Platform runner (global.json): the same tests also run as a published executable.
-  if ! dotnet test --project "$ROOT/tests/Eplb.Tests/Eplb.Tests.csproj" -c "$CONFIG" --no-build --no-progress \
-      --results-directory "$RESULTS_DIR" --report-trx --report-trx-filename managed.trx >&2; then
-    status=1
-  fi
-  if [ -f "$RESULTS_DIR/managed.trx" ]; then
-    read -r p f s < <(trx_counts "$RESULTS_DIR/managed.trx")
-    passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
-    log "managed: $p passed, $f failed, $s skipped"
-  else
-    log "managed: dotnet test wrote no results"; failed=$((failed + 1)); status=1
-  fi
+  # Eplb.TorchSharp.Tests is its own project so the GPU bundle of Eplb.Tests stays free of libtorch.
+  local project name
+  for project in Eplb.Tests Eplb.TorchSharp.Tests; do
+    name=$([ "$project" = Eplb.Tests ] && echo managed || echo torchsharp)
+    log "$name tests (dotnet test $project)"
+    if ! dotnet test --project "$ROOT/tests/$project/$project.csproj" -c "$CONFIG" --no-build --no-progress \
+        --results-directory "$RESULTS_DIR" --report-trx --report-trx-filename "$name.trx" >&2; then
+      status=1
+    fi
+    if [ -f "$RESULTS_DIR/$name.trx" ]; then
+      read -r p f s < <(trx_counts "$RESULTS_DIR/$name.trx")
+      passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
+      log "$name: $p passed, $f failed, $s skipped"
+    else
+      log "$name: dotnet test wrote no results"; failed=$((failed + 1)); status=1
+    fi
+  done
   echo "tests: $passed passed, $failed failed, $skipped skipped"
   if [ "$failed" -ne 0 ]; then status=1; fi
   return $status

@@ -56,7 +56,11 @@ public class DispatchBenchmarks
 
     [Benchmark]
     public void Align() =>
-        ExpertDispatch.Align(_ids, TopK, 0, LocalExperts, BlockSize, _counts, _offsets, _sorted, _blocks, _positions);
+        ExpertDispatch.Align(_ids, new HostExpertLayout
+        {
+            TopK = TopK, FirstSlot = 0, SlotsPerRank = LocalExperts, BlockSize = BlockSize, ExpertCounts = _counts, ExpertOffsets = _offsets,
+            SortedPairIds = _sorted, BlockExperts = _blocks, PairPositions = _positions,
+        });
 
     [Benchmark]
     public void Permute() => ExpertDispatch.Permute<BFloat16>(_x, Hidden, TopK, _sorted, _offsets[LocalExperts], _rows);

@@ -41,5 +41,5 @@ public class MappingBenchmarks
 
     [Benchmark]
     public void MapAndRecord() =>
-        ExpertMapping.MapToPhysical(_ids, 8, _log2phy, _logcnt, 4, 288, _physical, _counters, record: true);
+        ExpertMapping.MapToPhysical(_ids, 8, new HostLayerState { Log2Phy = _log2phy, LogCnt = _logcnt, MaxReplicas = 4, Slots = 288, Counters = _counters }, _physical);
 }

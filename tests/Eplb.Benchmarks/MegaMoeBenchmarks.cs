@@ -47,8 +47,10 @@ public class MegaMoeBenchmarks
     }
 
     [Benchmark(Baseline = true)]
-    public MoeBackend Fused() => MegaMoe.Run(Shape, _x, _ids, _weights, _w1, _w2, _output);
+    public MoeBackend Fused() => MegaMoe.Run(Shape, Tensors);
 
     [Benchmark]
-    public MoeBackend Unfused() => MegaMoe.Run(Shape, _x, _ids, _weights, _w1, _w2, _output, moeBackend: MoeBackend.Unfused);
+    public MoeBackend Unfused() => MegaMoe.Run(Shape, Tensors, moeBackend: MoeBackend.Unfused);
+
+    private HostMoeTensors Tensors => new() { X = _x, TopkIds = _ids, TopkWeights = _weights, W1 = _w1, W2 = _w2, Output = _output };
 }

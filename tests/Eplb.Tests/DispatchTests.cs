@@ -14,9 +14,35 @@ public class DispatchTests
         if (capacity < 0) capacity = ExpertDispatch.AlignCapacity(ids.Length, experts, blockSize);
         // Poisoned outputs, so unwritten elements show.
         var a = new Aligned(Poisoned(experts), Poisoned(experts + 1), Poisoned(capacity), Poisoned(capacity / blockSize), Poisoned(ids.Length));
-        ExpertDispatch.Align(ids, topK, firstSlot, experts, blockSize, a.Counts, a.Offsets, a.Sorted, a.Blocks, a.Positions, backend);
+        ExpertDispatch.Align(ids, HostLayout(topK, firstSlot, experts, blockSize, a.Counts, a.Offsets, a.Sorted, a.Blocks, a.Positions), backend);
         return a;
     }
+
+    private static HostExpertLayout HostLayout(int topK, int firstSlot, int slotsPerRank, int blockSize, Span<int> counts, Span<int> offsets,
+        Span<int> sorted, Span<int> blocks, Span<int> positions) => new()
+    {
+        TopK = topK,
+        FirstSlot = firstSlot,
+        SlotsPerRank = slotsPerRank,
+        BlockSize = blockSize,
+        ExpertCounts = counts,
+        ExpertOffsets = offsets,
+        SortedPairIds = sorted,
+        BlockExperts = blocks,
+        PairPositions = positions,
+    };
+
+    private static HostRankBuckets HostBuckets(int topK, int slots, int ranks, Span<int> counts, Span<int> offsets, Span<int> send,
+        Span<int> positions) => new()
+    {
+        TopK = topK,
+        Slots = slots,
+        Ranks = ranks,
+        RankCounts = counts,
+        RankOffsets = offsets,
+        SendPairIds = send,
+        PairPositions = positions,
+    };
 
     private static int[] Poisoned(long length) => Enumerable.Repeat(unchecked((int)0xDEADBEEF), checked((int)length)).ToArray();
 
@@ -189,7 +215,7 @@ public class DispatchTests
         // R = 8 over 4 ranks. pairs: 0:5->r2 1:0->r0 2:-1 3:7->r3 4:4->r2 5:1->r0
         int[] ids = [5, 0, -1, 7, 4, 1];
         int[] counts = new int[4], offsets = new int[5], send = new int[6], positions = new int[6];
-        ExpertDispatch.BucketByRank(ids, 2, 8, 4, counts, offsets, send, positions);
+        ExpertDispatch.BucketByRank(ids, HostBuckets(2, 8, 4, counts, offsets, send, positions));
         Assert.That(counts, Is.EqualTo(new[] { 2, 0, 2, 1 }));
         Assert.That(offsets, Is.EqualTo(new[] { 0, 2, 2, 4, 5 }));
         Assert.That(send, Is.EqualTo(new[] { 1, 5, 0, 4, 3, Pad }));
@@ -203,7 +229,7 @@ public class DispatchTests
         var ids = TestSupport.SampleTopK(random, TestSupport.RealLoad("prefill_in1024").Layer(20), 2048, 8);
         for (var i = 0; i < ids.Length; i += 13) ids[i] = -1;  // some pairs not routed
         int[] counts = new int[8], offsets = new int[9], send = new int[ids.Length], positions = new int[ids.Length];
-        ExpertDispatch.BucketByRank(ids, 8, 256, 8, counts, offsets, send, positions);
+        ExpertDispatch.BucketByRank(ids, HostBuckets(8, 256, 8, counts, offsets, send, positions));
         Assert.That(counts, Is.EqualTo(Enumerable.Range(0, 8).Select(g => ids.Count(s => s >= 0 && s / 32 == g))));
         for (var g = 0; g < 8; g++)
         {
@@ -370,16 +396,16 @@ public class DispatchTests
         void Untouched() => Assert.That(counts.Concat(offsets).Concat(sorted).Concat(blocks).Concat(positions), Is.All.EqualTo(unchecked((int)0xDEADBEEF)));
 
         // Shapes the managed layer knows.
-        Assert.Throws<ArgumentException>(() => ExpertDispatch.Align(ids, 4, 0, 4, 4, counts, offsets, sorted, blocks, positions));
-        Assert.Throws<ArgumentException>(() => ExpertDispatch.Align(ids, 2, 0, 4, 4, counts.AsSpan(1), offsets, sorted, blocks, positions));
-        Assert.Throws<ArgumentException>(() => ExpertDispatch.Align(ids, 2, 0, 4, 4, counts, offsets, sorted, blocks.AsSpan(1), positions));
-        Assert.Throws<ArgumentOutOfRangeException>(() => ExpertDispatch.Align(ids, 2, 0, 4, 0, counts, offsets, sorted, blocks, positions));
+        Assert.Throws<ArgumentException>(() => ExpertDispatch.Align(ids, HostLayout(4, 0, 4, 4, counts, offsets, sorted, blocks, positions)));
+        Assert.Throws<ArgumentException>(() => ExpertDispatch.Align(ids, HostLayout(2, 0, 4, 4, counts.AsSpan(1), offsets, sorted, blocks, positions)));
+        Assert.Throws<ArgumentException>(() => ExpertDispatch.Align(ids, HostLayout(2, 0, 4, 4, counts, offsets, sorted, blocks.AsSpan(1), positions)));
+        Assert.Throws<ArgumentOutOfRangeException>(() => ExpertDispatch.Align(ids, HostLayout(2, 0, 4, 0, counts, offsets, sorted, blocks, positions)));
         // What only the native layer checks: the capacity (18 = 6 + 4 * 3 needed) and the slot range.
         var capacity = Assert.Throws<ArgumentException>(() =>
-            ExpertDispatch.Align(ids, 2, 0, 4, 4, counts, offsets, sorted.AsSpan(1), blocks, positions))!;
+            ExpertDispatch.Align(ids, HostLayout(2, 0, 4, 4, counts, offsets, sorted.AsSpan(1), blocks, positions)))!;
         Assert.That(capacity.Message, Does.Contain("capacity must be in [18"));
         var slot = Assert.Throws<ArgumentException>(() =>
-            ExpertDispatch.BucketByRank([0, 1, 9, 3, 1, 0], 2, 8, 4, counts, offsets, sorted.AsSpan(0, 6), positions))!;
+            ExpertDispatch.BucketByRank([0, 1, 9, 3, 1, 0], HostBuckets(2, 8, 4, counts, offsets, sorted.AsSpan(0, 6), positions)))!;
         Assert.That(slot.Message, Does.Contain("physical_ids[1][0] = 9"));
         Untouched();
 
@@ -443,7 +469,7 @@ public class DispatchTests
             int[] Bucket(Backend backend)
             {
                 int[] c = Poisoned(ranks), o = Poisoned(ranks + 1), s = Poisoned(slots.Length), p = Poisoned(slots.Length);
-                ExpertDispatch.BucketByRank(slots, topK, physical, ranks, c, o, s, p, backend);
+                ExpertDispatch.BucketByRank(slots, HostBuckets(topK, physical, ranks, c, o, s, p), backend);
                 return [.. c, .. o, .. s, .. p];
             }
             Assert.That(Bucket(Backend.Cuda), Is.EqualTo(Bucket(Backend.Cpu)));

@@ -92,11 +92,13 @@ public class EplbOptionsTests
     [Test]
     public void AsyncNeedsAPolicyThatSupportsIt()
     {
-        PlacementPolicies.Register(new SyncOnlyPolicy());
+        var policies = PlacementPolicies.Default.With(new SyncOnlyPolicy());
         var options = new EplbOptions { Policy = "sync-only", UseAsync = true };
-        Assert.That(options.Violations(), Has.One.Contains("'sync-only' does not"));
+        Assert.That(options.Violations(policies), Has.One.Contains("'sync-only' does not"));
         options.UseAsync = false;
-        Assert.That(options.Violations(), Is.Empty);
+        Assert.That(options.Violations(policies), Is.Empty);
+        // Nothing leaked into the default set.
+        Assert.That(options.Violations(), Has.One.Contains("Policy 'sync-only' is not registered (known: deepseek, locality, incremental)"));
     }
 
     [Test]

@@ -35,10 +35,21 @@ public class MappingTests
     {
         var physical = Enumerable.Repeat(unchecked((int)0xDEADBEEF), ids.Length).ToArray();  // poisoned
         var counters = new int[t.Slots];
-        ExpertMapping.MapToPhysical(ids, topK, t.Log2Phy, t.LogCnt, t.MaxReplicas, t.Slots, physical, counters, record,
-            numUnpadded, selection, backend);
+        ExpertMapping.MapToPhysical(ids, topK, Host(t, record ? counters : default, selection: selection), physical, numUnpadded, backend);
         return (physical, counters);
     }
+
+    // The host-span form's view of a layer's tables (counters empty: nothing recorded).
+    private static HostLayerState Host(HostTables t, Span<int> counters = default, int? slots = null, ReadOnlySpan<int> log2Phy = default,
+        int? maxReplicas = null, ReplicaSelection selection = ReplicaSelection.TokenHash) => new()
+    {
+        Log2Phy = log2Phy.IsEmpty ? t.Log2Phy : log2Phy,
+        LogCnt = t.LogCnt,
+        MaxReplicas = maxReplicas ?? t.MaxReplicas,
+        Slots = slots ?? t.Slots,
+        Counters = counters,
+        ReplicaSelection = selection,
+    };
 
     [Test]
     public void TokenHashPicksTheSpecifiedReplicas()
@@ -75,11 +86,19 @@ public class MappingTests
         var random = TestSupport.NewRandom();
         var t = HostTables.Random(random, 16, 24);
         var ids = Enumerable.Range(0, 160).Select(_ => random.Next(16)).ToArray();
-        var counters = Enumerable.Repeat(5, 24).ToArray();
-        var physical = new int[ids.Length];
-        ExpertMapping.MapToPhysical(ids, 4, t.Log2Phy, t.LogCnt, t.MaxReplicas, 24, physical, counters, record: false);
-        Assert.That(counters, Is.All.EqualTo(5));
-        Assert.That(physical, Is.EqualTo(Oracle(ids, 4, t, 40, false).Physical));
+        using var log2phy = new DeviceBuffer<int>(Backend.Cpu, t.Log2Phy);
+        using var logcnt = new DeviceBuffer<int>(Backend.Cpu, t.LogCnt);
+        using var counters = new DeviceBuffer<int>(Backend.Cpu, Enumerable.Repeat(5, 24).ToArray());
+        using var flag = new DeviceBuffer<int>(Backend.Cpu, [0]);
+        using var input = new DeviceBuffer<int>(Backend.Cpu, ids);
+        using var physical = new DeviceBuffer<int>(Backend.Cpu, ids.Length);
+        var layer = new EplbLayerState(log2phy, logcnt, counters, flag, 16, t.MaxReplicas, 24);
+        ExpertMapping.MapToPhysical(ComputeStream.Cpu, input, 4, layer, physical);
+        Assert.That(counters.ToArray(), Is.All.EqualTo(5));
+        Assert.That(physical.ToArray(), Is.EqualTo(Oracle(ids, 4, t, 40, false).Physical));
+        flag.Fill(1);
+        ExpertMapping.MapToPhysical(ComputeStream.Cpu, input, 4, layer, physical);
+        Assert.That(counters.ToArray(), Is.EqualTo(Oracle(ids, 4, t, 40, true).Counters.Select(c => c + 5)));
     }
 
     [Test]
@@ -90,8 +109,8 @@ public class MappingTests
         var ids = Enumerable.Range(0, 64).Select(_ => random.Next(8)).ToArray();
         var counters = new int[12];
         var physical = new int[ids.Length];
-        ExpertMapping.MapToPhysical(ids, 4, t.Log2Phy, t.LogCnt, t.MaxReplicas, 12, physical, counters, record: true);
-        ExpertMapping.MapToPhysical(ids, 4, t.Log2Phy, t.LogCnt, t.MaxReplicas, 12, physical, counters, record: true);
+        ExpertMapping.MapToPhysical(ids, 4, Host(t, counters), physical);
+        ExpertMapping.MapToPhysical(ids, 4, Host(t, counters), physical);
         Assert.That(counters, Is.EqualTo(Oracle(ids, 4, t, 16, true).Counters.Select(c => 2 * c)));
     }
 
@@ -185,23 +204,23 @@ public class MappingTests
         }
 
         // Wrong lengths and sizes are caught in managed code.
-        Assert.Throws<ArgumentException>(() => ExpertMapping.MapToPhysical(ids, 3, t.Log2Phy, t.LogCnt, t.MaxReplicas, 4, physical, counters, true));
-        Assert.Throws<ArgumentException>(() => ExpertMapping.MapToPhysical(ids, 2, t.Log2Phy, t.LogCnt, t.MaxReplicas, 4, physical.AsSpan(1), counters, true));
-        Assert.Throws<ArgumentException>(() => ExpertMapping.MapToPhysical(ids, 2, t.Log2Phy.AsSpan(1), t.LogCnt, t.MaxReplicas, 4, physical, counters, true));
-        Assert.Throws<ArgumentException>(() => ExpertMapping.MapToPhysical(ids, 2, t.Log2Phy, t.LogCnt, t.MaxReplicas, 4, physical, counters.AsSpan(1), true));
-        Assert.Throws<ArgumentOutOfRangeException>(() => ExpertMapping.MapToPhysical(ids, 0, t.Log2Phy, t.LogCnt, t.MaxReplicas, 4, physical, counters, true));
-        Assert.Throws<ArgumentOutOfRangeException>(() => ExpertMapping.MapToPhysical(ids, 2, t.Log2Phy, t.LogCnt, t.MaxReplicas, -4, physical, counters, true));
+        Assert.Throws<ArgumentException>(() => ExpertMapping.MapToPhysical(ids, 3, Host(t, counters, 4), physical));
+        Assert.Throws<ArgumentException>(() => ExpertMapping.MapToPhysical(ids, 2, Host(t, counters, 4), physical.AsSpan(1)));
+        Assert.Throws<ArgumentException>(() => ExpertMapping.MapToPhysical(ids, 2, Host(t, counters, 4, t.Log2Phy.AsSpan(1)), physical));
+        Assert.Throws<ArgumentException>(() => ExpertMapping.MapToPhysical(ids, 2, Host(t, counters.AsSpan(1), 4), physical));
+        Assert.Throws<ArgumentOutOfRangeException>(() => ExpertMapping.MapToPhysical(ids, 0, Host(t, counters, 4), physical));
+        Assert.Throws<ArgumentOutOfRangeException>(() => ExpertMapping.MapToPhysical(ids, 2, Host(t, counters, -4), physical));
         Untouched();
 
         // Kmax smaller than the largest replica count: the native layer names the entry.
         var narrow = Assert.Throws<ArgumentException>(() =>
-            ExpertMapping.MapToPhysical(ids, 2, [0, 1, 2], t.LogCnt, 1, 4, physical, counters, true))!;
+            ExpertMapping.MapToPhysical(ids, 2, Host(t, counters, 4, [0, 1, 2], 1), physical))!;
         Assert.That(narrow.Message, Does.Contain("logcnt[0] = 2").And.Contain("max_replicas = 1"));
         // A table entry outside [0, R).
         var broken = (int[])t.Log2Phy.Clone();
         broken[1] = 9;
         var outOfRange = Assert.Throws<ArgumentException>(() =>
-            ExpertMapping.MapToPhysical(ids, 2, broken, t.LogCnt, t.MaxReplicas, 4, physical, counters, true))!;
+            ExpertMapping.MapToPhysical(ids, 2, Host(t, counters, 4, broken), physical))!;
         Assert.That(outOfRange.Message, Does.Contain("log2phy[0][1] = 9"));
         Untouched();
     }

@@ -125,10 +125,18 @@ public class MegaMoeTests
     private static ushort[] RunHost(Layer l, Backend backend = Backend.Cpu, MoeBackend path = MoeBackend.MegaMoe)
     {
         var output = Enumerable.Repeat(BFloat16.FromBits(0xFFFF), l.Tokens * l.Shape.Hidden).ToArray();
-        var ran = MegaMoe.Run(l.Shape, l.X, l.Ids, l.Weights, l.W1, l.W2, output, backend, path);
+        var ran = MegaMoe.Run(l.Shape, Host(l.X, l.Ids, l.Weights, l.W1, l.W2, output), backend, path);
         Assert.That(ran, Is.EqualTo(path));
         return Bits(output);
     }
+
+    private static MoeTensors Tensors(DeviceSlice<BFloat16> x, DeviceSlice<int> ids, DeviceSlice<float> weights, DeviceSlice<BFloat16> w1,
+        DeviceSlice<BFloat16> w2, DeviceSlice<BFloat16> output, DeviceSlice<byte> workspace) =>
+        new() { X = x, TopkIds = ids, TopkWeights = weights, W1 = w1, W2 = w2, Output = output, Workspace = workspace };
+
+    private static HostMoeTensors Host(ReadOnlySpan<BFloat16> x, ReadOnlySpan<int> ids, ReadOnlySpan<float> weights, ReadOnlySpan<BFloat16> w1,
+        ReadOnlySpan<BFloat16> w2, Span<BFloat16> output) =>
+        new() { X = x, TopkIds = ids, TopkWeights = weights, W1 = w1, W2 = w2, Output = output };
 
     private static ushort[] Bits(BFloat16[] values) => values.Select(v => v.Bits).ToArray();
 
@@ -210,7 +218,7 @@ public class MegaMoeTests
         using var output = new DeviceBuffer<BFloat16>(Backend.Cpu, 21 * 128);
         output.Fill(BFloat16.FromBits(0xFFFF));
         using var workspace = new DeviceBuffer<byte>(Backend.Cpu, MegaMoe.WorkspaceSize(layer.Shape, 21));
-        Assert.That(MegaMoe.Run(stream, layer.Shape, x, ids, weights, w1, w2, output, workspace), Is.EqualTo(MoeBackend.MegaMoe));
+        Assert.That(MegaMoe.Run(stream, layer.Shape, Tensors(x, ids, weights, w1, w2, output, workspace)), Is.EqualTo(MoeBackend.MegaMoe));
         Assert.That(Bits(output.ToArray()), Is.EqualTo(RunHost(layer)));
         AssertClose(Bits(output.ToArray()), Oracle(layer), 128, "device-slice form", OracleTolerance);
     }
@@ -246,21 +254,21 @@ public class MegaMoeTests
         void Untouched() => Assert.That(Bits(output), Is.All.EqualTo((ushort)0xABCD));
 
         // Sizes the managed layer checks.
-        Assert.Throws<ArgumentException>(() => MegaMoe.Run(layer.Shape, layer.X.AsSpan(1), layer.Ids, layer.Weights, layer.W1, layer.W2, output));
-        Assert.Throws<ArgumentException>(() => MegaMoe.Run(layer.Shape, layer.X, layer.Ids.AsSpan(1), layer.Weights, layer.W1, layer.W2, output));
-        Assert.Throws<ArgumentException>(() => MegaMoe.Run(layer.Shape, layer.X, layer.Ids, layer.Weights.AsSpan(2), layer.W1, layer.W2, output));
-        Assert.Throws<ArgumentException>(() => MegaMoe.Run(layer.Shape, layer.X, layer.Ids, layer.Weights, layer.W1.AsSpan(1), layer.W2, output));
-        Assert.Throws<ArgumentException>(() => MegaMoe.Run(layer.Shape, layer.X, layer.Ids, layer.Weights, layer.W1, layer.W2.AsSpan(64), output));
-        Assert.Throws<ArgumentException>(() => MegaMoe.Run(layer.Shape, layer.X, layer.Ids, layer.Weights, layer.W1, layer.W2, output.AsSpan(1)));
+        Assert.Throws<ArgumentException>(() => MegaMoe.Run(layer.Shape, Host(layer.X.AsSpan(1), layer.Ids, layer.Weights, layer.W1, layer.W2, output)));
+        Assert.Throws<ArgumentException>(() => MegaMoe.Run(layer.Shape, Host(layer.X, layer.Ids.AsSpan(1), layer.Weights, layer.W1, layer.W2, output)));
+        Assert.Throws<ArgumentException>(() => MegaMoe.Run(layer.Shape, Host(layer.X, layer.Ids, layer.Weights.AsSpan(2), layer.W1, layer.W2, output)));
+        Assert.Throws<ArgumentException>(() => MegaMoe.Run(layer.Shape, Host(layer.X, layer.Ids, layer.Weights, layer.W1.AsSpan(1), layer.W2, output)));
+        Assert.Throws<ArgumentException>(() => MegaMoe.Run(layer.Shape, Host(layer.X, layer.Ids, layer.Weights, layer.W1, layer.W2.AsSpan(64), output)));
+        Assert.Throws<ArgumentException>(() => MegaMoe.Run(layer.Shape, Host(layer.X, layer.Ids, layer.Weights, layer.W1, layer.W2, output.AsSpan(1))));
         // Shape fields the native layer checks; the message names the field.
         var badLimit = layer.Shape with { SwigluLimit = -1f };
-        var e = Assert.Throws<ArgumentException>(() => MegaMoe.Run(badLimit, layer.X, layer.Ids, layer.Weights, layer.W1, layer.W2, output));
+        var e = Assert.Throws<ArgumentException>(() => MegaMoe.Run(badLimit, Host(layer.X, layer.Ids, layer.Weights, layer.W1, layer.W2, output)));
         Assert.That(e!.Message, Does.Contain("swiglu_limit"));
         var badTile = layer.Shape with { BlockM = 64 };
-        e = Assert.Throws<ArgumentException>(() => MegaMoe.Run(badTile, layer.X, layer.Ids, layer.Weights, layer.W1, layer.W2, output));
+        e = Assert.Throws<ArgumentException>(() => MegaMoe.Run(badTile, Host(layer.X, layer.Ids, layer.Weights, layer.W1, layer.W2, output)));
         Assert.That(e!.Message, Does.Contain("block_m"));
         var outside = layer.Shape with { FirstSlot = 6 };
-        Assert.Throws<ArgumentException>(() => MegaMoe.Run(outside, layer.X, layer.Ids, layer.Weights, layer.W1, layer.W2, output));
+        Assert.Throws<ArgumentException>(() => MegaMoe.Run(outside, Host(layer.X, layer.Ids, layer.Weights, layer.W1, layer.W2, output)));
         Untouched();
 
         // Device-slice form: a small workspace and a view on the wrong backend.
@@ -271,16 +279,15 @@ public class MegaMoeTests
         using var w2 = new DeviceBuffer<BFloat16>(Backend.Cpu, layer.W2);
         using var outBuffer = new DeviceBuffer<BFloat16>(Backend.Cpu, output);
         using var workspace = new DeviceBuffer<byte>(Backend.Cpu, MegaMoe.WorkspaceSize(layer.Shape, 5));
-        e = Assert.Throws<ArgumentException>(() => MegaMoe.Run(ComputeStream.Cpu, layer.Shape, x, ids, weights, w1, w2, outBuffer,
-            workspace.Slice(0, workspace.Length - 1)));
-        Assert.That(e!.Message, Does.Contain("workspace"));
-        Assert.Throws<ArgumentNullException>(() => MegaMoe.RunUnfused(ComputeStream.Cpu, layer.Shape, x, default, weights, w1, w2, outBuffer, workspace));
-        Assert.Throws<ArgumentOutOfRangeException>(() => MegaMoe.RunFused(ComputeStream.Cpu, layer.Shape, x, ids, weights, w1, w2, outBuffer, workspace, -1));
+        e = Assert.Throws<ArgumentException>(() => MegaMoe.Run(ComputeStream.Cpu, layer.Shape, Tensors(x, ids, weights, w1, w2, outBuffer, workspace.Slice(0, workspace.Length - 1))));
+        Assert.That(e!.Message, Does.Contain("Workspace"));
+        Assert.Throws<ArgumentNullException>(() => MegaMoe.RunUnfused(ComputeStream.Cpu, layer.Shape, Tensors(x, default, weights, w1, w2, outBuffer, workspace)));
+        Assert.Throws<ArgumentOutOfRangeException>(() => MegaMoe.RunFused(ComputeStream.Cpu, layer.Shape, Tensors(x, ids, weights, w1, w2, outBuffer, workspace), -1));
         Assert.That(Bits(outBuffer.ToArray()), Is.All.EqualTo((ushort)0xABCD));
         if (EplbRuntime.IsAvailable(Backend.Cuda))
         {
             using var cudaStream = new ComputeStream(Backend.Cuda);
-            Assert.Throws<ArgumentException>(() => MegaMoe.Run(cudaStream, layer.Shape, x, ids, weights, w1, w2, outBuffer, workspace));
+            Assert.Throws<ArgumentException>(() => MegaMoe.Run(cudaStream, layer.Shape, Tensors(x, ids, weights, w1, w2, outBuffer, workspace)));
         }
     }
 
@@ -298,9 +305,9 @@ public class MegaMoeTests
         output.Fill(BFloat16.FromBits(0xFFFF));  // bf16 NaN: an unwritten element shows
         using var workspace = new DeviceBuffer<byte>(Backend.Cuda, MegaMoe.WorkspaceSize(l.Shape, l.Tokens));
         if (path == MoeBackend.Unfused)
-            MegaMoe.RunUnfused(stream, l.Shape, x, ids, weights, w1, w2, output, workspace);
+            MegaMoe.RunUnfused(stream, l.Shape, Tensors(x, ids, weights, w1, w2, output, workspace));
         else
-            Assert.That(MegaMoe.Run(stream, l.Shape, x, ids, weights, w1, w2, output, workspace, fallback, gridBlocks),
+            Assert.That(MegaMoe.Run(stream, l.Shape, Tensors(x, ids, weights, w1, w2, output, workspace), fallback, gridBlocks),
                 Is.EqualTo(fallback == MoeFallback.Throw ? MoeBackend.MegaMoe : MoeBackend.Unfused));
         stream.CheckDeviceErrors();
         return Bits(output.ToArray(stream));

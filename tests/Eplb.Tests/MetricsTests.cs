@@ -1,4 +1,6 @@
 using System.Diagnostics.Metrics;
+using Microsoft.Extensions.Configuration;
+using Microsoft.Extensions.DependencyInjection;
 using NUnit.Framework;
 
 namespace Eplb.Tests;
@@ -116,5 +118,32 @@ public class MetricsTests
         recorder.Observe();
         Assert.That(recorder.Measurements.Skip(before).Where(m => m.Name == EplbMetrics.LayersStaged).Select(m => m.Value), Does.Not.Contain((double)staged),
             "a disposed state's meter is gone");
+    }
+
+    [Test]
+    public void AContainerWithMetricsGivesTheStateAMeterFromItsFactory()
+    {
+        var section = new ConfigurationBuilder().AddInMemoryCollection(new Dictionary<string, string?>
+        {
+            ["Eplb:WindowSize"] = "4", ["Eplb:StepInterval"] = "8", ["Eplb:Groups"] = "1", ["Eplb:UseAsync"] = "false",
+        }).Build().GetSection(EplbOptions.SectionName);
+        var services = new ServiceCollection().AddMetrics();
+        services.AddEplb(section).AddInProcessTransport(2);
+        var published = new List<Instrument>();
+        using var listener = new MeterListener
+        {
+            InstrumentPublished = (instrument, _) => { if (instrument.Meter.Name == EplbMetrics.MeterName) lock (published) published.Add(instrument); },
+        };
+        listener.Start();
+        using (var provider = services.BuildServiceProvider())
+        {
+            var factory = provider.GetRequiredService<IMeterFactory>();
+            _ = provider.GetRequiredService<EplbState>();
+            lock (published)
+            {
+                var ours = published.Where(i => ReferenceEquals(i.Meter.Scope, factory)).Select(i => i.Name).ToList();
+                Assert.That(ours, Is.SupersetOf(new[] { EplbMetrics.Rearrangements, EplbMetrics.Balancedness, EplbMetrics.BytesMoved }));
+            }
+        }
     }
 }

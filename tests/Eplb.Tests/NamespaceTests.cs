@@ -93,6 +93,7 @@ public class NamespaceTests
         var exceptions = new Dictionary<string, string>
         {
             ["Eplb/Balancing/EplbServiceCollectionExtensions.cs"] = "Microsoft.Extensions.DependencyInjection",
+            ["Eplb/Balancing/EplbBuilder.cs"] = "Microsoft.Extensions.DependencyInjection",
         };
         Assert.That(NamespaceLayout.FolderMismatches(files, exceptions), Is.Empty);
         Assert.That(NamespaceLayout.TypesNamedLikeTheirNamespace(files), Is.Empty);

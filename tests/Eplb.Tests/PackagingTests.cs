@@ -6,7 +6,8 @@ namespace Eplb.Tests;
 
 /// <summary>
 /// The Eplb NuGet package as a host application meets it: packed fresh, restored by the sample app
-/// (samples/Eplb.Sample: appsettings.json + AddEplb, a placement, one routing call), built and run.
+/// (samples/Eplb.Sample: its appsettings.json, AddEplb's runtime, a model over ranks that EplbState
+/// rearranges), built and run from another folder.
 /// </summary>
 public class PackagingTests
 {
@@ -55,12 +56,15 @@ public class PackagingTests
                 Assert.That(entries, Does.Contain("runtimes/linux-x64/native/libeplb.so"));
                 Assert.That(entries, Does.Contain("lib/net10.0/Eplb.dll"));
                 Assert.That(entries, Does.Contain("lib/net10.0/Eplb.xml"), "XML docs ship with the package");
+                using var nuspec = new StreamReader(zip.GetEntry("Eplb.nuspec")!.Open());
+                Assert.That(nuspec.ReadToEnd(), Does.Not.Contain("TorchSharp").IgnoreCase, "the TorchSharp adapter is a package of its own");
             }
 
             // The sample, copied out of the tree so its restore and build leave the checkout alone.
             var app = Path.Combine(scratch.FullName, "sample");
             Directory.CreateDirectory(app);
-            foreach (var file in Directory.GetFiles(Path.Combine(repo, "samples", "Eplb.Sample")))
+            // Its nuget.config (the checkout's artifacts/packages) stays behind: the fresh feed is passed instead.
+            foreach (var file in Directory.GetFiles(Path.Combine(repo, "samples", "Eplb.Sample")).Where(f => Path.GetFileName(f) != "nuget.config"))
                 File.Copy(file, Path.Combine(app, Path.GetFileName(file)));
             (code, output) = Dotnet(app, "build", "-c", "Release", "-o", Path.Combine(app, "out"), $"-p:EplbPackageVersion={version}",
                 $"-p:RestoreAdditionalProjectSources={feed}", "-p:TreatWarningsAsErrors=false");
@@ -68,9 +72,16 @@ public class PackagingTests
             Assert.That(File.Exists(Path.Combine(app, "out", "runtimes", "linux-x64", "native", "libeplb.so")), Is.True,
                 "the native library comes from the package's runtimes folder");
 
-            (code, output) = Dotnet(Path.Combine(app, "out"), Path.Combine(app, "out", "Eplb.Sample.dll"));
+            // Run from another folder: the sample reads the appsettings.json beside it, not the current directory's.
+            (code, output) = Dotnet(scratch.FullName, Path.Combine(app, "out", "Eplb.Sample.dll"));
             Assert.That(code, Is.Zero, output);
-            Assert.That(output, Does.Contain("policy=locality").And.Contain("routed=512 tokens x top-k=512"));
+            Assert.That(output, Does.Contain("policy=locality").And.Contain("failed=0").And.Contain("weights follow placement=yes"));
+            var completed = System.Text.RegularExpressions.Regex.Match(output, @"rearrangements completed=(\d+)");
+            Assert.That(completed.Success && int.Parse(completed.Groups[1].Value) > 0, Is.True, output);
+            var balancedness = System.Text.RegularExpressions.Regex.Match(output, @"balancedness ([0-9.]+) -> ([0-9.]+)");
+            Assert.That(balancedness.Success, Is.True, output);
+            Assert.That(double.Parse(balancedness.Groups[2].Value, System.Globalization.CultureInfo.InvariantCulture),
+                Is.GreaterThan(double.Parse(balancedness.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture)), output);
         }
         finally
         {

@@ -236,8 +236,11 @@ public class RouterTests
         var physical = Run(Backend.Cpu, options, logits, tables: tables, numUnpadded: unpadded);
         var want = new int[logical.Ids.Length];
         var wantCounters = new int[tables.Slots];
-        ExpertMapping.MapToPhysical(logical.Ids, k, tables.Log2Phy, tables.LogCnt, tables.MaxReplicas, tables.Slots, want, wantCounters,
-            record: true, numUnpadded: unpadded);
+        var host = new HostLayerState
+        {
+            Log2Phy = tables.Log2Phy, LogCnt = tables.LogCnt, MaxReplicas = tables.MaxReplicas, Slots = tables.Slots, Counters = wantCounters,
+        };
+        ExpertMapping.MapToPhysical(logical.Ids, k, host, want, numUnpadded: unpadded);
         Assert.That(physical.Ids, Is.EqualTo(want));
         Assert.That(physical.Counters, Is.EqualTo(wantCounters));
         Assert.That(physical.Weights, Is.EqualTo(logical.Weights));

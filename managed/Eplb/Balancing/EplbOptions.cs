@@ -111,9 +111,13 @@ public sealed class EplbOptions
     /// <summary>The longest <see cref="CancelTimeout"/> accepted (a wait must stay bounded).</summary>
     public static readonly TimeSpan MaxCancelTimeout = TimeSpan.FromHours(1);
 
-    /// <summary>The violations of the rules of docs/design.md §3.1 (empty when valid).</summary>
-    public IReadOnlyList<string> Violations()
+    /// <summary>The violations of the rules of docs/design.md §3.1 (empty when valid), the policy looked up among the built-in ones.</summary>
+    public IReadOnlyList<string> Violations() => Violations(PlacementPolicies.Default);
+
+    /// <summary>The violations of the rules of docs/design.md §3.1 (empty when valid), the policy looked up in <paramref name="policies"/>.</summary>
+    public IReadOnlyList<string> Violations(PlacementPolicyCatalog policies)
     {
+        ArgumentNullException.ThrowIfNull(policies);
         var errors = new List<string>();
         if (WindowSize <= 0) errors.Add($"WindowSize must be > 0 (got {WindowSize})");
         if (StepInterval <= 0) errors.Add($"StepInterval must be > 0 (got {StepInterval})");
@@ -140,11 +144,11 @@ public sealed class EplbOptions
         {
             errors.Add("Policy must name a registered placement policy");
         }
-        else if (!PlacementPolicies.TryGet(Policy, out var policy))
+        else if (!policies.TryGet(Policy, out var policy))
         {
-            errors.Add($"Policy '{Policy}' is not registered (known: {string.Join(", ", PlacementPolicies.Names)})");
+            errors.Add($"Policy '{Policy}' is not registered (known: {string.Join(", ", policies.Names)})");
         }
-        else if (UseAsync && !policy!.SupportsAsync)
+        else if (UseAsync && !policy.SupportsAsync)
         {
             errors.Add($"UseAsync = true requires a policy that supports asynchronous rearrangement; '{Policy}' does not");
         }
@@ -162,13 +166,18 @@ public sealed class EplbOptions
     }
 }
 
-/// <summary>Validates <see cref="EplbOptions"/>: every violation of docs/design.md §3.1 in one result.</summary>
-public sealed class EplbOptionsValidator : IValidateOptions<EplbOptions>
+/// <summary>Validates <see cref="EplbOptions"/>: every violation of docs/design.md §3.1 in one result, the policy looked up in <c>policies</c>.</summary>
+public sealed class EplbOptionsValidator(PlacementPolicyCatalog policies) : IValidateOptions<EplbOptions>
 {
+    /// <summary>Validates against the built-in policies.</summary>
+    public EplbOptionsValidator() : this(PlacementPolicies.Default)
+    {
+    }
+
     /// <inheritdoc/>
     public ValidateOptionsResult Validate(string? name, EplbOptions options)
     {
-        var violations = options.Violations();
+        var violations = options.Violations(policies);
         return violations.Count == 0 ? ValidateOptionsResult.Success : ValidateOptionsResult.Fail(violations);
     }
 }

@@ -70,16 +70,19 @@ public sealed class EplbState : IDisposable
     private long _layersStaged, _layersCommitted, _slotsMoved, _expertsMoved, _bytesMoved;
 
     /// <summary>
-    /// Creates the loop; the options are validated (one exception lists every violation). Its
-    /// metrics go to the <c>Eplb</c> meter (<see cref="EplbMetrics"/>), created by
-    /// <paramref name="meterFactory"/> when given (DI), else owned by this instance.
+    /// Creates the loop; the options are validated (one exception lists every violation) and the
+    /// policy is looked up in <paramref name="policies"/> (default: the built-in ones). Its metrics go
+    /// to the <c>Eplb</c> meter (<see cref="EplbMetrics"/>), created by <paramref name="meterFactory"/>
+    /// when given (DI), else owned by this instance.
     /// </summary>
     /// <exception cref="OptionsValidationException">The options break a rule of docs/design.md §3.1.</exception>
-    public EplbState(EplbOptions options, IExpertTransport transport, ILogger<EplbState>? logger = null, IMeterFactory? meterFactory = null)
+    public EplbState(EplbOptions options, IExpertTransport transport, ILogger<EplbState>? logger = null, PlacementPolicyCatalog? policies = null,
+        IMeterFactory? meterFactory = null)
     {
         ArgumentNullException.ThrowIfNull(options);
         ArgumentNullException.ThrowIfNull(transport);
-        var violations = options.Violations();
+        policies ??= PlacementPolicies.Default;
+        var violations = options.Violations(policies);
         if (violations.Count > 0) throw new OptionsValidationException(nameof(EplbOptions), typeof(EplbOptions), violations);
         var communicator = options.Communicator == TransportKind.Auto ? transport.Kind : options.Communicator;
         if (communicator != transport.Kind)
@@ -87,7 +90,7 @@ public sealed class EplbState : IDisposable
         _options = options;
         _transport = transport;
         _logger = logger ?? (ILogger)NullLogger.Instance;
-        _policy = PlacementPolicies.Get(options.Policy);
+        _policy = policies.Get(options.Policy);
         foreach (var warning in options.Warnings()) _logger.LogWarning("EPLB: {Warning}", warning);
         // The first rearrangement comes after a quarter of the interval (vLLM: step counter starts at
         // interval - interval / 4), then every interval.

@@ -2,9 +2,16 @@ using System.Runtime.InteropServices;
 
 namespace Eplb.Interop;
 
-/// <summary>Owns one <c>eplb_buffer_t</c>; releasing calls <c>eplb_buffer_destroy</c> exactly once.</summary>
+/// <summary>
+/// Owns one <c>eplb_buffer_t</c>; releasing calls <c>eplb_buffer_destroy</c> exactly once. A wrapped
+/// buffer (<see cref="Wrap"/>) also keeps the memory's owner reachable and its pin held until then,
+/// so no call that still leases the handle can outlive the memory's pin.
+/// </summary>
 internal sealed unsafe class BufferHandle : SafeHandle
 {
+    private object? _owner;
+    private System.Buffers.MemoryHandle _pin;
+
     public BufferHandle() : base(0, ownsHandle: true)
     {
     }
@@ -20,7 +27,37 @@ internal sealed unsafe class BufferHandle : SafeHandle
         return result;
     }
 
-    protected override bool ReleaseHandle() => NativeMethods.eplb_buffer_destroy((eplb_buffer_t*)handle) == eplb_status_t.EPLB_STATUS_OK;
+    /// <summary>
+    /// Wraps caller-owned memory without copying (<c>eplb_buffer_wrap</c>); <paramref name="owner"/> stays
+    /// reachable and <paramref name="pin"/> held until the handle is released (neither is freed by it
+    /// beyond the pin's own release). On failure the pin is released and the status thrown.
+    /// </summary>
+    internal static BufferHandle Wrap(eplb_backend_t backend, int device, void* data, ulong bytes, object? owner,
+        System.Buffers.MemoryHandle pin = default)
+    {
+        eplb_buffer_t* buffer = null;
+        try
+        {
+            EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_wrap(backend, device, data, bytes, &buffer));
+        }
+        catch
+        {
+            pin.Dispose();
+            throw;
+        }
+        var result = new BufferHandle { _owner = owner, _pin = pin };
+        result.SetHandle((nint)buffer);
+        return result;
+    }
+
+    protected override bool ReleaseHandle()
+    {
+        var destroyed = NativeMethods.eplb_buffer_destroy((eplb_buffer_t*)handle) == eplb_status_t.EPLB_STATUS_OK;
+        _pin.Dispose();
+        GC.KeepAlive(_owner);  // reachable until here, then let go
+        _owner = null;
+        return destroyed;
+    }
 }
 
 /// <summary>Owns one <c>eplb_stream_t</c>; releasing calls <c>eplb_stream_destroy</c> exactly once.</summary>

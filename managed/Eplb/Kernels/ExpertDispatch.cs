@@ -206,76 +206,76 @@ public static unsafe class ExpertDispatch
 
     /// <summary>
     /// Host-memory form of <see cref="Align(ComputeStream, DeviceSlice{int}, ExpertLayout)"/>: every element of
-    /// every output is written. <paramref name="sortedPairIds"/> needs at least
-    /// <see cref="AlignCapacity"/> elements, <paramref name="blockExperts"/> exactly its length / blockSize.
+    /// every output of <paramref name="layout"/> is written. Its <see cref="HostExpertLayout.SortedPairIds"/>
+    /// needs at least <see cref="AlignCapacity"/> elements, <see cref="HostExpertLayout.BlockExperts"/>
+    /// exactly that length / BlockSize.
     /// </summary>
     /// <exception cref="ArgumentException">A length or value is out of range; nothing is written.</exception>
-    public static void Align(ReadOnlySpan<int> physicalIds, int topK, int firstSlot, int slotsPerRank, int blockSize,
-        Span<int> expertCounts, Span<int> expertOffsets, Span<int> sortedPairIds, Span<int> blockExperts, Span<int> pairPositions,
-        Backend backend = Backend.Cpu)
+    public static void Align(ReadOnlySpan<int> physicalIds, HostExpertLayout layout, Backend backend = Backend.Cpu)
     {
-        ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
-        ArgumentOutOfRangeException.ThrowIfLessThan(slotsPerRank, 1);
-        ArgumentOutOfRangeException.ThrowIfLessThan(blockSize, 1);
+        var (topK, firstSlot, slotsPerRank, blockSize) = (layout.TopK, layout.FirstSlot, layout.SlotsPerRank, layout.BlockSize);
+        ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1, "TopK");
+        ArgumentOutOfRangeException.ThrowIfLessThan(slotsPerRank, 1, "SlotsPerRank");
+        ArgumentOutOfRangeException.ThrowIfLessThan(blockSize, 1, "BlockSize");
         var tokens = KernelArguments.WholeRows(physicalIds.Length, topK, nameof(physicalIds));
-        KernelArguments.ExpectLength(expertCounts.Length, slotsPerRank, nameof(expertCounts));
-        KernelArguments.ExpectLength(expertOffsets.Length, slotsPerRank + 1L, nameof(expertOffsets));
-        KernelArguments.ExpectLength(blockExperts.Length, sortedPairIds.Length / blockSize, nameof(blockExperts));
-        KernelArguments.ExpectLength(pairPositions.Length, physicalIds.Length, nameof(pairPositions));
+        KernelArguments.ExpectLength(layout.ExpertCounts.Length, slotsPerRank, "ExpertCounts");
+        KernelArguments.ExpectLength(layout.ExpertOffsets.Length, slotsPerRank + 1L, "ExpertOffsets");
+        KernelArguments.ExpectLength(layout.BlockExperts.Length, layout.SortedPairIds.Length / blockSize, "BlockExperts");
+        KernelArguments.ExpectLength(layout.PairPositions.Length, physicalIds.Length, "PairPositions");
 
         if (backend == Backend.Cuda)
         {
             using var device = new DeviceRoundTrip();
             // The host spans fix the capacity (it may exceed the worst case), so size the views to them.
-            var layout = device.Own(ExpertLayout.Owning(checked((int)tokens), topK, firstSlot, slotsPerRank, blockSize,
-                ExpertLayout.AllocateBuffers(Backend.Cuda, tokens * topK, slotsPerRank, sortedPairIds.Length, blockSize)));
-            Align(device.Stream, device.Upload(physicalIds), layout);
-            device.Download(layout.ExpertCounts, expertCounts);
-            device.Download(layout.ExpertOffsets, expertOffsets);
-            device.Download(layout.SortedPairIds, sortedPairIds);
-            device.Download(layout.BlockExperts, blockExperts);
-            device.Download(layout.PairPositions, pairPositions);
+            var views = device.Own(ExpertLayout.Owning(checked((int)tokens), topK, firstSlot, slotsPerRank, blockSize,
+                ExpertLayout.AllocateBuffers(Backend.Cuda, tokens * topK, slotsPerRank, layout.SortedPairIds.Length, blockSize)));
+            Align(device.Stream, device.Upload(physicalIds), views);
+            device.Download(views.ExpertCounts, layout.ExpertCounts);
+            device.Download(views.ExpertOffsets, layout.ExpertOffsets);
+            device.Download(views.SortedPairIds, layout.SortedPairIds);
+            device.Download(views.BlockExperts, layout.BlockExperts);
+            device.Download(views.PairPositions, layout.PairPositions);
             return;
         }
         using var leases = new LeaseScope();
-        fixed (int* ids = physicalIds, counts = expertCounts, offsets = expertOffsets, sorted = sortedPairIds, blocks = blockExperts,
-               positions = pairPositions)
+        fixed (int* ids = physicalIds, counts = layout.ExpertCounts, offsets = layout.ExpertOffsets, sorted = layout.SortedPairIds,
+               blocks = layout.BlockExperts, positions = layout.PairPositions)
         {
             EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_align(leases.Stream(ComputeStream.Cpu), ids, tokens, topK, firstSlot,
-                slotsPerRank, blockSize, sortedPairIds.Length, counts, offsets, sorted, blocks, positions));
+                slotsPerRank, blockSize, layout.SortedPairIds.Length, counts, offsets, sorted, blocks, positions));
         }
     }
 
     /// <summary>
-    /// Host-memory form of <see cref="BucketByRank(ComputeStream, DeviceSlice{int}, RankBuckets)"/>:
-    /// <paramref name="rankCounts"/> <c>[G]</c>, <paramref name="rankOffsets"/> <c>[G + 1]</c>,
-    /// <paramref name="sendPairIds"/> and <paramref name="pairPositions"/> <c>[T * K]</c>, all written.
+    /// Host-memory form of <see cref="BucketByRank(ComputeStream, DeviceSlice{int}, RankBuckets)"/>: every
+    /// output of <paramref name="buckets"/> is written.
     /// </summary>
     /// <exception cref="ArgumentException">A length or slot is out of range; nothing is written.</exception>
-    public static void BucketByRank(ReadOnlySpan<int> physicalIds, int topK, int slots, int ranks, Span<int> rankCounts,
-        Span<int> rankOffsets, Span<int> sendPairIds, Span<int> pairPositions, Backend backend = Backend.Cpu)
+    public static void BucketByRank(ReadOnlySpan<int> physicalIds, HostRankBuckets buckets, Backend backend = Backend.Cpu)
     {
-        ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
-        ArgumentOutOfRangeException.ThrowIfLessThan(ranks, 1);
+        var (topK, slots, ranks) = (buckets.TopK, buckets.Slots, buckets.Ranks);
+        ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1, "TopK");
+        ArgumentOutOfRangeException.ThrowIfLessThan(ranks, 1, "Ranks");
         var tokens = KernelArguments.WholeRows(physicalIds.Length, topK, nameof(physicalIds));
-        KernelArguments.ExpectLength(rankCounts.Length, ranks, nameof(rankCounts));
-        KernelArguments.ExpectLength(rankOffsets.Length, ranks + 1L, nameof(rankOffsets));
-        KernelArguments.ExpectLength(sendPairIds.Length, physicalIds.Length, nameof(sendPairIds));
-        KernelArguments.ExpectLength(pairPositions.Length, physicalIds.Length, nameof(pairPositions));
+        KernelArguments.ExpectLength(buckets.RankCounts.Length, ranks, "RankCounts");
+        KernelArguments.ExpectLength(buckets.RankOffsets.Length, ranks + 1L, "RankOffsets");
+        KernelArguments.ExpectLength(buckets.SendPairIds.Length, physicalIds.Length, "SendPairIds");
+        KernelArguments.ExpectLength(buckets.PairPositions.Length, physicalIds.Length, "PairPositions");
 
         if (backend == Backend.Cuda)
         {
             using var device = new DeviceRoundTrip();
-            var buckets = device.Own(RankBuckets.Allocate(Backend.Cuda, checked((int)tokens), topK, slots, ranks));
-            BucketByRank(device.Stream, device.Upload(physicalIds), buckets);
-            device.Download(buckets.RankCounts, rankCounts);
-            device.Download(buckets.RankOffsets, rankOffsets);
-            device.Download(buckets.SendPairIds, sendPairIds);
-            device.Download(buckets.PairPositions, pairPositions);
+            var views = device.Own(RankBuckets.Allocate(Backend.Cuda, checked((int)tokens), topK, slots, ranks));
+            BucketByRank(device.Stream, device.Upload(physicalIds), views);
+            device.Download(views.RankCounts, buckets.RankCounts);
+            device.Download(views.RankOffsets, buckets.RankOffsets);
+            device.Download(views.SendPairIds, buckets.SendPairIds);
+            device.Download(views.PairPositions, buckets.PairPositions);
             return;
         }
         using var leases = new LeaseScope();
-        fixed (int* ids = physicalIds, counts = rankCounts, offsets = rankOffsets, send = sendPairIds, positions = pairPositions)
+        fixed (int* ids = physicalIds, counts = buckets.RankCounts, offsets = buckets.RankOffsets, send = buckets.SendPairIds,
+               positions = buckets.PairPositions)
         {
             EplbException.ThrowIfFailed(NativeMethods.eplb_dispatch_bucket_by_rank(leases.Stream(ComputeStream.Cpu), ids, tokens, topK, slots,
                 ranks, counts, offsets, send, positions));
@@ -357,4 +357,67 @@ public static unsafe class ExpertDispatch
         typeof(T) == typeof(float) ? eplb_dtype_t.EPLB_DTYPE_F32
         : typeof(T) == typeof(BFloat16) ? eplb_dtype_t.EPLB_DTYPE_BF16
         : throw new NotSupportedException($"dispatch ops take float or BFloat16 elements, not {typeof(T).Name}");
+}
+
+/// <summary>
+/// The host-memory counterpart of <see cref="ExpertLayout"/> for the host-span
+/// <see cref="ExpertDispatch.Align(ReadOnlySpan{int}, HostExpertLayout, Backend)"/>: the rank's slots,
+/// the block size and the output spans.
+/// </summary>
+public readonly ref struct HostExpertLayout
+{
+    /// <summary>K, pairs per token.</summary>
+    public required int TopK { get; init; }
+
+    /// <summary>The first slot this rank holds.</summary>
+    public required int FirstSlot { get; init; }
+
+    /// <summary>R/G, the slots (local experts) this rank holds.</summary>
+    public required int SlotsPerRank { get; init; }
+
+    /// <summary>Rows per block; each expert's rows are padded to a multiple of it.</summary>
+    public required int BlockSize { get; init; }
+
+    /// <summary><c>[SlotsPerRank]</c> output: routed pairs per local expert.</summary>
+    public required Span<int> ExpertCounts { get; init; }
+
+    /// <summary><c>[SlotsPerRank + 1]</c> output: each expert's first row (padded), then the total.</summary>
+    public required Span<int> ExpertOffsets { get; init; }
+
+    /// <summary>Output: the pair of each row or <see cref="ExpertDispatch.Padding"/>; its length is the capacity (at least <see cref="ExpertDispatch.AlignCapacity"/>).</summary>
+    public required Span<int> SortedPairIds { get; init; }
+
+    /// <summary><c>[capacity / BlockSize]</c> output: the local expert of each block, or <see cref="ExpertDispatch.Padding"/>.</summary>
+    public required Span<int> BlockExperts { get; init; }
+
+    /// <summary><c>[T * K]</c> output: each pair's row, or <see cref="ExpertDispatch.Padding"/> when it is not local.</summary>
+    public required Span<int> PairPositions { get; init; }
+}
+
+/// <summary>
+/// The host-memory counterpart of <see cref="RankBuckets"/> for the host-span
+/// <see cref="ExpertDispatch.BucketByRank(ReadOnlySpan{int}, HostRankBuckets, Backend)"/>.
+/// </summary>
+public readonly ref struct HostRankBuckets
+{
+    /// <summary>K, pairs per token.</summary>
+    public required int TopK { get; init; }
+
+    /// <summary>R, slots over all ranks.</summary>
+    public required int Slots { get; init; }
+
+    /// <summary>G, destination ranks.</summary>
+    public required int Ranks { get; init; }
+
+    /// <summary><c>[G]</c> output: routed pairs per destination rank.</summary>
+    public required Span<int> RankCounts { get; init; }
+
+    /// <summary><c>[G + 1]</c> output: each rank's first send row, then the total.</summary>
+    public required Span<int> RankOffsets { get; init; }
+
+    /// <summary><c>[T * K]</c> output: the pair of each send row (rank-contiguous), <see cref="ExpertDispatch.Padding"/> past the total.</summary>
+    public required Span<int> SendPairIds { get; init; }
+
+    /// <summary><c>[T * K]</c> output: each pair's send row, or <see cref="ExpertDispatch.Padding"/> for an unrouted pair.</summary>
+    public required Span<int> PairPositions { get; init; }
 }

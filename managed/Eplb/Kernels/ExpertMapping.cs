@@ -43,38 +43,39 @@ public static unsafe class ExpertMapping
     }
 
     /// <summary>
-    /// Host-memory form: maps <paramref name="topkIds"/> into <paramref name="physicalIds"/> and,
-    /// when <paramref name="record"/>, adds the load into <paramref name="counters"/> (<c>[R]</c>).
-    /// On <see cref="Backend.Cpu"/> it runs in place on the spans; on <see cref="Backend.Cuda"/> it
+    /// Host-memory form: maps <paramref name="topkIds"/> <c>[T][topK]</c> into <paramref name="physicalIds"/>
+    /// through <paramref name="layer"/>'s tables and, when its counters are given, adds the load into
+    /// them. On <see cref="Backend.Cpu"/> it runs in place on the spans; on <see cref="Backend.Cuda"/> it
     /// copies to the device, runs the CUDA kernel, checks the device error word and copies back.
     /// Nothing is written when an argument is bad.
     /// </summary>
-    public static void MapToPhysical(ReadOnlySpan<int> topkIds, int topK, ReadOnlySpan<int> log2Phy, ReadOnlySpan<int> logCnt,
-        int maxReplicas, int slots, Span<int> physicalIds, Span<int> counters = default, bool record = false,
-        int? numUnpadded = null, ReplicaSelection replicaSelection = ReplicaSelection.TokenHash, Backend backend = Backend.Cpu)
+    /// <param name="topkIds"><c>[T][topK]</c> logical ids.</param>
+    /// <param name="topK">K, ids per token.</param>
+    /// <param name="layer">The layer's tables and (optional) counters.</param>
+    /// <param name="physicalIds"><c>[T][topK]</c> output (may not overlap the inputs).</param>
+    /// <param name="numUnpadded">Rows at or after it are padding: -1, not counted. Default: every row is real.</param>
+    /// <param name="backend">Where the kernel runs.</param>
+    /// <exception cref="ArgumentException">Sizes disagree, or a table entry is out of range; nothing is written.</exception>
+    public static void MapToPhysical(ReadOnlySpan<int> topkIds, int topK, HostLayerState layer, Span<int> physicalIds,
+        int? numUnpadded = null, Backend backend = Backend.Cpu)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(topK, 1);
-        ArgumentOutOfRangeException.ThrowIfLessThan(maxReplicas, 1);
-        ArgumentOutOfRangeException.ThrowIfLessThan(slots, 1);
-        if (logCnt.IsEmpty) throw new ArgumentException("logCnt must hold one count per logical expert", nameof(logCnt));
+        layer.Validate();
         if (topkIds.Length % topK != 0)
             throw new ArgumentException($"topkIds has {topkIds.Length} elements, not a multiple of topK = {topK}", nameof(topkIds));
         if (physicalIds.Length != topkIds.Length)
             throw new ArgumentException($"physicalIds has {physicalIds.Length} elements, topkIds {topkIds.Length}", nameof(physicalIds));
-        if ((long)logCnt.Length * maxReplicas != log2Phy.Length)
-            throw new ArgumentException($"log2Phy has {log2Phy.Length} elements; N = {logCnt.Length} and maxReplicas = {maxReplicas} need {(long)logCnt.Length * maxReplicas}", nameof(log2Phy));
-        if (record && counters.Length != slots)
-            throw new ArgumentException($"counters has {counters.Length} elements; recording needs slots = {slots}", nameof(counters));
 
         if (backend == Backend.Cuda)
         {
-            MapOnDevice(topkIds, topK, log2Phy, logCnt, maxReplicas, slots, physicalIds, counters, record, numUnpadded, replicaSelection);
+            MapOnDevice(topkIds, topK, layer, physicalIds, numUnpadded);
             return;
         }
+        var record = layer.Records;
         var flag = record ? 1 : 0;
         var unpaddedValue = numUnpadded ?? 0;
         using var leases = new LeaseScope();
-        fixed (int* ids = topkIds, table = log2Phy, counts = logCnt, output = physicalIds, load = counters)
+        fixed (int* ids = topkIds, table = layer.Log2Phy, counts = layer.LogCnt, output = physicalIds, load = layer.Counters)
         {
             var map = new eplb_expert_map_t
             {
@@ -82,29 +83,75 @@ public static unsafe class ExpertMapping
                 logcnt = counts,
                 counters = record ? load : null,
                 record_flag = record ? &flag : null,
-                num_logical = logCnt.Length,
-                max_replicas = maxReplicas,
-                num_physical = slots,
-                replica_selection = (int)replicaSelection,
+                num_logical = layer.LogicalExperts,
+                max_replicas = layer.MaxReplicas,
+                num_physical = layer.Slots,
+                replica_selection = (int)layer.ReplicaSelection,
             };
             EplbException.ThrowIfFailed(NativeMethods.eplb_map_logical_to_physical(leases.Stream(ComputeStream.Cpu), ids, topkIds.Length / topK,
                 topK, &map, numUnpadded.HasValue ? &unpaddedValue : null, output));
         }
     }
 
-    private static void MapOnDevice(ReadOnlySpan<int> topkIds, int topK, ReadOnlySpan<int> log2Phy, ReadOnlySpan<int> logCnt,
-        int maxReplicas, int slots, Span<int> physicalIds, Span<int> counters, bool record, int? numUnpadded,
-        ReplicaSelection replicaSelection)
+    private static void MapOnDevice(ReadOnlySpan<int> topkIds, int topK, HostLayerState layer, Span<int> physicalIds, int? numUnpadded)
     {
         using var device = new DeviceRoundTrip();
-        var load = record ? device.Upload<int>(counters) : device.Allocate<int>(slots);
+        var record = layer.Records;
+        var load = record ? device.Upload<int>(layer.Counters) : device.Allocate<int>(layer.Slots);
         if (!record) load.Fill(0);
         var output = device.Allocate<int>(topkIds.Length);
-        var layer = new EplbLayerState(device.Upload(log2Phy), device.Upload(logCnt), load, device.Upload<int>([record ? 1 : 0]),
-            logCnt.Length, maxReplicas, slots, replicaSelection);
-        MapToPhysical(device.Stream, device.Upload(topkIds), topK, layer, output,
+        var state = new EplbLayerState(device.Upload(layer.Log2Phy), device.Upload(layer.LogCnt), load, device.Upload<int>([record ? 1 : 0]),
+            layer.LogicalExperts, layer.MaxReplicas, layer.Slots, layer.ReplicaSelection);
+        MapToPhysical(device.Stream, device.Upload(topkIds), topK, state, output,
             numUnpadded.HasValue ? device.Upload<int>([numUnpadded.Value]).AsSlice() : default);
         device.Download(output, physicalIds);
-        if (record) device.Download(load, counters);
+        if (record) device.Download(load, layer.Counters);
+    }
+}
+
+/// <summary>
+/// One layer's EPLB tables in host memory, for the host-span forms (the counterpart of
+/// <see cref="EplbLayerState"/>, whose views live in <see cref="DeviceBuffer{T}"/>s): <c>log2phy</c>
+/// <c>[N][Kmax]</c>, <c>logcnt</c> <c>[N]</c>, and optionally the counters <c>[R]</c> the load is added into.
+/// </summary>
+public readonly ref struct HostLayerState
+{
+    /// <summary><c>[N][Kmax]</c> slots of each logical expert, ascending, -1 padded.</summary>
+    public required ReadOnlySpan<int> Log2Phy { get; init; }
+
+    /// <summary><c>[N]</c> replicas of each logical expert (N is its length).</summary>
+    public required ReadOnlySpan<int> LogCnt { get; init; }
+
+    /// <summary>Kmax, the capacity of a <see cref="Log2Phy"/> row.</summary>
+    public required int MaxReplicas { get; init; }
+
+    /// <summary>R, physical slots.</summary>
+    public required int Slots { get; init; }
+
+    /// <summary><c>[R]</c> per-slot counters the mapped ids are added into; empty (the default) records nothing.</summary>
+    public Span<int> Counters { get; init; }
+
+    /// <summary>The replica choice. Default <see cref="ReplicaSelection.TokenHash"/>.</summary>
+    public ReplicaSelection ReplicaSelection { get; init; }
+
+    /// <summary>N, logical experts: the length of <see cref="LogCnt"/>.</summary>
+    public int LogicalExperts => LogCnt.Length;
+
+    /// <summary>Whether the load is recorded (<see cref="Counters"/> given).</summary>
+    public bool Records => !Counters.IsEmpty;
+
+    /// <summary>Throws for sizes that disagree (the message names the property).</summary>
+    internal void Validate()
+    {
+        if (MaxReplicas < 1) throw new ArgumentOutOfRangeException(nameof(MaxReplicas), MaxReplicas, "MaxReplicas must be at least 1");
+        if (Slots < 1) throw new ArgumentOutOfRangeException(nameof(Slots), Slots, "Slots must be at least 1");
+        if (LogCnt.IsEmpty) throw new ArgumentException("LogCnt must hold one count per logical expert", nameof(LogCnt));
+        if ((long)LogCnt.Length * MaxReplicas != Log2Phy.Length)
+            throw new ArgumentException($"Log2Phy has {Log2Phy.Length} elements; N = {LogCnt.Length} and MaxReplicas = {MaxReplicas} need " +
+                                        $"{(long)LogCnt.Length * MaxReplicas}", nameof(Log2Phy));
+        if (Records && Counters.Length != Slots)
+            throw new ArgumentException($"Counters has {Counters.Length} elements; recording needs Slots = {Slots}", nameof(Counters));
+        if (!Enum.IsDefined(ReplicaSelection))
+            throw new ArgumentOutOfRangeException(nameof(ReplicaSelection), ReplicaSelection, "unknown replica selection");
     }
 }

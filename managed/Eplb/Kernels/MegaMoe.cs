@@ -68,7 +68,7 @@ public enum MoeBackend
     MegaMoe = 1,
 }
 
-/// <summary>What <see cref="MegaMoe.Run(ComputeStream, MoeLayerShape, DeviceSlice{BFloat16}, DeviceSlice{int}, DeviceSlice{float}, DeviceSlice{BFloat16}, DeviceSlice{BFloat16}, DeviceSlice{BFloat16}, DeviceSlice{byte}, MoeFallback, int)"/> does when the fused kernel cannot launch.</summary>
+/// <summary>What <see cref="MegaMoe.Run(ComputeStream, MoeLayerShape, MoeTensors, MoeFallback, int)"/> does when the fused kernel cannot launch.</summary>
 public enum MoeFallback
 {
     /// <summary>Run the unfused path instead (the default).</summary>
@@ -91,7 +91,7 @@ public enum MoeFallback
 /// A cooperative kernel needs every one of its blocks resident at once. It never hangs: when the
 /// device has no cooperative launch or the grid cannot co-reside, the fused call throws
 /// <see cref="EplbException"/> with <see cref="EplbStatus.CooperativeLaunchUnavailable"/> before
-/// writing anything, and <see cref="Run(ComputeStream, MoeLayerShape, DeviceSlice{BFloat16}, DeviceSlice{int}, DeviceSlice{float}, DeviceSlice{BFloat16}, DeviceSlice{BFloat16}, DeviceSlice{BFloat16}, DeviceSlice{byte}, MoeFallback, int)"/>
+/// writing anything, and <see cref="Run(ComputeStream, MoeLayerShape, MoeTensors, MoeFallback, int)"/>
 /// runs the unfused path instead. Should other kernels still hold SMs while it runs, its grid
 /// barriers give up after a few seconds and <see cref="ComputeStream.CheckDeviceErrors"/> reports
 /// the grid-barrier timeout (the output is then undefined).
@@ -143,43 +143,34 @@ public static unsafe class MegaMoe
     /// </summary>
     /// <param name="stream">Where the work is queued; every view lives on its backend.</param>
     /// <param name="shape">The layer on this rank.</param>
-    /// <param name="x"><c>[T][H]</c> bf16 activations.</param>
-    /// <param name="topkIds"><c>[T][K]</c> physical expert slots; -1 and other ranks' slots contribute nothing.</param>
-    /// <param name="topkWeights"><c>[T][K]</c> routing weights.</param>
-    /// <param name="w1"><c>[E_local][2I][H]</c> bf16: per expert the I gate rows, then the I up rows.</param>
-    /// <param name="w2"><c>[E_local][H][I]</c> bf16 down projection.</param>
-    /// <param name="output"><c>[T][H]</c> bf16, every element written.</param>
-    /// <param name="workspace">At least <see cref="WorkspaceSize"/> bytes; no initialisation needed. One call at a time.</param>
+    /// <param name="tensors">Activations, routing, expert weights, output and workspace.</param>
     /// <param name="fallback">What to do when the fused kernel cannot launch.</param>
     /// <param name="gridBlocks">0 for the largest co-resident grid, or a forced grid size (tuning, tests).</param>
     /// <exception cref="ArgumentException">A size, backend or pointer is wrong; nothing is written.</exception>
-    public static MoeBackend Run(ComputeStream stream, MoeLayerShape shape, DeviceSlice<BFloat16> x, DeviceSlice<int> topkIds,
-        DeviceSlice<float> topkWeights, DeviceSlice<BFloat16> w1, DeviceSlice<BFloat16> w2, DeviceSlice<BFloat16> output,
-        DeviceSlice<byte> workspace, MoeFallback fallback = MoeFallback.Unfused, int gridBlocks = 0)
+    public static MoeBackend Run(ComputeStream stream, MoeLayerShape shape, MoeTensors tensors, MoeFallback fallback = MoeFallback.Unfused,
+        int gridBlocks = 0)
     {
         try
         {
-            RunFused(stream, shape, x, topkIds, topkWeights, w1, w2, output, workspace, gridBlocks);
+            RunFused(stream, shape, tensors, gridBlocks);
             return MoeBackend.MegaMoe;
         }
         catch (EplbException e) when (e.Status == EplbStatus.CooperativeLaunchUnavailable && fallback == MoeFallback.Unfused)
         {
-            RunUnfused(stream, shape, x, topkIds, topkWeights, w1, w2, output, workspace);
+            RunUnfused(stream, shape, tensors);
             return MoeBackend.Unfused;
         }
     }
 
     /// <summary>
     /// Computes the layer with the cooperative fused kernel (the reference implementation on a CPU
-    /// stream). See <see cref="Run(ComputeStream, MoeLayerShape, DeviceSlice{BFloat16}, DeviceSlice{int}, DeviceSlice{float}, DeviceSlice{BFloat16}, DeviceSlice{BFloat16}, DeviceSlice{BFloat16}, DeviceSlice{byte}, MoeFallback, int)"/> for the arguments.
+    /// stream). See <see cref="Run(ComputeStream, MoeLayerShape, MoeTensors, MoeFallback, int)"/> for the arguments.
     /// </summary>
     /// <exception cref="EplbException"><see cref="EplbStatus.CooperativeLaunchUnavailable"/>: no cooperative launch, or <paramref name="gridBlocks"/> cannot co-reside; nothing was written.</exception>
-    public static void RunFused(ComputeStream stream, MoeLayerShape shape, DeviceSlice<BFloat16> x, DeviceSlice<int> topkIds,
-        DeviceSlice<float> topkWeights, DeviceSlice<BFloat16> w1, DeviceSlice<BFloat16> w2, DeviceSlice<BFloat16> output,
-        DeviceSlice<byte> workspace, int gridBlocks = 0)
+    public static void RunFused(ComputeStream stream, MoeLayerShape shape, MoeTensors tensors, int gridBlocks = 0)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(gridBlocks);
-        Invoke(stream, shape, x, topkIds, topkWeights, w1, w2, output, workspace, gridBlocks, fused: true);
+        Invoke(stream, shape, tensors, gridBlocks, fused: true);
     }
 
     /// <summary>
@@ -188,10 +179,8 @@ public static unsafe class MegaMoe
     /// devices or moments where the cooperative launch is not possible. Same arguments as the fused
     /// call, and the same result bit for bit.
     /// </summary>
-    public static void RunUnfused(ComputeStream stream, MoeLayerShape shape, DeviceSlice<BFloat16> x, DeviceSlice<int> topkIds,
-        DeviceSlice<float> topkWeights, DeviceSlice<BFloat16> w1, DeviceSlice<BFloat16> w2, DeviceSlice<BFloat16> output,
-        DeviceSlice<byte> workspace) =>
-        Invoke(stream, shape, x, topkIds, topkWeights, w1, w2, output, workspace, 0, fused: false);
+    public static void RunUnfused(ComputeStream stream, MoeLayerShape shape, MoeTensors tensors) =>
+        Invoke(stream, shape, tensors, 0, fused: false);
 
     /// <summary>
     /// Host-memory form: computes the layer on <paramref name="backend"/> (CPU: directly on the spans,
@@ -200,75 +189,78 @@ public static unsafe class MegaMoe
     /// of the fused kernel by default). Returns the backend that ran.
     /// </summary>
     /// <exception cref="ArgumentException">A size is wrong; nothing is written.</exception>
-    public static MoeBackend Run(MoeLayerShape shape, ReadOnlySpan<BFloat16> x, ReadOnlySpan<int> topkIds, ReadOnlySpan<float> topkWeights,
-        ReadOnlySpan<BFloat16> w1, ReadOnlySpan<BFloat16> w2, Span<BFloat16> output, Backend backend = Backend.Cpu,
+    public static MoeBackend Run(MoeLayerShape shape, HostMoeTensors tensors, Backend backend = Backend.Cpu,
         MoeBackend moeBackend = MoeBackend.MegaMoe, MoeFallback fallback = MoeFallback.Unfused)
     {
-        var tokens = CheckLengths(shape, x.Length, topkIds.Length, topkWeights.Length, w1.Length, w2.Length, output.Length);
-        if (backend == Backend.Cuda) return RunOnDevice(shape, tokens, x, topkIds, topkWeights, w1, w2, output, moeBackend, fallback);
+        var tokens = CheckLengths(shape, tensors.X.Length, tensors.TopkIds.Length, tensors.TopkWeights.Length, tensors.W1.Length,
+            tensors.W2.Length, tensors.Output.Length);
+        if (backend == Backend.Cuda) return RunOnDevice(shape, tokens, tensors, moeBackend, fallback);
 
         using var workspace = new DeviceBuffer<byte>(Backend.Cpu, WorkspaceSize(shape, tokens));
         using var leases = new LeaseScope();
-        fixed (BFloat16* xPointer = x, w1Pointer = w1, w2Pointer = w2, outputPointer = output)
-        fixed (int* idsPointer = topkIds)
-        fixed (float* weightsPointer = topkWeights)
+        fixed (BFloat16* xPointer = tensors.X, w1Pointer = tensors.W1, w2Pointer = tensors.W2, outputPointer = tensors.Output)
+        fixed (int* idsPointer = tensors.TopkIds)
+        fixed (float* weightsPointer = tensors.TopkWeights)
         {
-            var tensors = Tensors(xPointer, idsPointer, weightsPointer, w1Pointer, w2Pointer, outputPointer, leases.Pointer(workspace.AsSlice()),
+            var native = Tensors(xPointer, idsPointer, weightsPointer, w1Pointer, w2Pointer, outputPointer, leases.Pointer(workspace.AsSlice()),
                 workspace.Length);
-            Launch(leases.Stream(ComputeStream.Cpu), shape, tokens, &tensors, moeBackend == MoeBackend.MegaMoe, 0);
+            Launch(leases.Stream(ComputeStream.Cpu), shape, tokens, &native, moeBackend == MoeBackend.MegaMoe, 0);
         }
         return moeBackend;
     }
 
-    private static MoeBackend RunOnDevice(MoeLayerShape shape, long tokens, ReadOnlySpan<BFloat16> x, ReadOnlySpan<int> topkIds,
-        ReadOnlySpan<float> topkWeights, ReadOnlySpan<BFloat16> w1, ReadOnlySpan<BFloat16> w2, Span<BFloat16> output, MoeBackend moeBackend,
-        MoeFallback fallback)
+    private static MoeBackend RunOnDevice(MoeLayerShape shape, long tokens, HostMoeTensors tensors, MoeBackend moeBackend, MoeFallback fallback)
     {
         using var device = new DeviceRoundTrip();
-        var result = device.Allocate<BFloat16>(output.Length);
-        var xs = device.Upload(x);
-        var ids = device.Upload(topkIds);
-        var weights = device.Upload(topkWeights);
-        var w1s = device.Upload(w1);
-        var w2s = device.Upload(w2);
-        var workspace = device.Allocate<byte>(WorkspaceSize(shape, tokens));
+        var output = device.Allocate<BFloat16>(tensors.Output.Length);
+        var views = new MoeTensors
+        {
+            X = device.Upload(tensors.X),
+            TopkIds = device.Upload(tensors.TopkIds),
+            TopkWeights = device.Upload(tensors.TopkWeights),
+            W1 = device.Upload(tensors.W1),
+            W2 = device.Upload(tensors.W2),
+            Output = output,
+            Workspace = device.Allocate<byte>(WorkspaceSize(shape, tokens)),
+        };
         var ran = MoeBackend.Unfused;
         if (moeBackend == MoeBackend.Unfused)
-            RunUnfused(device.Stream, shape, xs, ids, weights, w1s, w2s, result, workspace);
+            RunUnfused(device.Stream, shape, views);
         else
-            ran = Run(device.Stream, shape, xs, ids, weights, w1s, w2s, result, workspace, fallback);
-        device.Download(result, output);
+            ran = Run(device.Stream, shape, views, fallback);
+        device.Download(output, tensors.Output);
         return ran;
     }
 
-    private static void Invoke(ComputeStream stream, MoeLayerShape shape, DeviceSlice<BFloat16> x, DeviceSlice<int> topkIds,
-        DeviceSlice<float> topkWeights, DeviceSlice<BFloat16> w1, DeviceSlice<BFloat16> w2, DeviceSlice<BFloat16> output,
-        DeviceSlice<byte> workspace, int gridBlocks, bool fused)
+    private static void Invoke(ComputeStream stream, MoeLayerShape shape, MoeTensors tensors, int gridBlocks, bool fused)
     {
         ArgumentNullException.ThrowIfNull(stream);
-        KernelArguments.Require(x, nameof(x));
-        KernelArguments.Require(topkIds, nameof(topkIds));
-        KernelArguments.Require(topkWeights, nameof(topkWeights));
-        KernelArguments.Require(w1, nameof(w1));
-        KernelArguments.Require(w2, nameof(w2));
-        KernelArguments.Require(output, nameof(output));
-        KernelArguments.Require(workspace, nameof(workspace));
-        var tokens = CheckLengths(shape, x.Length, topkIds.Length, topkWeights.Length, w1.Length, w2.Length, output.Length);
+        KernelArguments.Require(tensors.X, "X");
+        KernelArguments.Require(tensors.TopkIds, "TopkIds");
+        KernelArguments.Require(tensors.TopkWeights, "TopkWeights");
+        KernelArguments.Require(tensors.W1, "W1");
+        KernelArguments.Require(tensors.W2, "W2");
+        KernelArguments.Require(tensors.Output, "Output");
+        KernelArguments.Require(tensors.Workspace, "Workspace");
+        var tokens = CheckLengths(shape, tensors.X.Length, tensors.TopkIds.Length, tensors.TopkWeights.Length, tensors.W1.Length,
+            tensors.W2.Length, tensors.Output.Length);
         var needed = WorkspaceSize(shape, tokens);
-        if (workspace.Length < needed)
-            throw new ArgumentException($"workspace has {workspace.Length} bytes; {tokens} tokens need {needed} (MegaMoe.WorkspaceSize)", nameof(workspace));
-        KernelArguments.SameBackend(stream, x, nameof(x));
-        KernelArguments.SameBackend(stream, topkIds, nameof(topkIds));
-        KernelArguments.SameBackend(stream, topkWeights, nameof(topkWeights));
-        KernelArguments.SameBackend(stream, w1, nameof(w1));
-        KernelArguments.SameBackend(stream, w2, nameof(w2));
-        KernelArguments.SameBackend(stream, output, nameof(output));
-        KernelArguments.SameBackend(stream, workspace, nameof(workspace));
+        if (tensors.Workspace.Length < needed)
+            throw new ArgumentException($"Workspace has {tensors.Workspace.Length} bytes; {tokens} tokens need {needed} (MegaMoe.WorkspaceSize)",
+                "Workspace");
+        KernelArguments.SameBackend(stream, tensors.X, "X");
+        KernelArguments.SameBackend(stream, tensors.TopkIds, "TopkIds");
+        KernelArguments.SameBackend(stream, tensors.TopkWeights, "TopkWeights");
+        KernelArguments.SameBackend(stream, tensors.W1, "W1");
+        KernelArguments.SameBackend(stream, tensors.W2, "W2");
+        KernelArguments.SameBackend(stream, tensors.Output, "Output");
+        KernelArguments.SameBackend(stream, tensors.Workspace, "Workspace");
 
         using var leases = new LeaseScope();
-        var tensors = Tensors(leases.Pointer(x), leases.Pointer(topkIds), leases.Pointer(topkWeights), leases.Pointer(w1), leases.Pointer(w2),
-            leases.Pointer(output), leases.Pointer(workspace), workspace.Length);
-        Launch(leases.Stream(stream), shape, tokens, &tensors, fused, gridBlocks);
+        var native = Tensors(leases.Pointer(tensors.X), leases.Pointer(tensors.TopkIds), leases.Pointer(tensors.TopkWeights),
+            leases.Pointer(tensors.W1), leases.Pointer(tensors.W2), leases.Pointer(tensors.Output), leases.Pointer(tensors.Workspace),
+            tensors.Workspace.Length);
+        Launch(leases.Stream(stream), shape, tokens, &native, fused, gridBlocks);
     }
 
     // The one eplb_moe_tensors_t of both forms: bf16 travels as its raw bits.
@@ -300,17 +292,67 @@ public static unsafe class MegaMoe
         if (shape.TopK < 1) throw new ArgumentOutOfRangeException(nameof(shape), shape.TopK, "TopK must be at least 1");
         if (shape.Hidden < 1) throw new ArgumentOutOfRangeException(nameof(shape), shape.Hidden, "Hidden must be at least 1");
         if (ids % shape.TopK != 0)
-            throw new ArgumentException($"topkIds has {ids} elements, not a multiple of TopK = {shape.TopK}", "topkIds");
+            throw new ArgumentException($"TopkIds has {ids} elements, not a multiple of TopK = {shape.TopK}", "TopkIds");
         var tokens = ids / shape.TopK;
-        if (weights != ids) throw new ArgumentException($"topkWeights has {weights} elements, topkIds {ids}", "topkWeights");
+        if (weights != ids) throw new ArgumentException($"TopkWeights has {weights} elements, TopkIds {ids}", "TopkWeights");
         if (x != tokens * shape.Hidden)
-            throw new ArgumentException($"x has {x} elements; {tokens} tokens x Hidden = {shape.Hidden} need {tokens * shape.Hidden}", "x");
+            throw new ArgumentException($"X has {x} elements; {tokens} tokens x Hidden = {shape.Hidden} need {tokens * shape.Hidden}", "X");
         if (output != tokens * shape.Hidden)
-            throw new ArgumentException($"output has {output} elements; {tokens} tokens x Hidden = {shape.Hidden} need {tokens * shape.Hidden}", "output");
+            throw new ArgumentException($"Output has {output} elements; {tokens} tokens x Hidden = {shape.Hidden} need {tokens * shape.Hidden}", "Output");
         if (w1 != shape.W1Length)
-            throw new ArgumentException($"w1 has {w1} elements; [E_local = {shape.SlotsPerRank}][2 x {shape.Intermediate}][{shape.Hidden}] needs {shape.W1Length}", "w1");
+            throw new ArgumentException($"W1 has {w1} elements; [E_local = {shape.SlotsPerRank}][2 x {shape.Intermediate}][{shape.Hidden}] needs {shape.W1Length}", "W1");
         if (w2 != shape.W2Length)
-            throw new ArgumentException($"w2 has {w2} elements; [E_local = {shape.SlotsPerRank}][{shape.Hidden}][{shape.Intermediate}] needs {shape.W2Length}", "w2");
+            throw new ArgumentException($"W2 has {w2} elements; [E_local = {shape.SlotsPerRank}][{shape.Hidden}][{shape.Intermediate}] needs {shape.W2Length}", "W2");
         return tokens;
     }
+}
+
+/// <summary>
+/// The views one <see cref="MegaMoe"/> call reads and writes, all on the stream's backend (the C ABI's
+/// <c>eplb_moe_tensors_t</c>). Every one is required.
+/// </summary>
+public readonly record struct MoeTensors
+{
+    /// <summary><c>[T][H]</c> bf16 activations.</summary>
+    public DeviceSlice<BFloat16> X { get; init; }
+
+    /// <summary><c>[T][K]</c> physical expert slots; -1 and other ranks' slots contribute nothing.</summary>
+    public DeviceSlice<int> TopkIds { get; init; }
+
+    /// <summary><c>[T][K]</c> routing weights.</summary>
+    public DeviceSlice<float> TopkWeights { get; init; }
+
+    /// <summary><c>[E_local][2I][H]</c> bf16: per expert the I gate rows, then the I up rows.</summary>
+    public DeviceSlice<BFloat16> W1 { get; init; }
+
+    /// <summary><c>[E_local][H][I]</c> bf16 down projection.</summary>
+    public DeviceSlice<BFloat16> W2 { get; init; }
+
+    /// <summary><c>[T][H]</c> bf16 output, every element written.</summary>
+    public DeviceSlice<BFloat16> Output { get; init; }
+
+    /// <summary>At least <see cref="MegaMoe.WorkspaceSize"/> bytes; no initialisation needed. One call at a time.</summary>
+    public DeviceSlice<byte> Workspace { get; init; }
+}
+
+/// <summary>The host-memory counterpart of <see cref="MoeTensors"/> for the host-span form (no workspace: the call makes its own).</summary>
+public readonly ref struct HostMoeTensors
+{
+    /// <summary><c>[T][H]</c> bf16 activations.</summary>
+    public required ReadOnlySpan<BFloat16> X { get; init; }
+
+    /// <summary><c>[T][K]</c> physical expert slots; -1 and other ranks' slots contribute nothing.</summary>
+    public required ReadOnlySpan<int> TopkIds { get; init; }
+
+    /// <summary><c>[T][K]</c> routing weights.</summary>
+    public required ReadOnlySpan<float> TopkWeights { get; init; }
+
+    /// <summary><c>[E_local][2I][H]</c> bf16: per expert the I gate rows, then the I up rows.</summary>
+    public required ReadOnlySpan<BFloat16> W1 { get; init; }
+
+    /// <summary><c>[E_local][H][I]</c> bf16 down projection.</summary>
+    public required ReadOnlySpan<BFloat16> W2 { get; init; }
+
+    /// <summary><c>[T][H]</c> bf16 output, every element written.</summary>
+    public required Span<BFloat16> Output { get; init; }
 }

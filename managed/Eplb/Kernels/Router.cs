@@ -218,15 +218,29 @@ public sealed unsafe class Router
     }
 
     /// <summary>
-    /// Host-memory form of scored top-k routing on the CPU backend (the EPLB state, if any, must be
-    /// on <see cref="Backend.Cpu"/>). <paramref name="bias"/> empty means none. Nothing is written
-    /// when an argument is bad.
+    /// Host-memory form of scored top-k routing on <paramref name="backend"/> (CPU: directly on the
+    /// spans; CUDA: copies in, runs the kernel, checks the device error word, copies out). The EPLB
+    /// state, if any, must live on that backend. <paramref name="bias"/> empty means none. Nothing is
+    /// written when an argument is bad.
     /// </summary>
+    /// <exception cref="ArgumentException">Lengths disagree, the EPLB state lives on another backend, or a table entry is out of range.</exception>
+    /// <exception cref="EplbException">A CUDA failure, or a bad table entry flagged on the device.</exception>
     public void Route(ReadOnlySpan<float> logits, Span<int> topkIds, Span<float> topkWeights, ReadOnlySpan<float> bias = default,
-        int? numUnpadded = null)
+        int? numUnpadded = null, Backend backend = Backend.Cpu)
     {
-        var tokens = CheckHostSpans(logits.Length, topkIds.Length, topkWeights.Length);
+        var tokens = CheckHostSpans(logits.Length, topkIds.Length, topkWeights.Length, backend);
         if (!bias.IsEmpty) CheckBias(bias.Length);
+        if (backend == Backend.Cuda)
+        {
+            using var device = new DeviceRoundTrip();
+            var ids = device.Allocate<int>(topkIds.Length);
+            var weights = device.Allocate<float>(topkWeights.Length);
+            Route(device.Stream, device.Upload(logits), ids, weights, bias.IsEmpty ? default : device.Upload(bias).AsSlice(),
+                Unpadded(device, numUnpadded));
+            device.Download(ids, topkIds);
+            device.Download(weights, topkWeights);
+            return;
+        }
         var config = Options.ToNative();
         var unpadded = numUnpadded ?? 0;
         using var leases = new LeaseScope();
@@ -241,16 +255,30 @@ public sealed unsafe class Router
     }
 
     /// <summary>
-    /// Host-memory form of hash routing on the CPU backend (the EPLB state, if any, must be on
-    /// <see cref="Backend.Cpu"/>). Nothing is written when an argument is bad, including a token id
-    /// or table entry out of range.
+    /// Host-memory form of hash routing on <paramref name="backend"/> (CPU: directly on the spans;
+    /// CUDA: copies in, runs the kernel, checks the device error word, copies out). The EPLB state, if
+    /// any, must live on that backend. Nothing is written when an argument is bad, including a token
+    /// id or table entry out of range.
     /// </summary>
+    /// <exception cref="ArgumentException">Lengths disagree, the EPLB state lives on another backend, or a token id or used table entry is out of range.</exception>
+    /// <exception cref="EplbException">A CUDA failure, or a bad token id or table entry flagged on the device.</exception>
     public void RouteByHash(ReadOnlySpan<float> logits, ReadOnlySpan<long> tokenIds, ReadOnlySpan<int> tid2eid, Span<int> topkIds,
-        Span<float> topkWeights, int? numUnpadded = null)
+        Span<float> topkWeights, int? numUnpadded = null, Backend backend = Backend.Cpu)
     {
         CheckHashOptions();
-        var tokens = CheckHostSpans(logits.Length, topkIds.Length, topkWeights.Length);
+        var tokens = CheckHostSpans(logits.Length, topkIds.Length, topkWeights.Length, backend);
         var vocab = CheckHashTables(tokens, tokenIds.Length, tid2eid.Length);
+        if (backend == Backend.Cuda)
+        {
+            using var device = new DeviceRoundTrip();
+            var ids = device.Allocate<int>(topkIds.Length);
+            var weights = device.Allocate<float>(topkWeights.Length);
+            RouteByHash(device.Stream, device.Upload(logits), device.Upload(tokenIds), device.Upload(tid2eid), ids, weights,
+                Unpadded(device, numUnpadded));
+            device.Download(ids, topkIds);
+            device.Download(weights, topkWeights);
+            return;
+        }
         var config = Options.ToNative();
         var unpadded = numUnpadded ?? 0;
         using var leases = new LeaseScope();
@@ -263,6 +291,9 @@ public sealed unsafe class Router
                 tablePointer, vocab, tokens, LayerState is null ? null : &map, numUnpadded.HasValue ? &unpadded : null, idsPointer, weightsPointer));
         }
     }
+
+    private static DeviceSlice<int> Unpadded(DeviceRoundTrip device, int? numUnpadded) =>
+        numUnpadded.HasValue ? device.Upload<int>([numUnpadded.Value]).AsSlice() : default;
 
     /// <inheritdoc/>
     public override string ToString() =>
@@ -288,11 +319,12 @@ public sealed unsafe class Router
         return tokens;
     }
 
-    private long CheckHostSpans(long logits, long topkIds, long topkWeights)
+    private long CheckHostSpans(long logits, long topkIds, long topkWeights, Backend backend)
     {
-        if (LayerState is not null && LayerState.Backend != Backend.Cpu)
-            throw new InvalidOperationException(
-                $"the host-span forms run on the CPU backend, but the EPLB state lives on {LayerState.Backend}; use the DeviceSlice overloads");
+        if (!Enum.IsDefined(backend)) throw new ArgumentOutOfRangeException(nameof(backend), backend, "unknown backend");
+        if (LayerState is not null && LayerState.Backend != backend)
+            throw new ArgumentException(
+                $"the EPLB state lives on {LayerState.Backend} but the call runs on {backend}: pass backend: Backend.{LayerState.Backend}", nameof(backend));
         return CheckHostCommon(logits, topkIds, topkWeights);
     }
 

@@ -23,7 +23,80 @@ public interface IPlacementPolicy
     bool SupportsAsync => true;
 }
 
-/// <summary>The registered placement policies, by name: the three built-in ones and any added with <see cref="Register"/>.</summary>
+/// <summary>
+/// A set of placement policies by name (case-insensitive): what <c>EplbOptions.Policy</c> is resolved
+/// against. <see cref="PlacementPolicies.Default"/> holds the built-in three; a host adds its own by
+/// building another catalog (the DI builder's <c>AddPlacementPolicy&lt;T&gt;(name)</c> does), so
+/// nothing is registered process-wide and no registration leaks from one host or test to the next.
+/// Immutable and thread-safe.
+/// </summary>
+public sealed class PlacementPolicyCatalog
+{
+    private readonly KeyValuePair<string, IPlacementPolicy>[] _entries;
+
+    /// <summary>A catalog of <paramref name="policies"/>, each under its <see cref="IPlacementPolicy.Name"/>.</summary>
+    /// <exception cref="ArgumentException">A name is empty or given twice (names compare case-insensitively).</exception>
+    public PlacementPolicyCatalog(IEnumerable<IPlacementPolicy> policies)
+        : this((policies ?? throw new ArgumentNullException(nameof(policies))).Select(p =>
+            KeyValuePair.Create((p ?? throw new ArgumentException("a policy is null", nameof(policies))).Name, p)))
+    {
+    }
+
+    /// <summary>A catalog of policies under the given names (a name may differ from the policy's own <see cref="IPlacementPolicy.Name"/>).</summary>
+    /// <exception cref="ArgumentException">A name is empty or given twice (names compare case-insensitively).</exception>
+    public PlacementPolicyCatalog(IEnumerable<KeyValuePair<string, IPlacementPolicy>> policies)
+    {
+        ArgumentNullException.ThrowIfNull(policies);
+        var entries = new List<KeyValuePair<string, IPlacementPolicy>>();
+        foreach (var (name, policy) in policies)
+        {
+            if (string.IsNullOrWhiteSpace(name)) throw new ArgumentException("a placement policy name is empty", nameof(policies));
+            ArgumentNullException.ThrowIfNull(policy, nameof(policies));
+            if (entries.Any(e => string.Equals(e.Key, name, StringComparison.OrdinalIgnoreCase)))
+                throw new ArgumentException($"two placement policies are named '{name}'", nameof(policies));
+            entries.Add(KeyValuePair.Create(name, policy));
+        }
+        _entries = entries.ToArray();
+    }
+
+    /// <summary>The names <see cref="Get"/> accepts, in the order given.</summary>
+    public IReadOnlyList<string> Names => _entries.Select(e => e.Key).ToArray();
+
+    /// <summary>Looks a policy up by name (case-insensitive).</summary>
+    public bool TryGet(string name, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out IPlacementPolicy? policy)
+    {
+        ArgumentNullException.ThrowIfNull(name);
+        foreach (var (key, value) in _entries)
+        {
+            if (!string.Equals(key, name, StringComparison.OrdinalIgnoreCase)) continue;
+            policy = value;
+            return true;
+        }
+        policy = null;
+        return false;
+    }
+
+    /// <summary>The policy named <paramref name="name"/> (case-insensitive).</summary>
+    /// <exception cref="ArgumentException">No policy has that name; the message lists the names.</exception>
+    public IPlacementPolicy Get(string name)
+    {
+        ArgumentNullException.ThrowIfNull(name);
+        return TryGet(name, out var policy)
+            ? policy
+            : throw new ArgumentException($"unknown placement policy '{name}': use {string.Join(", ", Names)}", nameof(name));
+    }
+
+    /// <summary>A catalog with these policies and <paramref name="more"/> (under their own names).</summary>
+    /// <exception cref="ArgumentException">A name is already taken.</exception>
+    public PlacementPolicyCatalog With(params IEnumerable<IPlacementPolicy> more) =>
+        new(_entries.Concat(more.Select(p => KeyValuePair.Create(p.Name, p))));
+}
+
+/// <summary>
+/// The built-in placement policies, by name: the default set (<see cref="Default"/>) that
+/// <c>EplbOptions</c>, the CLI and the simulator resolve names against unless a host hands them
+/// another <see cref="PlacementPolicyCatalog"/>.
+/// </summary>
 public static class PlacementPolicies
 {
     /// <summary>DeepSeek's policy with exact parity (docs/design.md §2.1), the default.</summary>
@@ -35,49 +108,17 @@ public static class PlacementPolicies
     /// <summary>Transfer-aware: as few slot changes as possible from the current placement (docs/design.md §2.3).</summary>
     public static IPlacementPolicy Incremental { get; } = new IncrementalPolicy();
 
-    private static readonly List<IPlacementPolicy> Registered = [DeepSeek, Locality, Incremental];
-    private static readonly object Gate = new();
+    /// <summary>The built-in policies: <c>deepseek</c>, <c>locality</c>, <c>incremental</c>.</summary>
+    public static PlacementPolicyCatalog Default { get; } = new([DeepSeek, Locality, Incremental]);
 
     /// <summary>The names <see cref="Get"/> accepts.</summary>
-    public static IReadOnlyList<string> Names
-    {
-        get
-        {
-            lock (Gate) return Registered.Select(p => p.Name).ToArray();
-        }
-    }
+    public static IReadOnlyList<string> Names => Default.Names;
 
-    /// <summary>Registers a custom policy under its name (which must be new).</summary>
-    /// <exception cref="ArgumentException">A policy with that name is already registered.</exception>
-    public static void Register(IPlacementPolicy policy)
-    {
-        ArgumentNullException.ThrowIfNull(policy);
-        ArgumentException.ThrowIfNullOrWhiteSpace(policy.Name);
-        lock (Gate)
-        {
-            if (Registered.Any(p => string.Equals(p.Name, policy.Name, StringComparison.OrdinalIgnoreCase)))
-            {
-                if (Registered.Contains(policy)) return;
-                throw new ArgumentException($"a placement policy named '{policy.Name}' is already registered", nameof(policy));
-            }
-            Registered.Add(policy);
-        }
-    }
+    /// <summary>Looks a built-in policy up by name (case-insensitive).</summary>
+    public static bool TryGet(string name, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out IPlacementPolicy? policy) =>
+        Default.TryGet(name, out policy);
 
-    /// <summary>Looks a policy up by name (case-insensitive).</summary>
-    public static bool TryGet(string name, out IPlacementPolicy? policy)
-    {
-        lock (Gate) policy = Registered.FirstOrDefault(p => string.Equals(p.Name, name, StringComparison.OrdinalIgnoreCase));
-        return policy != null;
-    }
-
-    /// <summary>The policy registered under <paramref name="name"/> (case-insensitive).</summary>
+    /// <summary>The built-in policy named <paramref name="name"/> (case-insensitive).</summary>
     /// <exception cref="ArgumentException">No policy has that name; the message lists the names.</exception>
-    public static IPlacementPolicy Get(string name)
-    {
-        ArgumentNullException.ThrowIfNull(name);
-        return TryGet(name, out var policy)
-            ? policy!
-            : throw new ArgumentException($"unknown placement policy '{name}': use {string.Join(", ", Names)}", nameof(name));
-    }
+    public static IPlacementPolicy Get(string name) => Default.Get(name);
 }

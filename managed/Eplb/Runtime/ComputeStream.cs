@@ -4,8 +4,8 @@ namespace Eplb.Runtime;
 
 /// <summary>
 /// An ordered queue of work on one backend (<c>eplb_stream_t</c>). CPU streams run work at once on
-/// the calling thread; CUDA streams are asynchronous until <see cref="Synchronize"/>. A CUDA stream
-/// also carries a device error word that kernels set on bad input (<see cref="CheckDeviceErrors"/>).
+/// the calling thread; CUDA streams are asynchronous until <see cref="Synchronize"/>. A stream
+/// carries an error word that kernels set on bad input and counter overflow (<see cref="CheckDeviceErrors"/>).
 /// </summary>
 public sealed unsafe class ComputeStream : IDisposable
 {
@@ -46,8 +46,10 @@ public sealed unsafe class ComputeStream : IDisposable
 
     /// <summary>
     /// Waits for the stream, then reads and clears its device error word. Throws
-    /// <see cref="EplbException"/> with <see cref="EplbStatus.DeviceInputError"/> naming the bad input
-    /// when a kernel flagged any (always clean on CPU streams, which report bad input at the call).
+    /// <see cref="EplbException"/> with <see cref="EplbStatus.DeviceInputError"/> naming the bits when
+    /// a kernel flagged any. CPU streams report bad input at the call instead; the one bit they can
+    /// carry is the counter overflow (a load counter saturated at <c>int.MaxValue</c>, or a negative
+    /// pass counter pushed into the load window), set on CPU and CUDA streams alike.
     /// </summary>
     public void CheckDeviceErrors()
     {

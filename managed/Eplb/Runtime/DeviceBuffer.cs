@@ -3,9 +3,12 @@ using Eplb.Interop;
 namespace Eplb.Runtime;
 
 /// <summary>
-/// A typed array in memory owned by libeplb: host memory on <see cref="Backend.Cpu"/>, device memory
-/// on <see cref="Backend.Cuda"/>. Its address never changes, so tables handed to kernels (and
-/// captured in CUDA graphs) stay valid while their contents are updated in place.
+/// A typed array on a backend: host memory on <see cref="Backend.Cpu"/>, device memory on
+/// <see cref="Backend.Cuda"/>. Either allocated and owned by libeplb (the constructors), or memory
+/// the host owns wrapped without a copy (<see cref="Wrap(Backend, int, T*, long, object?)"/>: a framework
+/// tensor's storage, a pinned array) that kernels and the migration then read and write in place.
+/// Its address never changes, so tables handed to kernels (and captured in CUDA graphs) stay valid
+/// while their contents are updated in place.
 /// </summary>
 /// <typeparam name="T">An unmanaged element type.</typeparam>
 public sealed unsafe class DeviceBuffer<T> : IDisposable where T : unmanaged
@@ -23,22 +26,113 @@ public sealed unsafe class DeviceBuffer<T> : IDisposable where T : unmanaged
         Length = length;
         _handle = BufferHandle.Create((eplb_backend_t)backend, checked((ulong)length * (ulong)sizeof(T)));
         _ownsHandle = true;
-        eplb_buffer_info_t info;
-        using (var leases = new LeaseScope())
-            EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_get_info(leases.Buffer(_handle), &info));
-        _data = (T*)info.data;
+        _data = Locate(_handle, out var device);
+        Device = device;
     }
 
     /// <summary>Allocates a buffer on the backend holding a copy of <paramref name="values"/>.</summary>
     public DeviceBuffer(Backend backend, ReadOnlySpan<T> values) : this(backend, values.Length) => CopyFrom(values);
 
+    // A wrapped range (Wrap): the handle owns only libeplb's record of the memory.
+    private DeviceBuffer(BufferHandle handle, Backend backend, long length)
+    {
+        _handle = handle;
+        _ownsHandle = true;
+        Backend = backend;
+        Length = length;
+        IsWrapped = true;
+        _data = Locate(handle, out var device);
+        Device = device;
+    }
+
     // Another element type's view of a buffer's memory; it does not own (or release) the buffer.
-    private DeviceBuffer(BufferHandle handle, T* data, long length, Backend backend)
+    private DeviceBuffer(BufferHandle handle, T* data, long length, Backend backend, int device, bool wrapped)
     {
         _handle = handle;
         _data = data;
         Length = length;
         Backend = backend;
+        Device = device;
+        IsWrapped = wrapped;
+    }
+
+    /// <summary>
+    /// Wraps <paramref name="length"/> elements at <paramref name="pointer"/>, memory the caller owns,
+    /// without copying it: every kernel, copy and <c>ExpertTensor</c> then works on that memory in
+    /// place, and disposing the buffer releases only libeplb's record of it, never the memory.
+    /// Validated once, here: the alignment of <typeparamref name="T"/> (the largest power of two up to
+    /// 8 that divides its size) and, on CUDA, that the first and last byte are memory device
+    /// <paramref name="device"/> can use (its own memory, managed memory, or mapped pinned host memory).
+    /// </summary>
+    /// <param name="backend">Where the memory is: host memory (<see cref="Backend.Cpu"/>) or CUDA memory.</param>
+    /// <param name="device">The CUDA device ordinal; -1 for host memory.</param>
+    /// <param name="pointer">The first element; not null.</param>
+    /// <param name="length">Elements from <paramref name="pointer"/> on (may be 0).</param>
+    /// <param name="owner">
+    /// The object that owns the memory (a tensor, an array's pin): kept reachable until the buffer and
+    /// every call still using it are done, so a garbage collector cannot free it under a kernel. It is
+    /// never disposed by Eplb; an owner disposed explicitly (a tensor's <c>Dispose</c>) frees the memory
+    /// regardless, so dispose the buffer first.
+    /// </param>
+    /// <exception cref="ArgumentNullException"><paramref name="pointer"/> is null.</exception>
+    /// <exception cref="ArgumentException">A misaligned pointer, a device for host memory, or CUDA memory that the device cannot use (the message names it).</exception>
+    /// <exception cref="EplbException">The backend is not compiled in or has no device.</exception>
+    public static DeviceBuffer<T> Wrap(Backend backend, int device, T* pointer, long length, object? owner = null) =>
+        Wrap(backend, device, pointer, length, owner, default);
+
+    /// <summary>
+    /// Wraps host memory (an array, a slice of one, native memory behind a <see cref="System.Buffers.MemoryManager{T}"/>)
+    /// as a <see cref="Backend.Cpu"/> buffer without copying it: the memory is pinned until the buffer
+    /// is disposed and the last call using it has returned, and what kernels write lands in it.
+    /// </summary>
+    /// <exception cref="ArgumentException">The memory is empty (there is no address to wrap).</exception>
+    public static DeviceBuffer<T> Wrap(Memory<T> memory)
+    {
+        if (memory.IsEmpty) throw new ArgumentException("cannot wrap empty memory: it has no address", nameof(memory));
+        var pin = memory.Pin();
+        return Wrap(Backend.Cpu, -1, (T*)pin.Pointer, memory.Length, null, pin);
+    }
+
+    private static DeviceBuffer<T> Wrap(Backend backend, int device, T* pointer, long length, object? owner, System.Buffers.MemoryHandle pin)
+    {
+        try
+        {
+            if (pointer == null) throw new ArgumentNullException(nameof(pointer));
+            ArgumentOutOfRangeException.ThrowIfNegative(length);
+            var alignment = Alignment;
+            if ((nuint)pointer % (nuint)alignment != 0)
+                throw new ArgumentException(
+                    $"pointer 0x{(nuint)pointer:x} is not aligned to {alignment} bytes, the alignment of {typeof(T).Name}", nameof(pointer));
+        }
+        catch
+        {
+            pin.Dispose();
+            throw;
+        }
+        var handle = BufferHandle.Wrap((eplb_backend_t)backend, device, pointer, checked((ulong)length * (ulong)sizeof(T)), owner, pin);
+        return new DeviceBuffer<T>(handle, backend, length);
+    }
+
+    // The natural alignment Wrap asks of T: the largest power of two up to 8 that divides its size.
+    private static int Alignment
+    {
+        get
+        {
+            var size = sizeof(T);
+            var alignment = 1;
+            while (alignment < 8 && size % (alignment * 2) == 0) alignment *= 2;
+            return alignment;
+        }
+    }
+
+    // The first element and the device of a buffer (eplb_buffer_get_info).
+    private static T* Locate(BufferHandle handle, out int device)
+    {
+        eplb_buffer_info_t info;
+        using (var leases = new LeaseScope())
+            EplbException.ThrowIfFailed(NativeMethods.eplb_buffer_get_info(leases.Buffer(handle), &info));
+        device = info.device;
+        return (T*)info.data;
     }
 
     /// <summary>The backend whose memory holds the elements.</summary>
@@ -50,6 +144,12 @@ public sealed unsafe class DeviceBuffer<T> : IDisposable where T : unmanaged
     /// <summary>Size in bytes.</summary>
     public long SizeInBytes => Length * sizeof(T);
 
+    /// <summary>The CUDA device ordinal of the memory; -1 for host memory.</summary>
+    public int Device { get; }
+
+    /// <summary>Whether the memory belongs to the caller (<see cref="Wrap(Backend, int, T*, long, object?)"/>): disposing releases only libeplb's record of it.</summary>
+    public bool IsWrapped { get; }
+
     /// <summary>A view of <paramref name="length"/> elements starting at <paramref name="offset"/>.</summary>
     public DeviceSlice<T> Slice(long offset, long length) => new DeviceSlice<T>(this).Slice(offset, length);
 
@@ -57,7 +157,7 @@ public sealed unsafe class DeviceBuffer<T> : IDisposable where T : unmanaged
     public DeviceSlice<T> AsSlice() => new(this);
 
     /// <summary>The buffer's memory as bytes (a view that lives as long as this buffer; disposing it does nothing).</summary>
-    public DeviceBuffer<byte> AsBytes() => _bytes ??= new DeviceBuffer<byte>(_handle, (byte*)_data, SizeInBytes, Backend);
+    public DeviceBuffer<byte> AsBytes() => _bytes ??= new DeviceBuffer<byte>(_handle, (byte*)_data, SizeInBytes, Backend, Device, IsWrapped);
 
     /// <summary>Copies host values into the buffer at <paramref name="offset"/> (complete on return).</summary>
     public void CopyFrom(ReadOnlySpan<T> source, long offset = 0, ComputeStream? stream = null)
@@ -132,14 +232,17 @@ public sealed unsafe class DeviceBuffer<T> : IDisposable where T : unmanaged
 
     private static ulong Bytes(long elements) => (ulong)(elements * sizeof(T));
 
-    /// <summary>Releases the memory. Queued work that still uses it must have finished.</summary>
+    /// <summary>
+    /// Releases the memory, or for a wrapped buffer only libeplb's record of it (the memory stays the
+    /// caller's). Queued work that still uses it must have finished.
+    /// </summary>
     public void Dispose()
     {
         if (_ownsHandle) _handle.Dispose();
     }
 
     /// <inheritdoc/>
-    public override string ToString() => $"DeviceBuffer<{typeof(T).Name}>[{Length}] on {Backend}";
+    public override string ToString() => $"DeviceBuffer<{typeof(T).Name}>[{Length}] on {Backend}{(IsWrapped ? " (wrapped)" : "")}";
 }
 
 /// <summary>A view of a contiguous range of a <see cref="DeviceBuffer{T}"/>: what kernels take.</summary>
