@@ -41,8 +41,8 @@ internal static class SimulateCommand
         var slots = new Option<int>("--slots", "--replicas") { Description = "R, slots per layer of static and the EPLB runs (N + redundant)", DefaultValueFactory = _ => 288 };
         var groups = new Option<int>("--groups") { Description = "Expert groups (DeepSeek-V3: 8)", DefaultValueFactory = _ => 8 };
         var topkGroups = new Option<int>("--topk-groups") { Description = "Groups a token may route to (DeepSeek-V3: 4; = --groups for no limit)", DefaultValueFactory = _ => 4 };
-        var decodePasses = new Option<int>("--decode-passes") { Description = "Passes of each decode phase", DefaultValueFactory = _ => 140 };
-        var prefillPasses = new Option<int>("--prefill-passes") { Description = "Passes of each prefill phase", DefaultValueFactory = _ => 4 };
+        var decodePasses = new Option<int>("--decode-passes") { Description = "Passes of each decode phase", DefaultValueFactory = _ => 116 };
+        var prefillPasses = new Option<int>("--prefill-passes") { Description = "Passes of each prefill phase", DefaultValueFactory = _ => 2 };
         var tokens = new Option<int>("--tokens", "--decode-tokens") { Description = "Decode requests (one token each per pass) per GPU", DefaultValueFactory = _ => 128 };
         var prefillTokens = new Option<int>("--prefill-tokens") { Description = "Prompt tokens per GPU per prefill pass", DefaultValueFactory = _ => 1024 };
         var requestPasses = new Option<double>("--request-passes") { Description = "Mean decode passes a request lives before a new one replaces it", DefaultValueFactory = _ => 1000 };

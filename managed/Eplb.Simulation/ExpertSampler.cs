@@ -101,9 +101,22 @@ internal sealed class ExpertSampler
             }
         }
         var rejections = 0;
+        // Once the group limit is reached the allowed groups are fixed: their masses are summed once.
+        Span<double> limitMass = stackalloc double[_limited ? _maxGroups : 0];
+        Span<int> limitGroups = stackalloc int[_limited ? _maxGroups : 0];
+        var limitTotal = -1.0;
         while (count < k)
         {
-            var expert = _limited && groupsUsed == _maxGroups ? PickInGroups(ref random, used) : Pick(ref random, _probability, _alias);
+            int expert;
+            if (_limited && groupsUsed == _maxGroups)
+            {
+                if (limitTotal < 0) limitTotal = AllowedGroups(used, limitGroups, limitMass);
+                expert = PickInGroups(ref random, limitGroups, limitMass, limitTotal);
+            }
+            else
+            {
+                expert = Pick(ref random, _probability, _alias);
+            }
             if (ids[..count].Contains(expert))
             {
                 // Nearly every allowed expert is taken (tiny groups or one dominant expert): take the
@@ -125,24 +138,28 @@ internal sealed class ExpertSampler
         groupsUsed++;
     }
 
-    // The group limit is reached: one of the used groups by its load, then an expert in it by its load.
-    private int PickInGroups(ref FastRandom random, ulong used)
+    // The used groups and their cumulative masses; returns the total.
+    private double AllowedGroups(ulong used, Span<int> groups, Span<double> cumulative)
     {
-        var mass = 0.0;
-        for (var bits = used; bits != 0; bits &= bits - 1) mass += _groupMass[BitOperations.TrailingZeroCount(bits)];
-        var u = random.NextDouble() * mass;
-        var group = 63 - BitOperations.LeadingZeroCount(used);
+        var total = 0.0;
+        var i = 0;
         for (var bits = used; bits != 0; bits &= bits - 1)
         {
             var g = BitOperations.TrailingZeroCount(bits);
-            if (u < _groupMass[g])
-            {
-                group = g;
-                break;
-            }
-            u -= _groupMass[g];
+            total += _groupMass[g];
+            groups[i] = g;
+            cumulative[i++] = total;
         }
-        var first = group * _groupSize;
+        return total;
+    }
+
+    // The group limit is reached: one of the used groups by its load, then an expert in it by its load.
+    private int PickInGroups(ref FastRandom random, ReadOnlySpan<int> groups, ReadOnlySpan<double> cumulative, double total)
+    {
+        var u = random.NextDouble() * total;
+        var i = 0;
+        while (i < groups.Length - 1 && u >= cumulative[i]) i++;
+        var first = groups[i] * _groupSize;
         return first + Pick(ref random, _groupProbability.AsSpan(first, _groupSize), _groupAlias.AsSpan(first, _groupSize));
     }
 
