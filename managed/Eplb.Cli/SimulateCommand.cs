@@ -350,6 +350,12 @@ internal static class SimulateCommand
                 },
                 ["slots_moved"] = run.SlotsMoved,
                 ["bytes_moved_per_gpu"] = run.BytesMovedPerGpu,
+                ["phases"] = new JsonArray(run.Phases.Select(phase => (JsonNode)new JsonObject
+                {
+                    ["load"] = phase.Phase,
+                    ["balancedness"] = Pair(phase.Balancedness),
+                    ["tokens_per_s"] = Pair(phase.TokensPerSecond),
+                }).ToArray()),
             }).ToArray()),
         };
         return document.ToJsonString(new JsonSerializerOptions { WriteIndented = true });

@@ -105,9 +105,11 @@ public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory?
             for (var i = phaseStarts[p]; i < end; i++) decodePasses[i] = options.Phases[p].Kind == PhaseKind.Decode;
         }
         if (!decodePasses.Contains(true)) Array.Fill(decodePasses, true);
-        var baseline = runs[0].Figures(steady, decodePasses, null);
+        var phases = options.Phases.Select((phase, p) => (phase.Name, From: phaseStarts[p],
+            To: p + 1 < phaseStarts.Count ? phaseStarts[p + 1] : decodePasses.Length)).ToArray();
+        var baseline = runs[0].Figures(steady, decodePasses, phases, null);
         var results = new List<SimulationRun> { baseline };
-        results.AddRange(runs.Skip(1).Select(r => r.Figures(steady, decodePasses, baseline)));
+        results.AddRange(runs.Skip(1).Select(r => r.Figures(steady, decodePasses, phases, baseline)));
         return new SimulationResult(options.Backend, results, phaseStarts, steady, requests);
     }
 
@@ -467,7 +469,7 @@ public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory?
             _streak = null;
         }
 
-        public SimulationRun Figures(long? steady, bool[] decodePasses, SimulationRun? baseline)
+        public SimulationRun Figures(long? steady, bool[] decodePasses, (string Name, long From, long To)[] phases, SimulationRun? baseline)
         {
             CloseStreak(completed: false);
             var passes = _stepSeconds.Length;
@@ -486,6 +488,13 @@ public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory?
                 return d > 0 ? n / d : 0;
             }
             var tokensPerSecond = Over((a, b) => Ratio(a, b, p => _tokens[p], p => _stepSeconds[p]));
+            PhaseFigures Phase((string Name, long From, long To) phase)
+            {
+                var from = steady.HasValue ? Math.Max(steady.Value, phase.From) : phase.To;
+                SteadyAndWhole Within(Func<long, double> numerator, Func<long, double> denominator) =>
+                    new(from < phase.To ? Ratio(from, phase.To, numerator, denominator) : null, Ratio(phase.From, phase.To, numerator, denominator));
+                return new PhaseFigures(phase.Name, Within(p => _sumOfMeans[p], p => _sumOfMaxima[p]), Within(p => _tokens[p], p => _stepSeconds[p]));
+            }
             var completed = _rearrangements.Where(r => r.Completed).ToList();
             return new SimulationRun
             {
@@ -507,6 +516,7 @@ public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory?
                 RearrangementsFailed = _state.FailedRearrangements,
                 SlotsMoved = completed.Sum(r => r.SlotsMoved),
                 BytesMovedPerGpu = completed.Sum(r => r.BytesReceived) / _ranks.Length,
+                Phases = phases.Select(Phase).ToArray(),
                 Rearrangements = _rearrangements.ToArray(),
                 StepSeconds = _stepSeconds,
                 TokensPerPass = _tokens,

@@ -7,6 +7,12 @@ namespace Eplb.Simulation;
 /// <param name="Whole">Over every pass.</param>
 public readonly record struct SteadyAndWhole(double? Steady, double Whole);
 
+/// <summary>A run's figures over one phase.</summary>
+/// <param name="Phase">The phase's name.</param>
+/// <param name="Balancedness">Over the phase's steady passes and over all its passes.</param>
+/// <param name="TokensPerSecond">Likewise (cost model).</param>
+public sealed record PhaseFigures(string Phase, SteadyAndWhole Balancedness, SteadyAndWhole TokensPerSecond);
+
 /// <summary>Step time percentiles, milliseconds.</summary>
 /// <param name="P50">Median.</param>
 /// <param name="P99">99th percentile (nearest rank).</param>
@@ -69,6 +75,9 @@ public sealed record SimulationRun
 
     /// <summary>Expert bytes the completed rearrangements moved, per GPU (mean), at the cost model's expert size.</summary>
     public required double BytesMovedPerGpu { get; init; }
+
+    /// <summary>Balancedness and tokens/s of each phase (the steady state and the whole run mix decode and prefill passes).</summary>
+    public required IReadOnlyList<PhaseFigures> Phases { get; init; }
 
     /// <summary>Every rearrangement seen, the unfinished one at the end included.</summary>
     public required IReadOnlyList<RearrangementRecord> Rearrangements { get; init; }

@@ -53,6 +53,9 @@ public class SimulationCliTests
                 Assert.That(run.GetProperty("stall_s").GetDouble(), Is.GreaterThanOrEqualTo(0));
                 Assert.That(run.GetProperty("slots_moved").GetInt64(), Is.GreaterThanOrEqualTo(0));
                 Assert.That(run.GetProperty("bytes_moved_per_gpu").GetDouble(), Is.GreaterThanOrEqualTo(0));
+                var phases = run.GetProperty("phases").EnumerateArray().ToList();
+                Assert.That(phases.Select(p => p.GetProperty("load").GetString()), Is.EqualTo(new[] { "decode_in1000out1000", "prefill_in4096" }));
+                Assert.That(phases.Select(p => p.GetProperty("tokens_per_s").GetProperty("whole").GetDouble()), Is.All.GreaterThan(0));
             }
             Assert.That(runs[0].GetProperty("slots").GetInt32(), Is.EqualTo(256));
             Assert.That(runs[2].GetProperty("rearrangements").GetProperty("completed").GetInt32(), Is.GreaterThanOrEqualTo(1));
