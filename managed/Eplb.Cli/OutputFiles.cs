@@ -218,6 +218,11 @@ internal sealed class OutputFiles : IDisposable
             {
                 throw new UnauthorizedAccessException($"{output.Option} '{output.Path}': cannot write in the folder '{folder}'");
             }
+            catch (IOException e) when (!File.Exists(temporary))
+            {
+                // Not a name taken by chance: the folder refuses new files (/proc, a read-only mount).
+                throw new IOException($"{output.Option} '{output.Path}': cannot write in the folder '{folder}' ({e.Message})", e);
+            }
         }
     }
 

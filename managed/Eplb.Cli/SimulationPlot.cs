@@ -3,49 +3,67 @@ using ScottPlot;
 
 namespace Eplb.Cli;
 
-/// <summary>The --plot figure: per-rank load without and with EPLB, and balancedness pass by pass.</summary>
+/// <summary>
+/// The --plot figure: per pass, the model step time (the slowest GPU of each layer, summed) of every
+/// run with y from 0 and, below it, tokens/s per pass with each EPLB run's rearrangements marked near 0
+/// (one strip per run, from the pass of its first committed layer to its last); phase changes are
+/// dashed lines in both.
+/// </summary>
 internal static class SimulationPlot
 {
-    public static void Save(SimulationResult result, string path)
+    public static void Save(SimulationOptions options, SimulationResult result, string path)
     {
         var multiplot = new Multiplot();
         multiplot.AddPlots(2);
-        var loads = multiplot.GetPlot(0);
-        var ranks = Enumerable.Range(0, result.NoEplb.RankLoad.Length).Select(g => (double)g).ToArray();
-        foreach (var run in result.Runs)
+        var steps = multiplot.GetPlot(0);
+        var throughput = multiplot.GetPlot(1);
+        var passes = Enumerable.Range(0, (int)result.Passes).Select(p => (double)p).ToArray();
+        var maxMs = result.Runs.Max(r => r.StepSeconds.Max()) * 1000;
+        var maxK = result.Runs.Max(r => r.TokensPerPass.Zip(r.StepSeconds, (t, s) => t / s).Max()) / 1000;
+        var palette = new ScottPlot.Palettes.Category10();
+        var strip = 0;
+        for (var i = 0; i < result.Runs.Count; i++)
         {
-            var line = loads.Add.Scatter(ranks, run.RankLoad);
-            line.LegendText = run.Name == "no EPLB" ? "no EPLB" : $"{run.Name} (after its first rearrangement)";
+            var run = result.Runs[i];
+            var color = palette.GetColor(i);
+            var line = steps.Add.Scatter(passes, run.StepSeconds.Select(s => s * 1000).ToArray());
+            line.LegendText = run.Name;
+            line.MarkerSize = 0;
+            line.Color = color;
+            var rate = throughput.Add.Scatter(passes, run.TokensPerPass.Zip(run.StepSeconds, (t, s) => t / s / 1000).ToArray());
+            rate.LegendText = run.Name;
+            rate.MarkerSize = 0;
+            rate.Color = color;
+            if (run.Policy is null) continue;
+            // One strip per EPLB run near the bottom of the tokens/s panel: the passes its rearrangements committed layers in.
+            var y = maxK * (0.02 + 0.025 * strip++);
+            foreach (var rearrangement in run.Rearrangements)
+            {
+                var mark = throughput.Add.Line(rearrangement.FirstPass, y, rearrangement.LastPass + 0.9, y);
+                mark.Color = color;
+                mark.LineWidth = 3;
+            }
         }
-        loads.Title("Tokens routed to each rank per pass (mean over layers)");
-        loads.XLabel("rank");
-        loads.YLabel("tokens per pass");
-        loads.ShowLegend(Alignment.UpperRight);
-
-        var timeline = multiplot.GetPlot(1);
-        foreach (var run in result.Runs)
+        for (var i = 0; i < result.PhaseStarts.Count; i++)
         {
-            var signal = timeline.Add.Signal(Smooth(run.BalancednessPerStep, 8));
-            signal.LegendText = run.Name;
+            foreach (var plot in new[] { steps, throughput })
+            {
+                var change = plot.Add.VerticalLine(result.PhaseStarts[i]);
+                change.LinePattern = LinePattern.Dashed;
+                change.Color = Colors.Gray;
+                change.Text = options.Phases[i].Name;
+            }
         }
-        timeline.Title("Balancedness per pass (moving mean of 8)");
-        timeline.XLabel("pass");
-        timeline.YLabel("mean / max rank load");
-        timeline.Axes.SetLimitsY(0, 1);
-        timeline.ShowLegend(Alignment.LowerRight);
-        multiplot.SavePng(path, 1200, 1000);
-    }
-
-    private static double[] Smooth(double[] values, int window)
-    {
-        var smoothed = new double[values.Length];
-        double sum = 0;
-        for (var i = 0; i < values.Length; i++)
-        {
-            sum += values[i];
-            if (i >= window) sum -= values[i - window];
-            smoothed[i] = sum / Math.Min(i + 1, window);
-        }
-        return smoothed;
+        steps.Title("Step time per pass: the slowest GPU of each layer, summed (cost model)");
+        steps.XLabel("pass");
+        steps.YLabel("ms");
+        steps.Axes.SetLimitsY(0, maxMs * 1.08);
+        steps.ShowLegend(Alignment.UpperRight);
+        throughput.Title("Tokens per second over all GPUs, per pass (cost model); bars near 0: each EPLB run's rearrangements");
+        throughput.XLabel("pass");
+        throughput.YLabel("thousand tokens/s");
+        throughput.Axes.SetLimitsY(0, maxK * 1.08);
+        throughput.ShowLegend(Alignment.UpperRight);
+        multiplot.SavePng(path, 1400, 1000);
     }
 }

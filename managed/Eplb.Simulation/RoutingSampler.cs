@@ -1,12 +1,11 @@
 namespace Eplb.Simulation;
 
 /// <summary>
-/// Per-iteration routing drawn from a recorded load (the input of <c>eplb simulate</c>):
-/// for each layer, <c>q ~ Dirichlet(A * p)</c> with <c>p</c> the layer's normalised load, then a
-/// multinomial draw of <c>tokens * K</c> expert choices from <c>q</c> (independent draws, so already
-/// in random order), laid out as top-k ids <c>[T][K]</c>. Real per-batch loads are far noisier than the run-long aggregates
-/// in the dumps (TensorRT-LLM: ~11.9x mean at 256 tokens/rank vs 5-8x aggregated); the Dirichlet
-/// concentration A sets that noise.
+/// Independent routing draws from a recorded load, for tests that need plain multinomial traffic:
+/// for each layer, <c>q ~ Dirichlet(A * p)</c> with <c>p</c> the layer's normalised load, then
+/// <c>tokens * K</c> independent expert choices from <c>q</c> (repeats allowed within a token), laid
+/// out as top-k ids <c>[T][K]</c>; a large A makes <c>q = p</c>. <c>eplb simulate</c> does not use it:
+/// its traffic is drawn per request (<see cref="ServingSimulation"/>).
 /// </summary>
 public sealed class RoutingSampler
 {

@@ -195,11 +195,12 @@ public class CliHostileTests
     [Test]
     public void SimulateFailsOnAFullDeviceAndOnImpossibleRanks()
     {
-        string[] small = ["--steps", "2", "--tokens", "64", "--ranks", "8", "--nodes", "1", "--slots", "264", "--policy", "deepseek", "--load", Dump];
+        string[] small = ["--decode-passes", "2", "--prefill-passes", "1", "--tokens", "16", "--prefill-tokens", "32", "--ranks", "8", "--nodes", "1", "--slots", "264",
+            "--policy", "deepseek", "--load", Dump];
         var plot = Path.Combine(_dir, "p.png");
         AssertOneLine(CliRunner.Run(["simulate", .. small, "--json", "/dev/full", "--plot", plot]), "--json '/dev/full': No space left on device");
         Assert.That(Files(), Is.Empty, "the plot is not moved in when the JSON cannot be written");
-        AssertOneLine(CliRunner.Run("simulate", "--gpus", "1000000", "--steps", "1", "--load", Dump), "must be a multiple of ranks");
+        AssertOneLine(CliRunner.Run("simulate", "--gpus", "1000000", "--load", Dump), "--ranks 1000000");
     }
 
     // `stat -c %F`: "character special file", "fifo", "regular file", ...

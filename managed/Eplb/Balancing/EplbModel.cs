@@ -355,7 +355,7 @@ public sealed class EplbModel : IDisposable
                 Log2Phy.Slice((long)l * owner.LogicalExperts * owner.MaxReplicas, (long)owner.LogicalExperts * owner.MaxReplicas),
                 LogCnt.Slice((long)l * owner.LogicalExperts, owner.LogicalExperts),
                 Counters.Slice((long)l * owner.Slots, owner.Slots),
-                RecordFlag, owner.LogicalExperts, owner.MaxReplicas, owner.Slots, selection)).ToArray();
+                RecordFlag, owner.LogicalExperts, owner.MaxReplicas, owner.Slots, selection, owner.Topology.Nodes, owner.Topology.NodeOfRank(model.Rank))).ToArray();
         }
 
         public IMixtureOfExperts Model { get; }

@@ -31,9 +31,23 @@ public enum ReplicaSelection
 public sealed class EplbLayerState
 {
     /// <summary>Creates the state; every view is required and sized to the layer.</summary>
-    /// <exception cref="ArgumentException">A view is missing ("EPLB requires ..."), mis-sized, or on another backend.</exception>
+    /// <param name="log2Phy"><c>[N][Kmax]</c> slots of each logical expert.</param>
+    /// <param name="logCnt"><c>[N]</c> replicas of each logical expert.</param>
+    /// <param name="counters"><c>[R]</c> per-slot load counters.</param>
+    /// <param name="recordFlag">One element: record when non-zero.</param>
+    /// <param name="logicalExperts">N.</param>
+    /// <param name="maxReplicas">Kmax.</param>
+    /// <param name="slots">R.</param>
+    /// <param name="replicaSelection">How a token picks one of an expert's replicas.</param>
+    /// <param name="nodes">
+    /// <see cref="ReplicaSelection.NodeLocal"/>: nodes the slots split over (consecutive, R / nodes each);
+    /// must divide R. Ignored by the other selections.
+    /// </param>
+    /// <param name="sourceNode"><see cref="ReplicaSelection.NodeLocal"/>: the node of the rank that maps its tokens with this state, in [0, nodes).</param>
+    /// <exception cref="ArgumentException">A view is missing ("EPLB requires ..."), mis-sized, or on another backend; or nodes/sourceNode do not fit.</exception>
     public EplbLayerState(DeviceSlice<int> log2Phy, DeviceSlice<int> logCnt, DeviceSlice<int> counters, DeviceSlice<int> recordFlag,
-        int logicalExperts, int maxReplicas, int slots, ReplicaSelection replicaSelection = ReplicaSelection.TokenHash)
+        int logicalExperts, int maxReplicas, int slots, ReplicaSelection replicaSelection = ReplicaSelection.TokenHash, int nodes = 1,
+        int sourceNode = 0)
     {
         Require(log2Phy, nameof(log2Phy));
         Require(logCnt, nameof(logCnt));
@@ -52,6 +66,10 @@ public sealed class EplbLayerState
                 throw new ArgumentException($"EPLB views must share one backend: {name} is on {slice.Backend}, log2Phy on {Backend}", name);
         if (!Enum.IsDefined(replicaSelection))
             throw new ArgumentOutOfRangeException(nameof(replicaSelection), replicaSelection, "unknown replica selection");
+        if (nodes < 1 || slots % nodes != 0)
+            throw new ArgumentException($"nodes = {nodes} must be >= 1 and divide slots = {slots} (every node holds slots / nodes slots)", nameof(nodes));
+        if (sourceNode < 0 || sourceNode >= nodes)
+            throw new ArgumentOutOfRangeException(nameof(sourceNode), sourceNode, $"sourceNode must be in [0, nodes = {nodes})");
         Log2Phy = log2Phy;
         LogCnt = logCnt;
         Counters = counters;
@@ -60,6 +78,8 @@ public sealed class EplbLayerState
         MaxReplicas = maxReplicas;
         Slots = slots;
         ReplicaSelection = replicaSelection;
+        Nodes = nodes;
+        SourceNode = sourceNode;
     }
 
     /// <summary><c>[N][Kmax]</c> slots of each logical expert, ascending, -1 padded.</summary>
@@ -86,6 +106,12 @@ public sealed class EplbLayerState
     /// <summary>The replica choice the kernels use.</summary>
     public ReplicaSelection ReplicaSelection { get; }
 
+    /// <summary>Nodes the slots split over (read by <see cref="ReplicaSelection.NodeLocal"/>).</summary>
+    public int Nodes { get; }
+
+    /// <summary>The node of the rank whose tokens this state maps (read by <see cref="ReplicaSelection.NodeLocal"/>).</summary>
+    public int SourceNode { get; }
+
     /// <summary>The backend all views live on.</summary>
     public Backend Backend { get; }
 
@@ -100,6 +126,8 @@ public sealed class EplbLayerState
         max_replicas = MaxReplicas,
         num_physical = Slots,
         replica_selection = (int)ReplicaSelection,
+        num_nodes = ReplicaSelection == ReplicaSelection.NodeLocal ? Nodes : 0,
+        source_node = ReplicaSelection == ReplicaSelection.NodeLocal ? SourceNode : 0,
     };
 
     private static void Require(DeviceSlice<int> view, string name)
