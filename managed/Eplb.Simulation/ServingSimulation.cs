@@ -17,9 +17,9 @@ namespace Eplb.Simulation;
 /// ranks' scaled-down weights; <see cref="CostModel"/> turns each pass's routed load, traffic and
 /// migration into seconds. Runs, in lockstep on the same routing: <c>no EPLB</c> (N slots, never
 /// moves), <c>static</c> (R slots in the initial layout, never moves), each policy, and the
-/// node-local variants. Async rearrangements commit one layer per pass, deterministically: before
-/// each step the simulation waits for the staged layer (<see cref="EplbState.WaitForStagedLayer"/>),
-/// so commit points depend on pass counts, not on thread timing.
+/// node-local variants. Async rearrangements commit one layer per pass, deterministically
+/// (<see cref="EplbOptions.AsyncCommitPasses"/> = 1: each staged layer commits the pass after its
+/// staging began, the step waiting for it), so commit points depend on pass counts, not on thread timing.
 /// </summary>
 public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory? loggers = null)
 {
@@ -200,6 +200,7 @@ public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory?
                 RedundantExperts = slots - experts,
                 Policy = policy ?? "deepseek",
                 UseAsync = options.UseAsync,
+                AsyncCommitPasses = options.UseAsync ? 1 : 0,
                 Groups = options.Groups,
                 Nodes = options.Nodes,
                 ReplicaSelection = selection,
@@ -274,7 +275,6 @@ public sealed class ServingSimulation(SimulationOptions options, ILoggerFactory?
             Price(pass, phase, tokens);
             _remoteNodes[pass] = remote;
 
-            if (_state.IsRearranging) _state.WaitForStagedLayer(TimeSpan.FromMinutes(10));
             _state.Step();
             var migration = Commits(pass);
             _migrationSeconds[pass] = migration;
