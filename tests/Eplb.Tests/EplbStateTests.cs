@@ -7,13 +7,13 @@ namespace Eplb.Tests;
 internal sealed class Cluster : IDisposable
 {
     private readonly int _topK;
-    private readonly RoutingSampler _sampler;
+    private readonly Random _random;
 
     public Cluster(EplbOptions options, int gpus, int layers, int experts, int[] tensorSizes, Backend backend = Backend.Cpu,
         IExpertTransport? transport = null, int topK = 4, int seed = 1, string modelName = "main")
     {
         _topK = topK;
-        _sampler = new RoutingSampler(seed, concentration: 1e6);
+        _random = new Random(seed);
         Slots = experts + options.RedundantExperts;
         Ranks = Enumerable.Range(0, gpus).Select(r => new SimulatedRank(r, gpus, layers, experts, Slots, tensorSizes, backend)).ToArray();
         Transport = transport ?? new InProcessTransport(gpus);
@@ -30,22 +30,7 @@ internal sealed class Cluster : IDisposable
     public EplbModel Model { get; }
 
     /// <summary>Each rank routes <paramref name="tokensPerRank"/> tokens per layer drawn from <paramref name="load"/>.</summary>
-    public void Forward(Func<int, double[]> load, int tokensPerRank)
-    {
-        var ids = new int[tokensPerRank * _topK];
-        foreach (var rank in Ranks)
-        {
-            using var idBuffer = new DeviceBuffer<int>(rank.Backend, ids.Length);
-            using var physical = new DeviceBuffer<int>(rank.Backend, ids.Length);
-            for (var layer = 0; layer < rank.Layers; layer++)
-            {
-                _sampler.Sample(load(layer), tokensPerRank, _topK, ids);
-                idBuffer.CopyFrom(ids, 0, rank.Stream);
-                ExpertMapping.MapToPhysical(rank.Stream, idBuffer, _topK, rank.LayerStates![layer], physical);
-            }
-            rank.Stream.Synchronize();
-        }
-    }
+    public void Forward(Func<int, double[]> load, int tokensPerRank) => TestSupport.Forward(Ranks, _random, load, tokensPerRank, _topK);
 
     /// <summary>Tables, model maps and weights agree with the placement in force, on every rank and layer.</summary>
     public void AssertConsistent(string when)

@@ -197,13 +197,13 @@ internal sealed class InjectingTransport(int ranks, FaultInjector faults) : IExp
 internal sealed class FaultCluster : IDisposable
 {
     private readonly int _topK;
-    private readonly RoutingSampler _sampler;
+    private readonly Random _random;
 
     public FaultCluster(EplbOptions options, int gpus = 4, int layers = 3, int experts = 16, int[]? tensorSizes = null, int topK = 4, int seed = 1,
         Backend backend = Backend.Cpu)
     {
         _topK = topK;
-        _sampler = new RoutingSampler(seed, concentration: 1e6);
+        _random = new Random(seed);
         Slots = experts + options.RedundantExperts;
         Faults = new FaultInjector();
         Ranks = Enumerable.Range(0, gpus).Select(r => new SimulatedRank(r, gpus, layers, experts, Slots, tensorSizes ?? [3, 2], backend)).ToArray();
@@ -243,22 +243,7 @@ internal sealed class FaultCluster : IDisposable
     };
 
     /// <summary>Each rank routes <paramref name="tokensPerRank"/> tokens per layer drawn from <paramref name="load"/>.</summary>
-    public void Forward(Func<int, double[]> load, int tokensPerRank = 64)
-    {
-        var ids = new int[tokensPerRank * _topK];
-        foreach (var rank in Ranks)
-        {
-            using var idBuffer = new DeviceBuffer<int>(rank.Backend, ids.Length);
-            using var physical = new DeviceBuffer<int>(rank.Backend, ids.Length);
-            for (var layer = 0; layer < rank.Layers; layer++)
-            {
-                _sampler.Sample(load(layer), tokensPerRank, _topK, ids);
-                idBuffer.CopyFrom(ids, 0, rank.Stream);
-                ExpertMapping.MapToPhysical(rank.Stream, idBuffer, _topK, rank.LayerStates![layer], physical);
-            }
-            rank.Stream.Synchronize();
-        }
-    }
+    public void Forward(Func<int, double[]> load, int tokensPerRank = 64) => TestSupport.Forward(Ranks, _random, load, tokensPerRank, _topK);
 
     /// <summary>Runs one pass (forward, then Step; Step must not throw) and checks every view.</summary>
     public void Pass(string when, Func<int, double[]>? load = null, bool checkRouting = true)

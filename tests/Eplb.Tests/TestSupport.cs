@@ -38,6 +38,26 @@ internal static class TestSupport
         return new Random(seed);
     }
 
+    /// <summary>
+    /// One forward pass of routing on simulated ranks: each rank maps <paramref name="tokensPerRank"/>
+    /// tokens per layer, their top-k drawn from <paramref name="load"/> (<see cref="SampleTopK"/>),
+    /// through the real mapping kernel into its EPLB layer state, which records the load.
+    /// </summary>
+    public static void Forward(IEnumerable<SimulatedRank> ranks, Random random, Func<int, double[]> load, int tokensPerRank, int topK)
+    {
+        foreach (var rank in ranks)
+        {
+            using var idBuffer = new DeviceBuffer<int>(rank.Backend, (long)tokensPerRank * topK);
+            using var physical = new DeviceBuffer<int>(rank.Backend, (long)tokensPerRank * topK);
+            for (var layer = 0; layer < rank.Layers; layer++)
+            {
+                idBuffer.CopyFrom(SampleTopK(random, load(layer), tokensPerRank, topK), 0, rank.Stream);
+                ExpertMapping.MapToPhysical(rank.Stream, idBuffer, topK, rank.LayerStates![layer], physical);
+            }
+            rank.Stream.Synchronize();
+        }
+    }
+
     /// <summary>Draws top-k distinct experts per token, proportional to a load row.</summary>
     public static int[] SampleTopK(Random random, ReadOnlySpan<double> load, int tokens, int topK)
     {
