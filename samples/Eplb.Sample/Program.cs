@@ -1,6 +1,8 @@
 // A host app on the Eplb package: options from the appsettings.json next to the binary, the runtime
 // wired by AddEplb (transport, EplbState), a MoE model over in-process ranks whose routers record the
-// load, and EplbState stepping and rearranging it. Prints one line with balancedness and counts.
+// load, and EplbState stepping and rearranging it. Prints one line with balancedness and counts, and
+// one with the metrics EplbState publishes on the "Eplb" meter (what OpenTelemetry would export).
+using System.Diagnostics.Metrics;
 using Eplb.Balancing;
 using Eplb.Kernels;
 using Eplb.Migration;
@@ -18,6 +20,26 @@ using var host = builder.Build();
 await host.StartAsync();  // validates the options (one exception lists every violation)
 var options = host.Services.GetRequiredService<IOptions<EplbOptions>>().Value;
 var eplb = host.Services.GetRequiredService<EplbState>();  // disposed with the host
+
+// The host's own view of EPLB's metrics: the instruments of the "Eplb" meter, summed by name and outcome.
+var metrics = new SortedDictionary<string, double>();
+using var listener = new MeterListener
+{
+    InstrumentPublished = (instrument, l) => { if (instrument.Meter.Name == EplbMetrics.MeterName) l.EnableMeasurementEvents(instrument); },
+};
+void Record(Instrument instrument, double value, ReadOnlySpan<KeyValuePair<string, object?>> tags)
+{
+    var outcome = tags.ToArray().FirstOrDefault(t => t.Key == "eplb.outcome").Value;
+    var name = outcome is null ? instrument.Name : $"{instrument.Name}{{{outcome}}}";
+    lock (metrics)
+    {
+        if (instrument is ObservableInstrument<long> or ObservableInstrument<double>) metrics[name] = value;  // observed totals
+        else metrics[name] = metrics.GetValueOrDefault(name) + value;
+    }
+}
+listener.SetMeasurementEventCallback<long>((instrument, value, tags, _) => Record(instrument, value, tags));
+listener.SetMeasurementEventCallback<double>((instrument, value, tags, _) => Record(instrument, value, tags));
+listener.Start();
 
 var backend = EplbRuntime.DefaultBackend;
 var slots = experts + options.RedundantExperts;
@@ -54,6 +76,9 @@ Console.WriteLine($"policy={options.Policy} backend={backend.ToString().ToLowerI
                   $"balancedness {initial.Balancedness(load):F3} -> {eplbModel.Placement.Balancedness(load):F3} " +
                   $"rearrangements completed={eplb.CompletedRearrangements} failed={eplb.FailedRearrangements} skipped={eplb.SkippedIntervals} " +
                   $"slots moved={eplb.SlotsMoved} weights follow placement={(consistent ? "yes" : "no")}");
+listener.RecordObservableInstruments();
+lock (metrics)
+    Console.WriteLine("metrics: " + string.Join(" ", metrics.Where(m => !m.Key.Contains(".duration")).Select(m => $"{m.Key}={m.Value:0.###}")));
 await host.StopAsync();
 foreach (var rank in model) rank.Dispose();
 return consistent && eplb.CompletedRearrangements > 0 && eplb.FailedRearrangements == 0 ? 0 : 1;

@@ -76,6 +76,7 @@ public class PackagingTests
             (code, output) = Dotnet(scratch.FullName, Path.Combine(app, "out", "Eplb.Sample.dll"));
             Assert.That(code, Is.Zero, output);
             Assert.That(output, Does.Contain("policy=locality").And.Contain("failed=0").And.Contain("weights follow placement=yes"));
+            Assert.That(output, Does.Match(@"metrics: .*eplb\.rearrangements\{completed\}=[1-9]"), "the sample reads EPLB's meter");
             var completed = System.Text.RegularExpressions.Regex.Match(output, @"rearrangements completed=(\d+)");
             Assert.That(completed.Success && int.Parse(completed.Groups[1].Value) > 0, Is.True, output);
             var balancedness = System.Text.RegularExpressions.Regex.Match(output, @"balancedness ([0-9.]+) -> ([0-9.]+)");
