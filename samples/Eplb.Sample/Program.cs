@@ -74,7 +74,7 @@ var load = eplbModel.ToLogical(eplbModel.WindowPhysicalLoad());
 var consistent = model.All(rank => Enumerable.Range(0, layers).All(l => rank.HoldsExpertsOf(eplbModel.Placement.Phy2Log(l), l)));
 Console.WriteLine($"policy={options.Policy} backend={backend.ToString().ToLowerInvariant()} passes={eplb.StepCount} " +
                   $"balancedness {initial.Balancedness(load):F3} -> {eplbModel.Placement.Balancedness(load):F3} " +
-                  $"rearrangements completed={eplb.CompletedRearrangements} failed={eplb.FailedRearrangements} skipped={eplb.SkippedIntervals} " +
+                  $"rearrangements completed={eplb.CompletedRearrangements} failed={eplb.FailedRearrangements} skipped={eplb.SkippedRearrangements} " +
                   $"slots moved={eplb.SlotsMoved} weights follow placement={(consistent ? "yes" : "no")}");
 listener.RecordObservableInstruments();
 lock (metrics)
